@@ -1,0 +1,44 @@
+//! The agent's error type and its one mapping onto gRPC status codes.
+
+use gpuchaos_proto::spec::SpecErrors;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The spec is malformed: INVALID_ARGUMENT.
+    #[error("invalid fault spec: {0}")]
+    InvalidSpec(SpecErrors),
+    /// The policy forbids it: FAILED_PRECONDITION.
+    #[error("refused by policy: {0}")]
+    Refused(String),
+    /// The selector matched nothing, or a target vanished: FAILED_PRECONDITION.
+    #[error("{0}")]
+    NoTargets(String),
+    /// This node cannot do it (no driver, kind disabled, ...): FAILED_PRECONDITION.
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("no fault {0} on this agent (it may have ended and been forgotten)")]
+    FaultNotFound(String),
+    #[error("no session {0} on this agent: its lease may have lapsed; open a new session")]
+    SessionNotFound(String),
+    #[error("the agent is shutting down and reverting every fault")]
+    ShuttingDown,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<AgentError> for tonic::Status {
+    fn from(e: AgentError) -> Self {
+        let msg = e.to_string();
+        match e {
+            AgentError::InvalidSpec(_) => tonic::Status::invalid_argument(msg),
+            AgentError::Refused(_) | AgentError::NoTargets(_) | AgentError::Unsupported(_) => {
+                tonic::Status::failed_precondition(msg)
+            }
+            AgentError::FaultNotFound(_) | AgentError::SessionNotFound(_) => {
+                tonic::Status::not_found(msg)
+            }
+            AgentError::ShuttingDown => tonic::Status::unavailable(msg),
+            AgentError::Internal(_) => tonic::Status::internal(msg),
+        }
+    }
+}

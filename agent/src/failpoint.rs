@@ -1,0 +1,28 @@
+//! Crash points for the crash-safety tests: `GPUCHAOS_FAILPOINT=after-intent` (a
+//! comma-separated list) makes the agent SIGKILL itself when it reaches that point,
+//! exactly as a power cut or an OOM kill would stop it. Unset, each check is one
+//! load of an already-initialised static.
+//!
+//! Points, in the order an inject passes them: `after-intent` (journaled, nothing
+//! done), `mid-effect` (the first target hit, the others not), `after-effect` (every
+//! target hit, not yet verified), `after-applied` (verified and journaled).
+
+use std::sync::OnceLock;
+
+pub const ENV: &str = "GPUCHAOS_FAILPOINT";
+
+static POINTS: OnceLock<Vec<String>> = OnceLock::new();
+
+pub fn hit(name: &str) {
+    let points = POINTS.get_or_init(|| {
+        std::env::var(ENV)
+            .map(|v| v.split(',').map(|s| s.trim().to_string()).collect())
+            .unwrap_or_default()
+    });
+    if points.iter().any(|p| p == name) {
+        eprintln!("gpuchaos-agent: failpoint {name} reached: killing the agent with SIGKILL");
+        let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
+        // SIGKILL cannot be caught; never get here.
+        std::process::abort();
+    }
+}

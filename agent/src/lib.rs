@@ -1,0 +1,196 @@
+//! gpuchaos-agent: injects faults on one node on command, and never leaves one behind.
+//!
+//! - [`manager`]: the one owner of all fault state (an actor): lifecycle, durations,
+//!   leases, halt, shutdown.
+//! - [`journal`]: the append-only intent journal replayed at start-up.
+//! - [`policy`]: the blast radius (protected processes, limits, enabled kinds).
+//! - [`faults`]: one driver per fault kind (`process` today).
+//! - [`sys`]: every system call, /proc read and NVML call, behind small interfaces.
+//! - [`server`]: gRPC handlers that forward to the manager; [`tls`]: mutual TLS.
+//! - [`metrics`]: Prometheus metrics; [`inventory`]: what the node is and can do.
+//! - [`failpoint`]: crash points for the crash-safety tests.
+
+pub mod error;
+pub mod failpoint;
+pub mod faults;
+pub mod inventory;
+pub mod journal;
+pub mod manager;
+pub mod metrics;
+pub mod policy;
+pub mod server;
+pub mod sys;
+pub mod tls;
+
+use std::fs::File;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use gpuchaos_proto::pb::agent_server::AgentServer;
+use tokio_util::sync::CancellationToken;
+
+use crate::faults::FaultDriver;
+use crate::faults::process::ProcessDriver;
+use crate::manager::{Command, Manager};
+use crate::policy::Policy;
+use crate::sys::gpu::Gpus;
+
+/// Everything the agent is configured with (the flags of `gpuchaos-agent`).
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub state_dir: PathBuf,
+    pub policy: Option<PathBuf>,
+    pub tls: tls::TlsFiles,
+    pub nvml_lib: Option<PathBuf>,
+    /// How long SIGTERM/SIGINT may spend reverting before the agent exits anyway.
+    pub shutdown_grace: Duration,
+}
+
+/// A configuration problem: the agent exits 64 without touching anything.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Holds the state directory's lock for the agent's lifetime.
+fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<nix::fcntl::Flock<File>> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+    let path = dir.join("agent.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(mut lock) => {
+            let _ = lock.set_len(0);
+            let _ = writeln!(&mut *lock, "{}", std::process::id());
+            Ok(lock)
+        }
+        Err((_, errno)) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            Err(ConfigError(format!(
+                "another gpuchaos-agent (pid {}) is using the state directory {} ({errno}): stop it or pass another --state-dir",
+                holder.trim(),
+                dir.display()
+            ))
+            .into())
+        }
+    }
+}
+
+/// Runs the agent until `shutdown` is cancelled, then reverts every fault and returns.
+/// Prints one line `listening grpc=ADDR metrics=ADDR` on stdout once it serves.
+pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let policy = Arc::new(Policy::load(cfg.policy.as_deref()).map_err(ConfigError)?);
+    let tls = tls::server_config(cfg.listen, &cfg.tls).map_err(ConfigError)?;
+    let _lock = lock_state_dir(&cfg.state_dir)?;
+    let (journal, open) = journal::Journal::open(&cfg.state_dir)
+        .with_context(|| format!("cannot open the journal in {}", cfg.state_dir.display()))?;
+
+    let gpus = Arc::new(Gpus::open(cfg.nvml_lib.clone().map(Into::into)));
+    let procs = Arc::new(sys::RealProcesses::default());
+    let drivers: Vec<Arc<dyn FaultDriver>> = vec![Arc::new(ProcessDriver::new(
+        procs,
+        gpus.clone(),
+        Arc::clone(&policy),
+    ))];
+    let metrics = Arc::new(metrics::Metrics::new());
+    let inventory = Arc::new(inventory::Inventory::new(
+        gpus,
+        drivers.clone(),
+        Arc::clone(&policy),
+    ));
+
+    let mut manager = Manager::new(drivers, Arc::clone(&policy), journal, Arc::clone(&metrics));
+    if !open.is_empty() {
+        tracing::warn!(
+            faults = open.len(),
+            "the journal holds faults a previous run did not revert: recovering"
+        );
+    }
+    let recovered = manager.recover(open).await;
+    let failed = recovered.iter().filter(|f| !f.leftover.is_empty()).count();
+    if failed > 0 {
+        tracing::error!(
+            failed,
+            "start-up recovery left faults unreverted: see `gpuchaos status`"
+        );
+    }
+    let (handle, manager_task) = manager.spawn();
+
+    let grpc = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let metrics_listener = metrics::bind(cfg.metrics_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} for metrics", cfg.metrics_listen))?;
+    let grpc_addr = grpc.local_addr()?;
+    let metrics_addr = metrics_listener.local_addr()?;
+
+    let stop_servers = CancellationToken::new();
+    let metrics_task = tokio::spawn(metrics::serve(
+        metrics_listener,
+        metrics,
+        stop_servers.clone(),
+    ));
+    let service = server::AgentService {
+        manager: handle.clone(),
+        inventory,
+    };
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = tls {
+        builder = builder.tls_config(t).context("invalid TLS configuration")?;
+    }
+    let stop = stop_servers.clone();
+    let grpc_task = tokio::spawn(
+        builder
+            .add_service(AgentServer::new(service))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(grpc),
+                async move { stop.cancelled().await },
+            ),
+    );
+    tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, tls = cfg.tls.ca.is_some(),
+        state_dir = %cfg.state_dir.display(), "gpuchaos-agent serving");
+    println!("listening grpc={grpc_addr} metrics={metrics_addr}");
+    let _ = std::io::stdout().flush();
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: reverting every fault");
+    let reverted = tokio::time::timeout(
+        cfg.shutdown_grace,
+        handle.call(|reply| Command::Shutdown { reply }),
+    )
+    .await;
+    match reverted {
+        Ok(Ok(left)) => {
+            let leftovers: Vec<_> = left.iter().filter(|f| !f.leftover.is_empty()).collect();
+            for f in &leftovers {
+                tracing::error!(fault.id = %f.id, leftover = %f.leftover, "left behind at exit");
+            }
+            if leftovers.is_empty() {
+                tracing::info!("every fault reverted");
+            }
+        }
+        Ok(Err(e)) => tracing::error!(error = %e, "shutdown revert failed"),
+        Err(_) => tracing::error!(
+            grace = ?cfg.shutdown_grace,
+            "reverts did not finish within the grace period: the journal keeps them for the next start"
+        ),
+    }
+    stop_servers.cancel();
+    drop(handle);
+    let _ = grpc_task.await;
+    let _ = metrics_task.await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), manager_task).await;
+    Ok(())
+}

@@ -1,0 +1,127 @@
+//! `gpuchaos-agent`: flags, logging and signals; everything else is in the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use gpuchaos_agent::{AgentConfig, ConfigError, tls::TlsFiles};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The gpuchaos node agent: injects faults on command, and never leaves one behind.
+#[derive(Parser, Debug)]
+#[command(name = "gpuchaos-agent", version)]
+struct Args {
+    /// gRPC address. Anything but loopback requires mutual TLS.
+    #[arg(long, default_value = "127.0.0.1:7070", env = "GPUCHAOS_AGENT_LISTEN")]
+    listen: SocketAddr,
+    /// Prometheus metrics address (/metrics).
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    metrics_listen: SocketAddr,
+    /// Where the journal lives. One agent per directory.
+    #[arg(long, default_value = "/var/lib/gpuchaos")]
+    state_dir: PathBuf,
+    /// Policy file (YAML): protected processes, limits, enabled kinds.
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Server certificate (PEM) for mutual TLS.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+    /// CA that client (controller) certificates must chain to.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Path of libnvidia-ml (default: libnvidia-ml.so.1 from the loader path).
+    #[arg(long, env = "GPUCHAOS_NVML_LIB")]
+    nvml_lib: Option<PathBuf>,
+    /// How long SIGTERM/SIGINT may spend reverting faults before exiting.
+    #[arg(long, default_value = "30s", value_parser = humantime_arg)]
+    shutdown_grace: Duration,
+}
+
+fn humantime_arg(s: &str) -> Result<Duration, String> {
+    gpuchaos_proto::spec::HumanDuration::parse(s).map(|d| d.0)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gpuchaos-agent: cannot start the runtime: {e}");
+            return std::process::ExitCode::from(70);
+        }
+    };
+    let cfg = AgentConfig {
+        listen: args.listen,
+        metrics_listen: args.metrics_listen,
+        state_dir: args.state_dir,
+        policy: args.policy,
+        tls: TlsFiles {
+            cert: args.tls_cert,
+            key: args.tls_key,
+            ca: args.tls_ca,
+        },
+        nvml_lib: args.nvml_lib,
+        shutdown_grace: args.shutdown_grace,
+    };
+    let result = rt.block_on(async {
+        let shutdown = CancellationToken::new();
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                tracing::error!("cannot install signal handlers");
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+            s.cancel();
+        });
+        gpuchaos_agent::run(cfg, shutdown).await
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let code = if e.downcast_ref::<ConfigError>().is_some() {
+                64
+            } else {
+                70
+            };
+            eprintln!("gpuchaos-agent: {e:#}");
+            std::process::ExitCode::from(code)
+        }
+    }
+}
