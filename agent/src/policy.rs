@@ -219,7 +219,7 @@ impl Policy {
             })
         };
         if stat.pid == 1 {
-            return deny("pid 1 (init) is never signalled".into());
+            return deny("pid 1 is never signalled".into());
         }
         if stat.is_kernel_thread() {
             return deny("it is a kernel thread".into());

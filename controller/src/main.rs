@@ -1,1 +1,189 @@
-fn main() {}
+//! `gpuchaos`: flags and wiring; the commands live in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use gpuchaos_controller::commands;
+use gpuchaos_controller::exit::{self, CliError};
+use gpuchaos_controller::fleet::{Fleet, TlsClient};
+use gpuchaos_controller::output::Output;
+
+/// gpuchaos: chaos engineering for GPU inference nodes.
+#[derive(Parser, Debug)]
+#[command(
+    name = "gpuchaos",
+    version,
+    after_help = "Exit codes: 0 ok, 1 objective failed, 2 aborted, 3 inject failed, 4 revert failed (something may be left behind), 64 invalid input, 69 agent unreachable, 70 internal error"
+)]
+struct Cli {
+    /// An agent to talk to (HOST:PORT); repeat for several. Default 127.0.0.1:7070.
+    #[arg(
+        long = "agent",
+        global = true,
+        env = "GPUCHAOS_AGENT",
+        value_delimiter = ','
+    )]
+    agents: Vec<String>,
+    /// A fleet file listing agents (and TLS settings).
+    #[arg(long, global = true)]
+    fleet: Option<PathBuf>,
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    output: Output,
+    /// CA certificate the agents' certificates chain to (mutual TLS).
+    #[arg(long, global = true, env = "GPUCHAOS_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// This controller's certificate.
+    #[arg(long, global = true, env = "GPUCHAOS_TLS_CERT", requires_all = ["tls_ca", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// This controller's private key.
+    #[arg(long, global = true, env = "GPUCHAOS_TLS_KEY", requires_all = ["tls_ca", "tls_cert"])]
+    tls_key: Option<PathBuf>,
+    /// The name in the agents' certificates, when it is not the address's host.
+    #[arg(long, global = true)]
+    tls_server_name: Option<String>,
+    /// Connect timeout per agent.
+    #[arg(long, global = true, default_value = "5s", value_parser = duration_arg)]
+    timeout: Duration,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Inventory, capabilities and faults of each agent.
+    Status {
+        /// Also list faults that have ended (the agent remembers the last 512).
+        #[arg(long)]
+        all: bool,
+    },
+    /// Inject each fault of a spec file on each agent; prints the fault ids.
+    Inject {
+        /// The spec file (YAML, one or more documents; - for stdin).
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Stay attached: hold a lease, wait for the faults to end, revert on Ctrl-C.
+        /// If this process dies, the agents revert the faults when the lease lapses.
+        #[arg(long)]
+        attach: bool,
+        /// Lease TTL for --attach.
+        #[arg(long, default_value = "10s", value_parser = duration_arg)]
+        lease: Duration,
+    },
+    /// Revert one fault (by id), on whichever agent holds it.
+    Revert { id: String },
+    /// Revert every fault on every agent, now.
+    Halt,
+    /// Check fault spec files; every error of every file, with line and column.
+    Validate { files: Vec<PathBuf> },
+    /// Zero-setup demo against a local agent.
+    Demo,
+    /// Make a CA and agent/controller certificates for mutual TLS.
+    Certs {
+        #[arg(long)]
+        out: PathBuf,
+        /// Extra DNS names or IP addresses for the agent certificate (repeatable).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    gpuchaos_proto::spec::HumanDuration::parse(s).map(|d| d.0)
+}
+
+async fn run(cli: Cli) -> Result<u8, CliError> {
+    let tls = match (cli.tls_ca, cli.tls_cert, cli.tls_key) {
+        (Some(ca), Some(cert), Some(key)) => Some(TlsClient {
+            ca,
+            cert,
+            key,
+            server_name: cli.tls_server_name,
+        }),
+        _ => None,
+    };
+    let fleet = || Fleet::from_flags(&cli.agents, cli.fleet.as_deref(), tls.clone(), cli.timeout);
+    match cli.command {
+        Cmd::Status { all } => commands::status::run(&fleet()?, cli.output, all).await,
+        Cmd::Inject {
+            file,
+            attach,
+            lease,
+        } => {
+            if lease < Duration::from_millis(300) {
+                return Err(CliError::invalid("--lease must be at least 300ms"));
+            }
+            commands::inject::run(
+                &fleet()?,
+                cli.output,
+                commands::inject::Options {
+                    file: &file,
+                    attach,
+                    lease,
+                },
+            )
+            .await
+        }
+        Cmd::Revert { id } => commands::revert::revert(&fleet()?, cli.output, &id).await,
+        Cmd::Halt => commands::revert::halt(&fleet()?, cli.output).await,
+        Cmd::Validate { files } => commands::validate::run(&files),
+        Cmd::Demo => commands::demo::run().await,
+        Cmd::Certs {
+            out,
+            sans,
+            days,
+            force,
+        } => commands::certs::run(commands::certs::Options {
+            out: &out,
+            sans: &sans,
+            days,
+            force,
+        }),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() {
+                exit::INVALID_INPUT
+            } else {
+                exit::OK
+            };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GPUCHAOS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gpuchaos: cannot start the runtime: {e}");
+            return ExitCode::from(exit::INTERNAL);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("gpuchaos: {}", e.message);
+            ExitCode::from(e.code)
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! `gpuchaos inject -f SPEC.yaml`: inject each fault of the file on each agent.
+//!
+//! Plain: the faults run to their duration on the agents, and the ids are printed.
+//! `--attach`: the faults are tied to a lease this command renews; it waits until they
+//! end, and Ctrl-C or SIGTERM reverts them. If this command dies (even SIGKILL), the
+//! lease lapses and the agents revert the faults on their own.
+
+use std::path::Path;
+use std::time::Duration;
+
+use gpuchaos_proto::pb;
+use gpuchaos_proto::spec::{FaultSpec, SpecErrors};
+use serde_json::json;
+
+use crate::exit::{self, CliError};
+use crate::fleet::{AgentRef, Fleet, describe_status};
+use crate::output::Output;
+
+use super::{fault_json, fault_line};
+
+/// Renders spec errors as `FILE:LINE:COL: field: message`, one per line.
+pub fn render_errors(file: &str, errs: &SpecErrors) -> String {
+    errs.0
+        .iter()
+        .map(|e| {
+            let loc = match (e.line, e.column) {
+                (Some(l), Some(c)) => format!("{file}:{l}:{c}"),
+                _ => file.to_string(),
+            };
+            let field = if e.field.is_empty() {
+                String::new()
+            } else {
+                format!("{}: ", e.field)
+            };
+            format!("{loc}: {field}{}", e.message)
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+pub fn read_specs(file: &Path) -> Result<Vec<FaultSpec>, CliError> {
+    let name = file.display().to_string();
+    let text = if name == "-" {
+        std::io::read_to_string(std::io::stdin())
+            .map_err(|e| CliError::invalid(format!("reading stdin: {e}")))?
+    } else {
+        std::fs::read_to_string(file)
+            .map_err(|e| CliError::invalid(format!("cannot read {name}: {e}")))?
+    };
+    FaultSpec::from_yaml_multi(&text).map_err(|e| CliError::invalid(render_errors(&name, &e)))
+}
+
+pub struct Options<'a> {
+    pub file: &'a Path,
+    pub attach: bool,
+    pub lease: Duration,
+}
+
+struct Injected {
+    agent: AgentRef,
+    session: Option<String>,
+    result: Result<pb::Fault, tonic::Status>,
+}
+
+fn outcome_code(r: &Result<pb::Fault, tonic::Status>) -> u8 {
+    match r {
+        Ok(f) if !f.leftover.is_empty() => exit::REVERT_FAILED,
+        Ok(f) if f.state() == pb::FaultState::Failed => exit::INJECT_FAILED,
+        Ok(_) => exit::OK,
+        Err(s) => exit::from_status(s, exit::INJECT_FAILED),
+    }
+}
+
+pub async fn run(fleet: &Fleet, output: Output, opts: Options<'_>) -> Result<u8, CliError> {
+    let specs = read_specs(opts.file)?;
+    let holder = format!(
+        "gpuchaos inject -f {} (pid {} on {})",
+        opts.file.display(),
+        std::process::id(),
+        nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    );
+    let mut results: Vec<Injected> = Vec::new();
+    let per_agent = fleet.agents.iter().map(|agent| {
+        let specs = specs.clone();
+        let holder = holder.clone();
+        async move {
+            let mut out = Vec::new();
+            let mut c = match fleet.client(agent) {
+                Ok(c) => c,
+                Err(e) => {
+                    out.push(Injected {
+                        agent: agent.clone(),
+                        session: None,
+                        result: Err(tonic::Status::invalid_argument(e.message)),
+                    });
+                    return out;
+                }
+            };
+            let mut session = None;
+            if opts.attach {
+                match c
+                    .open_session(pb::OpenSessionRequest {
+                        lease_ttl_ms: opts.lease.as_millis() as u64,
+                        holder,
+                    })
+                    .await
+                {
+                    Ok(s) => session = Some(s.into_inner().id),
+                    Err(e) => {
+                        out.push(Injected {
+                            agent: agent.clone(),
+                            session: None,
+                            result: Err(e),
+                        });
+                        return out;
+                    }
+                }
+            }
+            for spec in specs {
+                let r = c
+                    .inject(pb::InjectRequest {
+                        spec_json: spec.to_json(),
+                        session_id: session.clone().unwrap_or_default(),
+                    })
+                    .await
+                    .map(|r| r.into_inner());
+                out.push(Injected {
+                    agent: agent.clone(),
+                    session: session.clone(),
+                    result: r,
+                });
+            }
+            out
+        }
+    });
+    for v in super::join_all(per_agent).await {
+        results.extend(v);
+    }
+    let code = exit::worst(results.iter().map(|r| outcome_code(&r.result)));
+    print_results(output, &results);
+    if !opts.attach {
+        return Ok(code);
+    }
+    if code != exit::OK {
+        // Attached runs are all or nothing: undo what did go in.
+        eprintln!("not every fault could be injected: reverting the others");
+        let closed = close_sessions(fleet, &results).await;
+        return Ok(exit::worst([code, closed]));
+    }
+    attach(fleet, output, &results, opts.lease).await
+}
+
+fn print_results(output: Output, results: &[Injected]) {
+    match output {
+        Output::Json => {
+            let faults: Vec<serde_json::Value> = results
+                .iter()
+                .map(|r| match &r.result {
+                    Ok(f) => fault_json(&r.agent.address, f),
+                    Err(s) => json!({"agent": r.agent.address, "id": null, "state": "refused",
+                        "code": format!("{:?}", s.code()), "error": s.message()}),
+                })
+                .collect();
+            println!("{}", json!({ "faults": faults }));
+        }
+        Output::Text => {
+            for r in results {
+                match &r.result {
+                    Ok(f) => println!(
+                        "{}: {}",
+                        r.agent.display(),
+                        fault_line(f, f.verified_mono_ns)
+                    ),
+                    Err(s) => eprintln!("{}", describe_status(&r.agent, s)),
+                }
+            }
+        }
+    }
+}
+
+async fn close_sessions(fleet: &Fleet, results: &[Injected]) -> u8 {
+    let mut code = exit::OK;
+    let mut seen = Vec::new();
+    for r in results {
+        let Some(sid) = &r.session else { continue };
+        if seen.contains(sid) {
+            continue;
+        }
+        seen.push(sid.clone());
+        let Ok(mut c) = fleet.client(&r.agent) else {
+            continue;
+        };
+        match c
+            .close_session(pb::CloseSessionRequest {
+                session_id: sid.clone(),
+                keep_faults: false,
+            })
+            .await
+        {
+            Ok(resp) => {
+                for f in resp.into_inner().reverted {
+                    if !f.leftover.is_empty() {
+                        eprintln!("{}: {}", r.agent.display(), fault_line(&f, 0));
+                        code = exit::REVERT_FAILED;
+                    }
+                }
+            }
+            Err(s) => {
+                eprintln!(
+                    "{}; its lease will revert the faults within {}",
+                    describe_status(&r.agent, &s),
+                    "the lease TTL"
+                );
+                code = exit::REVERT_FAILED;
+            }
+        }
+    }
+    code
+}
+
+/// Renews the leases and waits until every fault has ended or a signal arrives.
+async fn attach(
+    fleet: &Fleet,
+    output: Output,
+    results: &[Injected],
+    lease: Duration,
+) -> Result<u8, CliError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| CliError::internal(e.to_string()))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| CliError::internal(e.to_string()))?;
+    let mut renew = tokio::time::interval(lease / 3);
+    let mut poll = tokio::time::interval(Duration::from_millis(200));
+    eprintln!(
+        "attached: renewing the lease every {}; Ctrl-C reverts now",
+        humantime::format_duration(lease / 3)
+    );
+    loop {
+        tokio::select! {
+            _ = int.recv() => {
+                eprintln!("interrupted: reverting");
+                return Ok(close_sessions(fleet, results).await);
+            }
+            _ = term.recv() => {
+                eprintln!("SIGTERM: reverting");
+                return Ok(close_sessions(fleet, results).await);
+            }
+            _ = renew.tick() => {
+                for r in results {
+                    let (Some(sid), Ok(mut c)) = (&r.session, fleet.client(&r.agent)) else { continue };
+                    if let Err(s) = c.renew_session(pb::RenewSessionRequest { session_id: sid.clone() }).await {
+                        eprintln!("lease renewal failed: {}", describe_status(&r.agent, &s));
+                        if s.code() == tonic::Code::NotFound {
+                            eprintln!("the agent reverted this session's faults when its lease lapsed");
+                        }
+                    }
+                }
+            }
+            _ = poll.tick() => {
+                let mut ended = Vec::new();
+                let mut all_done = true;
+                for r in results {
+                    let Ok(f) = &r.result else { continue };
+                    let Ok(mut c) = fleet.client(&r.agent) else { continue };
+                    let list = c.list_faults(pb::ListFaultsRequest { include_finished: true }).await;
+                    let now = list.ok().and_then(|l| l.into_inner().faults.into_iter().find(|x| x.id == f.id));
+                    match now {
+                        Some(x) if matches!(x.state(), pb::FaultState::Reverted | pb::FaultState::Failed) => ended.push((r.agent.clone(), x)),
+                        _ => all_done = false,
+                    }
+                }
+                if all_done {
+                    let code = exit::worst(ended.iter().map(|(_, f)| if f.leftover.is_empty() { exit::OK } else { exit::REVERT_FAILED }));
+                    match output {
+                        Output::Json => {
+                            let v: Vec<_> = ended.iter().map(|(a, f)| fault_json(&a.address, f)).collect();
+                            println!("{}", json!({"ended": v}));
+                        }
+                        Output::Text => {
+                            for (a, f) in &ended {
+                                println!("{}: {}", a.display(), fault_line(f, 0));
+                            }
+                        }
+                    }
+                    close_sessions(fleet, results).await;
+                    return Ok(code);
+                }
+            }
+        }
+    }
+}
