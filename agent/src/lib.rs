@@ -189,8 +189,19 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     }
     stop_servers.cancel();
     drop(handle);
-    let _ = grpc_task.await;
-    let _ = metrics_task.await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), manager_task).await;
+    // Graceful shutdown waits for clients to hang up; an open event stream or an idle
+    // controller connection must not keep a reverted agent alive.
+    let mut grpc_task = grpc_task;
+    if tokio::time::timeout(Duration::from_secs(2), &mut grpc_task)
+        .await
+        .is_err()
+    {
+        tracing::info!("closing the remaining client connections");
+        grpc_task.abort();
+    }
+    metrics_task.abort();
+    // The manager has reverted everything it could (what it could not stays in the
+    // journal for the next start); nothing is left for it to do.
+    manager_task.abort();
     Ok(())
 }

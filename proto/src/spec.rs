@@ -259,7 +259,33 @@ impl FaultSpec {
     /// Parses one or more YAML documents (separated by `---`) and validates each.
     /// Errors carry line and column.
     pub fn from_yaml_multi(text: &str) -> Result<Vec<Self>, SpecErrors> {
-        let specs: Vec<FaultSpec> = serde_saphyr::from_multiple(text).map_err(yaml_error)?;
+        let specs: Vec<FaultSpec> = serde_saphyr::from_multiple(text).map_err(|e| {
+            let mut errs = yaml_error(e);
+            // serde-saphyr locates the error; find the field path by parsing the
+            // documents as plain values and typing them with path tracking.
+            if let Some(fe) = errs.0.first_mut()
+                && fe.field.is_empty()
+                && let Ok(docs) = serde_saphyr::from_multiple::<serde_json::Value>(text)
+            {
+                for (i, doc) in docs.into_iter().enumerate() {
+                    if let Err(pe) = serde_path_to_error::deserialize::<_, FaultSpec>(doc) {
+                        let path = pe.path().to_string();
+                        if path != "." {
+                            fe.field = path;
+                        }
+                        if docs_len_hint(text) > 1 {
+                            fe.field = if fe.field.is_empty() {
+                                format!("document {}", i + 1)
+                            } else {
+                                format!("document {}: {}", i + 1, fe.field)
+                            };
+                        }
+                        break;
+                    }
+                }
+            }
+            errs
+        })?;
         if specs.is_empty() {
             return Err(SpecErrors(vec![FieldError::new(
                 "",
@@ -299,12 +325,24 @@ pub fn yaml_error(e: serde_saphyr::Error) -> SpecErrors {
     if let Some(first) = msg.lines().next() {
         msg = first.to_string();
     }
-    let mut fe = FieldError::new("", clean_serde_message(&msg));
+    // The location is reported on its own: drop "error: line N column M: ".
+    let mut m = msg.trim_start_matches("error: ").to_string();
+    if m.starts_with("line ")
+        && let Some(i) = m.find(": ")
+    {
+        m = m[i + 2..].to_string();
+    }
+    let mut fe = FieldError::new("", clean_serde_message(&m));
     if let Some(l) = loc {
         fe.line = Some(l.line());
         fe.column = Some(l.column());
     }
     SpecErrors(vec![fe])
+}
+
+/// How many YAML documents a text holds, roughly (for error messages only).
+fn docs_len_hint(text: &str) -> usize {
+    1 + text.lines().filter(|l| l.trim_end() == "---").count()
 }
 
 fn clean_serde_message(msg: &str) -> String {

@@ -1,1 +1,308 @@
+//! Fixtures for the end-to-end tests: real `gpuchaos-agent` and `gpuchaos` processes
+//! (built by `cargo build --workspace` before the tests run), stand-in worker
+//! processes, and helpers to read their state from /proc.
+//!
+//! Every fixture cleans up on drop: agents and workers are SIGKILLed and reaped,
+//! state directories are removed.
 
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use gpuchaos_proto::pb;
+use gpuchaos_proto::pb::agent_client::AgentClient;
+use tonic::transport::Channel;
+
+/// A binary of this workspace, from the same target directory as the test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/debug/deps/TEST-hash → target/debug/NAME
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace` before the tests (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// /proc/PID/stat state letter, or None when the process is gone.
+pub fn state(pid: u32) -> Option<char> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let close = text.rfind(')')?;
+    text[close + 1..].split_whitespace().next()?.chars().next()
+}
+
+pub fn is_stopped(pid: u32) -> bool {
+    state(pid) == Some('T')
+}
+
+pub fn is_gone(pid: u32) -> bool {
+    matches!(state(pid), None | Some('Z') | Some('X'))
+}
+
+/// Polls `cond` every 5 ms until it holds or `timeout` passes; returns how long it took.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() > timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+static UNIQUE: AtomicU32 = AtomicU32::new(1);
+
+/// A unique marker for this test process: `sleep 86400.<marker>` is our worker.
+pub fn marker() -> String {
+    format!(
+        "{}{:03}",
+        std::process::id() % 100_000,
+        UNIQUE.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A stand-in worker: `sleep 86400.MARKER`, killed on drop.
+pub struct Worker {
+    pub child: Child,
+    pub pid: u32,
+    pub marker: String,
+}
+
+impl Worker {
+    pub fn spawn() -> Worker {
+        Self::spawn_with(&marker())
+    }
+    pub fn spawn_with(marker: &str) -> Worker {
+        let child = Command::new("sleep")
+            .arg(format!("86400.{marker}"))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id();
+        wait_until(Duration::from_secs(2), || state(pid).is_some());
+        Worker {
+            child,
+            pid,
+            marker: marker.to_string(),
+        }
+    }
+    /// A regex for `cmdline:` matching exactly the workers with this marker.
+    pub fn cmdline_regex(&self) -> String {
+        format!("^sleep 86400\\.{}$", self.marker)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid as i32),
+            nix::sys::signal::Signal::SIGCONT,
+        );
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `gpuchaos-agent` on loopback with its own state directory.
+pub struct Agent {
+    pub child: Option<Child>,
+    pub pid: u32,
+    pub grpc: String,
+    pub metrics: String,
+    pub state_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+pub struct AgentOpts<'a> {
+    pub state_dir: &'a Path,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl Agent {
+    pub fn start(state_dir: &Path) -> Agent {
+        Self::start_with(AgentOpts {
+            state_dir,
+            args: vec![],
+            env: vec![],
+        })
+    }
+
+    pub fn start_with(o: AgentOpts<'_>) -> Agent {
+        let log = o
+            .state_dir
+            .with_extension(format!("log{}", UNIQUE.fetch_add(1, Ordering::Relaxed)));
+        let logf = std::fs::File::create(&log).expect("agent log");
+        let mut cmd = Command::new(bin("gpuchaos-agent"));
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--state-dir",
+        ])
+        .arg(o.state_dir)
+        .args(&o.args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(logf));
+        for (k, v) in &o.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn gpuchaos-agent");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_default();
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .map(String::from)
+        };
+        let (Some(grpc), Some(metrics)) = (field("grpc="), field("metrics=")) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "agent did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        };
+        Agent {
+            pid: child.id(),
+            child: Some(child),
+            grpc,
+            metrics,
+            state_dir: o.state_dir.to_path_buf(),
+            log,
+        }
+    }
+
+    pub async fn client(&self) -> AgentClient<Channel> {
+        AgentClient::connect(format!("http://{}", self.grpc))
+            .await
+            .expect("connect to agent")
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), sig);
+    }
+
+    /// SIGKILL, as a crash would; waits for the process to be reaped.
+    pub fn kill9(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        self.wait();
+    }
+
+    /// Waits for the agent to exit; returns its exit status code.
+    pub fn wait(&mut self) -> Option<i32> {
+        self.child
+            .take()
+            .and_then(|mut c| c.wait().ok())
+            .and_then(|s| s.code())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The journal's still-open intents (what start-up recovery would revert).
+    pub fn open_intents(&self) -> usize {
+        open_intents(&self.state_dir)
+    }
+}
+
+pub fn open_intents(state_dir: &Path) -> usize {
+    let text = std::fs::read_to_string(state_dir.join("journal.jsonl")).unwrap_or_default();
+    let mut open: Vec<String> = Vec::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let id = v["id"].as_str().unwrap_or_default().to_string();
+        match v["rec"].as_str() {
+            Some("intent") => open.push(id),
+            Some("reverted") => open.retain(|x| *x != id),
+            _ => {}
+        }
+    }
+    open.len()
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// The result of running the `gpuchaos` CLI.
+#[derive(Debug)]
+pub struct CliOut {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `gpuchaos ARGS...` to completion.
+pub fn gpuchaos(args: &[&str]) -> CliOut {
+    let out = Command::new(bin("gpuchaos"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run gpuchaos");
+    CliOut {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Writes a spec file into `dir` and returns its path.
+pub fn spec_file(dir: &Path, name: &str, yaml: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, yaml).expect("write spec");
+    p
+}
+
+pub fn spec_json(yaml: &str) -> String {
+    gpuchaos_proto::spec::FaultSpec::from_yaml_multi(yaml).expect("valid spec")[0].to_json()
+}
+
+pub async fn inject(
+    c: &mut AgentClient<Channel>,
+    yaml: &str,
+    session: &str,
+) -> Result<pb::Fault, tonic::Status> {
+    c.inject(pb::InjectRequest {
+        spec_json: spec_json(yaml),
+        session_id: session.into(),
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+pub async fn faults(c: &mut AgentClient<Channel>, finished: bool) -> Vec<pb::Fault> {
+    c.list_faults(pb::ListFaultsRequest {
+        include_finished: finished,
+    })
+    .await
+    .expect("list")
+    .into_inner()
+    .faults
+}

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The test command: sets up everything a fresh machine needs, then runs every check
+# and every test. CI runs exactly this (through .ci/run).
+#
+#   bash scripts/test.sh
+#
+# Needs root for the system packages; the tests themselves signal only processes
+# they start, on loopback.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+command -v pgrep >/dev/null || need_pkgs+=(procps)
+command -v sleep >/dev/null || need_pkgs+=(coreutils)
+if ((${#need_pkgs[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "missing ${need_pkgs[*]}: install them (as root: apt-get install ${need_pkgs[*]})" >&2
+        exit 1
+    fi
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}"
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "== installing cargo-nextest"
+    cargo install --locked cargo-nextest
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all --check
+echo "== cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo build --workspace (the end-to-end tests run these binaries)"
+cargo build --workspace --locked
+echo "== gpuchaos validate experiments/"
+./target/debug/gpuchaos validate experiments/*.yaml
+echo "== tests"
+cargo nextest run --workspace --locked --no-fail-fast
+echo "== doc tests"
+cargo test --workspace --doc --locked
