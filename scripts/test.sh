@@ -34,5 +34,3 @@ echo "== gpuchaos validate experiments/"
 ./target/debug/gpuchaos validate experiments/*.yaml
 echo "== tests"
 cargo nextest run --workspace --locked --no-fail-fast
-echo "== doc tests"
-cargo test --workspace --doc --locked

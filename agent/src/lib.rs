@@ -155,7 +155,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         builder
             .add_service(AgentServer::new(service))
             .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(grpc),
+                // No Nagle: a reply must not wait 40 ms for a delayed ACK. Keepalive
+                // notices controllers that vanished without closing.
+                tonic::transport::server::TcpIncoming::from(grpc)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(Duration::from_secs(30))),
                 async move { stop.cancelled().await },
             ),
     );

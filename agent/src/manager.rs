@@ -39,7 +39,7 @@ type Reply<T> = oneshot::Sender<T>;
 
 pub enum Command {
     Inject {
-        spec: FaultSpec,
+        spec: Box<FaultSpec>,
         session: Option<String>,
         reply: Reply<Result<pb::Fault, AgentError>>,
     },
@@ -456,7 +456,7 @@ impl Manager {
                 session,
                 reply,
             } => {
-                if let Err(e) = self.start_inject(spec, session, reply) {
+                if let Err(e) = self.start_inject(*spec, session, reply) {
                     // start_inject only returns the reply on refusal
                     let (e, reply) = *e;
                     let _ = reply.send(Err(e));

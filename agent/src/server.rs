@@ -87,7 +87,7 @@ impl Agent for AgentService {
         let f = self
             .manager
             .call(|reply| Command::Inject {
-                spec,
+                spec: Box::new(spec),
                 session,
                 reply,
             })

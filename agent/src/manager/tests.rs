@@ -61,7 +61,7 @@ impl Rig {
         let spec = spec(yaml);
         self.handle
             .call(|reply| Command::Inject {
-                spec,
+                spec: Box::new(spec),
                 session,
                 reply,
             })
@@ -374,7 +374,7 @@ async fn inv10_a_dropped_caller_cannot_abandon_a_fault() {
     r.handle
         .tx
         .send(Command::Inject {
-            spec,
+            spec: Box::new(spec),
             session: None,
             reply: tx,
         })
@@ -454,7 +454,7 @@ async fn revert_during_a_terminate_grace_period_stops_it() {
         spec("kind: process\nduration: 1m\ntarget: {pid: 105}\naction: terminate\ngrace: 30s\n");
     let inject = tokio::spawn(async move {
         h.call(|reply| Command::Inject {
-            spec,
+            spec: Box::new(spec),
             session: None,
             reply,
         })

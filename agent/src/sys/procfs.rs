@@ -196,7 +196,7 @@ mod tests {
         let p = RealProcesses::default();
         let me = p.stat(std::process::id()).unwrap().unwrap();
         assert!(!me.is_stopped() && !me.is_dead());
-        assert!(p.cmdline(std::process::id()).unwrap().unwrap().len() >= 1);
+        assert!(!p.cmdline(std::process::id()).unwrap().unwrap().is_empty());
         assert!(p.stat(u32::MAX - 1).unwrap().is_none());
         assert!(p.pids().unwrap().contains(&std::process::id()));
     }

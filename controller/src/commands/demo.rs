@@ -150,7 +150,12 @@ pub async fn run() -> Result<u8, CliError> {
     }
     println!("  workers: pids {workers:?} (`sleep {marker}`)");
 
-    let fleet = Fleet::from_flags(&[addr.clone()], None, None, Duration::from_secs(5))?;
+    let fleet = Fleet::from_flags(
+        std::slice::from_ref(&addr),
+        None,
+        None,
+        Duration::from_secs(5),
+    )?;
     let agent_ref = AgentRef {
         name: "local".into(),
         address: addr.clone(),

@@ -209,9 +209,8 @@ async fn close_sessions(fleet: &Fleet, results: &[Injected]) -> u8 {
             }
             Err(s) => {
                 eprintln!(
-                    "{}; its lease will revert the faults within {}",
-                    describe_status(&r.agent, &s),
-                    "the lease TTL"
+                    "{}; the agent reverts this session's faults when its lease lapses",
+                    describe_status(&r.agent, &s)
                 );
                 code = exit::REVERT_FAILED;
             }
