@@ -704,44 +704,27 @@ pub mod tests {
     #[test]
     fn protected_and_missing_targets_are_refused() {
         let d = driver(workers());
-        let e = d
-            .plan(&spec(
-                "kind: process\nduration: 1s\ntarget: {pid: 1}\naction: kill\n",
-            ))
-            .unwrap_err();
-        assert!(matches!(e, AgentError::Refused(_)), "{e}");
-        assert!(e.to_string().contains("pid 1 (init) is protected"), "{e}");
-        let e = d
-            .plan(&spec(
-                "kind: process\nduration: 1s\ntarget: {name: sshd}\naction: kill\n",
-            ))
-            .unwrap_err();
-        assert!(e.to_string().contains("sshd"), "{e}");
-        let e = d
-            .plan(&spec(
-                "kind: process\nduration: 1s\ntarget: {pid: 4}\naction: pause\n",
-            ))
-            .unwrap_err();
-        assert!(e.to_string().contains("agent itself"), "{e}");
-        let e = d
-            .plan(&spec(
-                "kind: process\nduration: 1s\ntarget: {name: ^nothing$}\naction: kill\n",
-            ))
-            .unwrap_err();
-        assert!(matches!(e, AgentError::NoTargets(_)), "{e}");
-        assert!(e.to_string().contains("matched no process"), "{e}");
-        let e = d
-            .plan(&spec(
-                "kind: process\nduration: 1s\ntarget: {pid: 999}\naction: kill\n",
-            ))
-            .unwrap_err();
-        assert!(e.to_string().contains("no process with pid 999"), "{e}");
-        let e = d
-            .plan(&spec(
-                "kind: process\nduration: 1s\ntarget: {gpu: 0}\naction: kill\n",
-            ))
-            .unwrap_err();
-        assert!(e.to_string().contains("no NVIDIA driver"), "{e}");
+        let cases = [
+            ("{pid: 1}", "pid 1 (init) is protected", true),
+            ("{name: sshd}", "sshd", true),
+            ("{pid: 4}", "agent itself", true),
+            ("{name: ^nothing$}", "matched no process", false),
+            ("{pid: 999}", "no process with pid 999", false),
+            ("{gpu: 0}", "no NVIDIA driver", false),
+        ];
+        for (target, want, refused) in cases {
+            let e = d
+                .plan(&spec(&format!(
+                    "kind: process\nduration: 1s\ntarget: {target}\naction: kill\n"
+                )))
+                .unwrap_err();
+            assert!(e.to_string().contains(want), "{target}: {e}");
+            assert_eq!(
+                matches!(e, AgentError::Refused(_)),
+                refused,
+                "{target}: {e}"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]

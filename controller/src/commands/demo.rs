@@ -67,6 +67,20 @@ fn spec(yaml: String) -> Result<String, CliError> {
     Ok(s[0].to_json())
 }
 
+async fn inject(
+    c: &mut AgentClient<Channel>,
+    yaml: String,
+    session: &str,
+) -> Result<pb::Fault, CliError> {
+    c.inject(pb::InjectRequest {
+        spec_json: spec(yaml)?,
+        session_id: session.to_string(),
+    })
+    .await
+    .map(|r| r.into_inner())
+    .map_err(|s| CliError::internal(format!("agent: {}", s.message())))
+}
+
 fn agent_binary() -> Result<PathBuf, CliError> {
     let me = std::env::current_exe()
         .map_err(|e| CliError::internal(format!("cannot find this binary: {e}")))?;
@@ -167,16 +181,12 @@ pub async fn run() -> Result<u8, CliError> {
 
     // 1. Pause one worker for 2s: verified stopped, resumed by the agent on expiry.
     let w = workers[0];
-    let f = c
-        .inject(pb::InjectRequest {
-            spec_json: spec(format!(
-                "kind: process\nduration: 2s\ntarget: {{pid: {w}}}\naction: pause\n"
-            ))?,
-            session_id: String::new(),
-        })
-        .await
-        .map_err(rpc)?
-        .into_inner();
+    let f = inject(
+        &mut c,
+        format!("kind: process\nduration: 2s\ntarget: {{pid: {w}}}\naction: pause\n"),
+        "",
+    )
+    .await?;
     let inject_ms = f.verified_mono_ns.saturating_sub(f.created_mono_ns) as f64 / 1e6;
     let stopped = proc_state(w) == Some('T');
     let resumed = wait_for(
@@ -206,14 +216,12 @@ pub async fn run() -> Result<u8, CliError> {
         .await
         .map_err(rpc)?
         .into_inner();
-    c.inject(pb::InjectRequest {
-        spec_json: spec(format!(
-            "kind: process\nduration: 10m\ntarget: {{pid: {w}}}\naction: pause\n"
-        ))?,
-        session_id: s.id.clone(),
-    })
-    .await
-    .map_err(rpc)?;
+    inject(
+        &mut c,
+        format!("kind: process\nduration: 10m\ntarget: {{pid: {w}}}\naction: pause\n"),
+        &s.id,
+    )
+    .await?;
     let stopped = proc_state(w) == Some('T');
     let resumed = wait_for(
         || proc_state(w).is_some_and(|s| s != 'T'),
@@ -234,16 +242,14 @@ pub async fn run() -> Result<u8, CliError> {
 
     // 3. Terminate a worker: SIGTERM, verified gone.
     let w = workers[2];
-    let f = c
-        .inject(pb::InjectRequest {
-            spec_json: spec(format!(
-                "kind: process\nduration: 5s\ntarget: {{pid: {w}}}\naction: terminate\ngrace: 1s\n"
-            ))?,
-            session_id: String::new(),
-        })
-        .await
-        .map_err(rpc)?
-        .into_inner();
+    let f = inject(
+        &mut c,
+        format!(
+            "kind: process\nduration: 5s\ntarget: {{pid: {w}}}\naction: terminate\ngrace: 1s\n"
+        ),
+        "",
+    )
+    .await?;
     rows.push(Row {
         step: "terminate",
         expected: "worker gone".into(),
@@ -276,14 +282,12 @@ pub async fn run() -> Result<u8, CliError> {
 
     // 5. Halt, then a clean agent exit with nothing left in the journal.
     let w = workers[0];
-    c.inject(pb::InjectRequest {
-        spec_json: spec(format!(
-            "kind: process\nduration: 10m\ntarget: {{pid: {w}}}\naction: pause\n"
-        ))?,
-        session_id: String::new(),
-    })
-    .await
-    .map_err(rpc)?;
+    inject(
+        &mut c,
+        format!("kind: process\nduration: 10m\ntarget: {{pid: {w}}}\naction: pause\n"),
+        "",
+    )
+    .await?;
     let halted = c
         .revert_all(pb::RevertAllRequest {})
         .await
