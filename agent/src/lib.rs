@@ -130,7 +130,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     let grpc = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-    let metrics_listener = metrics::bind(cfg.metrics_listen)
+    let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_listen)
         .await
         .with_context(|| format!("cannot listen on {} for metrics", cfg.metrics_listen))?;
     let grpc_addr = grpc.local_addr()?;

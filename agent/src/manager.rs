@@ -178,6 +178,16 @@ impl Fault {
         }
     }
 
+    /// Answers everyone waiting on this fault's inject or revert.
+    fn notify_waiters(&mut self, snapshot: &pb::Fault) {
+        for w in self.inject_waiters.drain(..) {
+            let _ = w.send(Ok(snapshot.clone()));
+        }
+        for w in self.revert_waiters.drain(..) {
+            let _ = w.send(snapshot.clone());
+        }
+    }
+
     fn is_open(&self) -> bool {
         match self.phase {
             Phase::Injecting | Phase::Active | Phase::Reverting => true,
@@ -857,7 +867,7 @@ impl Manager {
                         self.metrics.reverted(kind, &f.end_reason, secs);
                         tracing::info!(fault.id = %id, fault.kind = kind, reason = %f.end_reason, "reverted");
                         let snapshot = f.to_pb();
-                        self.finish_waiters(&mut f, &snapshot);
+                        f.notify_waiters(&snapshot);
                         self.remember(snapshot.clone());
                         self.emit(pb::fault_event::Event::Fault(snapshot));
                         if self.journal.needs_compaction() {
@@ -879,28 +889,12 @@ impl Manager {
                         };
                         f.leftover = e.leftover;
                         let snapshot = f.to_pb();
-                        let mut waiters = std::mem::take(&mut f.inject_waiters);
-                        let rw = std::mem::take(&mut f.revert_waiters);
-                        for w in waiters.drain(..) {
-                            let _ = w.send(Ok(snapshot.clone()));
-                        }
-                        for w in rw {
-                            let _ = w.send(snapshot.clone());
-                        }
+                        f.notify_waiters(&snapshot);
                         self.emit(pb::fault_event::Event::Fault(snapshot));
                     }
                 }
                 self.update_active_gauge(kind);
             }
-        }
-    }
-
-    fn finish_waiters(&self, f: &mut Fault, snapshot: &pb::Fault) {
-        for w in f.inject_waiters.drain(..) {
-            let _ = w.send(Ok(snapshot.clone()));
-        }
-        for w in f.revert_waiters.drain(..) {
-            let _ = w.send(snapshot.clone());
         }
     }
 

@@ -8,7 +8,6 @@
 //! - `gpuchaos_agent_revert_seconds{kind}`: revert start to verified-undone
 //! - `gpuchaos_agent_lease_expiries_total`, `gpuchaos_agent_sessions`
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http_body_util::Full;
@@ -200,11 +199,6 @@ fn respond(req: &Request<hyper::body::Incoming>, m: &Metrics) -> Response<Full<B
         .header("content-type", ctype)
         .body(Full::new(Bytes::from(body)))
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
-}
-
-/// Binds the metrics listener.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 #[cfg(test)]

@@ -74,7 +74,6 @@ pub fn from_status(status: &tonic::Status, failing: u8) -> u8 {
     use tonic::Code;
     match status.code() {
         Code::InvalidArgument | Code::FailedPrecondition | Code::NotFound => INVALID_INPUT,
-        Code::Unavailable | Code::DeadlineExceeded => failing,
         _ => failing,
     }
 }

@@ -54,45 +54,32 @@ async fn only_a_certificate_from_our_ca_gets_in() {
     assert!(result.is_err(), "a client without a certificate got in");
 
     // A certificate from another CA: refused.
-    let out = gpuchaos(&[
-        "--agent",
-        &agent.grpc,
-        "--tls-ca",
-        &p(&ours, "ca.pem"),
-        "--tls-cert",
-        &p(&theirs, "controller.pem"),
-        "--tls-key",
-        &p(&theirs, "controller-key.pem"),
-        "status",
-    ]);
+    let out = status_with(&agent.grpc, &ours, &theirs);
     assert_eq!(out.code, 69, "{out:?}");
 
     // Our CA's controller certificate: in.
-    let out = gpuchaos(&[
-        "--agent",
-        &agent.grpc,
-        "--tls-ca",
-        &p(&ours, "ca.pem"),
-        "--tls-cert",
-        &p(&ours, "controller.pem"),
-        "--tls-key",
-        &p(&ours, "controller-key.pem"),
-        "status",
-    ]);
+    let out = status_with(&agent.grpc, &ours, &ours);
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.stdout.contains("process"), "{out:?}");
 
     // And a controller that trusts another CA refuses the agent.
-    let out = gpuchaos(&[
-        "--agent",
-        &agent.grpc,
-        "--tls-ca",
-        &p(&theirs, "ca.pem"),
-        "--tls-cert",
-        &p(&ours, "controller.pem"),
-        "--tls-key",
-        &p(&ours, "controller-key.pem"),
-        "status",
-    ]);
+    let out = status_with(&agent.grpc, &theirs, &ours);
     assert_eq!(out.code, 69, "{out:?}");
+}
+
+/// `gpuchaos status` trusting `ca_dir`'s CA and presenting `client_dir`'s controller
+/// certificate.
+fn status_with(agent: &str, ca_dir: &std::path::Path, client_dir: &std::path::Path) -> CliOut {
+    let p = |d: &std::path::Path, f: &str| d.join(f).display().to_string();
+    gpuchaos(&[
+        "--agent",
+        agent,
+        "--tls-ca",
+        &p(ca_dir, "ca.pem"),
+        "--tls-cert",
+        &p(client_dir, "controller.pem"),
+        "--tls-key",
+        &p(client_dir, "controller-key.pem"),
+        "status",
+    ])
 }

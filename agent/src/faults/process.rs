@@ -86,26 +86,15 @@ impl ProcessDriver {
     /// Every process the selector matches, checked against the policy, sorted by pid.
     pub fn select(&self, sel: &ProcessTarget) -> Result<Vec<Target>, AgentError> {
         let io = |e: std::io::Error| AgentError::Internal(format!("reading /proc: {e}"));
-        let name_re = sel
-            .name
-            .as_deref()
-            .map(Regex::new)
-            .transpose()
-            .map_err(|e| {
+        let compile = |field: &str, re: &Option<String>| {
+            re.as_deref().map(Regex::new).transpose().map_err(|e| {
                 AgentError::InvalidSpec(gpuchaos_proto::spec::SpecErrors(vec![
-                    gpuchaos_proto::spec::FieldError::new("target.name", e.to_string()),
+                    gpuchaos_proto::spec::FieldError::new(field, e.to_string()),
                 ]))
-            })?;
-        let cmd_re = sel
-            .cmdline
-            .as_deref()
-            .map(Regex::new)
-            .transpose()
-            .map_err(|e| {
-                AgentError::InvalidSpec(gpuchaos_proto::spec::SpecErrors(vec![
-                    gpuchaos_proto::spec::FieldError::new("target.cmdline", e.to_string()),
-                ]))
-            })?;
+            })
+        };
+        let name_re = compile("target.name", &sel.name)?;
+        let cmd_re = compile("target.cmdline", &sel.cmdline)?;
         let all = self.procs.pids().map_err(io)?;
         let mut stats = Vec::with_capacity(all.len());
         for pid in &all {

@@ -61,6 +61,22 @@ async fn wait_for(mut cond: impl FnMut() -> bool, timeout: Duration) -> Option<D
     None
 }
 
+/// Is the paused worker stopped now, and how long until the agent resumes it?
+async fn watch_pause(pid: u32) -> (bool, Option<Duration>) {
+    let stopped = proc_state(pid) == Some('T');
+    let resumed = wait_for(
+        || proc_state(pid).is_some_and(|s| s != 'T'),
+        Duration::from_secs(5),
+    )
+    .await;
+    (stopped, resumed)
+}
+
+fn after(d: Option<Duration>) -> String {
+    d.map(|d| format!("{:.2}s", d.as_secs_f64()))
+        .unwrap_or_else(|| "NEVER".into())
+}
+
 fn spec(yaml: String) -> Result<String, CliError> {
     let s = FaultSpec::from_yaml_multi(&yaml)
         .map_err(|e| CliError::internal(format!("demo spec: {e}")))?;
@@ -188,20 +204,13 @@ pub async fn run() -> Result<u8, CliError> {
     )
     .await?;
     let inject_ms = f.verified_mono_ns.saturating_sub(f.created_mono_ns) as f64 / 1e6;
-    let stopped = proc_state(w) == Some('T');
-    let resumed = wait_for(
-        || proc_state(w).is_some_and(|s| s != 'T'),
-        Duration::from_secs(5),
-    )
-    .await;
+    let (stopped, resumed) = watch_pause(w).await;
     rows.push(Row {
         step: "pause 2s, expires",
         expected: "stopped, then resumed by the agent after 2s".into(),
         observed: format!(
             "stopped={stopped} (verified in {inject_ms:.1} ms), resumed after {}",
-            resumed
-                .map(|d| format!("{:.2}s", d.as_secs_f64()))
-                .unwrap_or_else(|| "NEVER".into())
+            after(resumed)
         ),
         ok: f.state() == pb::FaultState::Active && stopped && resumed.is_some(),
     });
@@ -222,21 +231,11 @@ pub async fn run() -> Result<u8, CliError> {
         &s.id,
     )
     .await?;
-    let stopped = proc_state(w) == Some('T');
-    let resumed = wait_for(
-        || proc_state(w).is_some_and(|s| s != 'T'),
-        Duration::from_secs(5),
-    )
-    .await;
+    let (stopped, resumed) = watch_pause(w).await;
     rows.push(Row {
         step: "lease lapses",
         expected: "a 10m pause reverted ~1s after the controller goes quiet".into(),
-        observed: format!(
-            "stopped={stopped}, resumed after {}",
-            resumed
-                .map(|d| format!("{:.2}s", d.as_secs_f64()))
-                .unwrap_or_else(|| "NEVER".into())
-        ),
+        observed: format!("stopped={stopped}, resumed after {}", after(resumed)),
         ok: stopped && resumed.is_some_and(|d| d < Duration::from_secs(3)),
     });
 
