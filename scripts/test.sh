@@ -31,6 +31,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo build --workspace (the end-to-end tests run these binaries)"
 cargo build --workspace --locked
 echo "== gpuchaos validate experiments/"
-./target/debug/gpuchaos validate experiments/*.yaml
+./target/debug/gpuchaos validate experiments/*.yaml experiments/specs/*.yaml
 echo "== tests"
 cargo nextest run --workspace --locked --no-fail-fast

@@ -25,7 +25,7 @@ use crate::exit::CliError;
 /// The default agent when none is named.
 pub const DEFAULT_AGENT: &str = "127.0.0.1:7070";
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentRef {
     #[serde(default)]
@@ -45,7 +45,7 @@ impl AgentRef {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TlsClient {
     pub ca: PathBuf,

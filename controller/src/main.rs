@@ -75,8 +75,24 @@ enum Cmd {
     Revert { id: String },
     /// Revert every fault on every agent, now.
     Halt,
-    /// Check fault spec files; every error of every file, with line and column.
+    /// Check experiments and fault spec files; every error of every file, with
+    /// line, column and field path.
     Validate { files: Vec<PathBuf> },
+    /// Run an experiment: probes, faults, objectives; reports and an exit code for CI.
+    Run {
+        file: PathBuf,
+        /// Write journal.json, junit.xml, summary.md and report.html here.
+        #[arg(long)]
+        report_dir: Option<PathBuf>,
+        /// Print the plan (what goes where, for how long) and touch nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Seed for picking agents (default: random; printed and recorded).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+    /// Print the JSON Schema of the experiment format (for editors).
+    Schema,
     /// Zero-setup demo against a local agent.
     Demo,
     /// Make a CA and agent/controller certificates for mutual TLS.
@@ -133,6 +149,33 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         Cmd::Revert { id } => commands::revert::revert(&fleet()?, cli.output, &id).await,
         Cmd::Halt => commands::revert::halt(&fleet()?, cli.output).await,
         Cmd::Validate { files } => commands::validate::run(&files),
+        Cmd::Run {
+            file,
+            report_dir,
+            dry_run,
+            seed,
+        } => {
+            commands::run::run(
+                &fleet()?,
+                cli.output,
+                commands::run::Options {
+                    file: &file,
+                    report_dir,
+                    dry_run,
+                    seed,
+                },
+            )
+            .await
+        }
+        Cmd::Schema => {
+            let schema = gpuchaos_controller::experiment::json_schema();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&schema)
+                    .map_err(|e| CliError::internal(e.to_string()))?
+            );
+            Ok(exit::OK)
+        }
         Cmd::Demo => commands::demo::run().await,
         Cmd::Certs {
             out,

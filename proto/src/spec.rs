@@ -84,6 +84,20 @@ impl HumanDuration {
     }
 }
 
+#[cfg(feature = "schema")]
+impl schemars::JsonSchema for HumanDuration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A duration with a unit: 250ms, 30s, 2m, 1h 30m",
+            "pattern": "^\\s*[0-9]+(\\.[0-9]+)?\\s*[a-zµ]+(\\s*[0-9]+(\\.[0-9]+)?\\s*[a-zµ]+)*\\s*$"
+        })
+    }
+}
+
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", humantime::format_duration(self.0))
@@ -128,6 +142,7 @@ impl<'de> Deserialize<'de> for HumanDuration {
 }
 
 /// One fault, of any kind. The `kind` field selects the variant.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum FaultSpec {
@@ -356,6 +371,7 @@ fn clean_serde_message(msg: &str) -> String {
 }
 
 /// The `process` kind: kill, terminate, pause or crash-loop workers.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProcessSpec {
@@ -375,6 +391,7 @@ pub struct ProcessSpec {
     pub interval: Option<HumanDuration>,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ProcessAction {
@@ -396,6 +413,7 @@ impl ProcessAction {
 }
 
 /// Which processes a fault hits. Every selector given must match (they are ANDed).
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProcessTarget {
@@ -419,6 +437,7 @@ pub struct ProcessTarget {
     pub pick: Option<Pick>,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum OneOrMany<T> {
@@ -435,6 +454,7 @@ impl<T: Clone> OneOrMany<T> {
     }
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum GpuRef {
@@ -453,6 +473,7 @@ impl fmt::Display for GpuRef {
 
 /// How many of the matched targets to hit: `all`, `{count: N}` or `{percent: P}`.
 /// A percentage rounds down but never below one target.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Pick {

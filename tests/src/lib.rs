@@ -306,3 +306,58 @@ pub async fn faults(c: &mut AgentClient<Channel>, finished: bool) -> Vec<pb::Fau
     .into_inner()
     .faults
 }
+
+/// An HTTP server that answers `200 {"status":"ok"}` (`probe-target MARKER`), the
+/// target of experiment tests; killed on drop.
+pub struct Target {
+    pub child: Child,
+    pub pid: u32,
+    pub port: u16,
+    pub marker: String,
+}
+
+impl Target {
+    pub fn spawn() -> Target {
+        let marker = marker();
+        let mut child = Command::new(bin("probe-target"))
+            .arg(&marker)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn probe-target");
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("stdout");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("probe-target port");
+        let port = line
+            .trim()
+            .strip_prefix("port=")
+            .and_then(|p| p.parse().ok())
+            .expect("port=N");
+        Target {
+            pid: child.id(),
+            child,
+            port,
+            marker,
+        }
+    }
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/health", self.port)
+    }
+    /// A regex for `cmdline:` matching exactly this target.
+    pub fn cmdline_regex(&self) -> String {
+        format!("probe-target {}$", self.marker)
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid as i32),
+            nix::sys::signal::Signal::SIGCONT,
+        );
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

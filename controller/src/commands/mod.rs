@@ -5,6 +5,7 @@ pub mod certs;
 pub mod demo;
 pub mod inject;
 pub mod revert;
+pub mod run;
 pub mod status;
 pub mod validate;
 

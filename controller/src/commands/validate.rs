@@ -1,10 +1,26 @@
-//! `gpuchaos validate FILE...`: check fault specs, reporting every error of every file.
+//! `gpuchaos validate FILE...`: check experiments and fault specs, reporting every
+//! error of every file with file, line, column and field path.
 
 use std::path::PathBuf;
 
 use crate::exit::{self, CliError};
+use crate::experiment::{load, yaml};
 
 use super::inject::read_specs;
+
+/// A file of fault specs (every document has a `kind` and no `method`), rather
+/// than an experiment.
+fn is_fault_spec(text: &str) -> bool {
+    match yaml::parse_documents(text) {
+        Ok(docs) => {
+            !docs.is_empty()
+                && docs
+                    .iter()
+                    .all(|d| d.get("kind").is_some() && d.get("method").is_none())
+        }
+        Err(_) => false,
+    }
+}
 
 pub fn run(files: &[PathBuf]) -> Result<u8, CliError> {
     if files.is_empty() {
@@ -12,18 +28,57 @@ pub fn run(files: &[PathBuf]) -> Result<u8, CliError> {
     }
     let mut code = exit::OK;
     for f in files {
-        match read_specs(f) {
-            Ok(specs) => println!(
-                "{}: ok ({} fault spec{})",
-                f.display(),
-                specs.len(),
-                if specs.len() == 1 { "" } else { "s" }
-            ),
+        let text = match std::fs::read_to_string(f) {
+            Ok(t) => t,
             Err(e) => {
-                eprintln!("{}", e.message);
+                eprintln!("{}: cannot read: {e}", f.display());
+                code = exit::INVALID_INPUT;
+                continue;
+            }
+        };
+        if is_fault_spec(&text) {
+            match read_specs(f) {
+                Ok(specs) => println!(
+                    "{}: ok ({} fault spec{})",
+                    f.display(),
+                    specs.len(),
+                    if specs.len() == 1 { "" } else { "s" }
+                ),
+                Err(e) => {
+                    eprintln!("{}", e.message);
+                    code = exit::INVALID_INPUT;
+                }
+            }
+            continue;
+        }
+        match load::load_file(f) {
+            Ok(l) => {
+                let e = &l.experiment;
+                println!(
+                    "{}: ok (experiment {}: {} probe{}, {} step{}, {} objective{}, {} trial{})",
+                    f.display(),
+                    e.metadata.name,
+                    e.probes.len(),
+                    plural(e.probes.len()),
+                    e.method.len(),
+                    plural(e.method.len()),
+                    e.objectives.len(),
+                    plural(e.objectives.len()),
+                    e.trials,
+                    plural(e.trials as usize)
+                );
+            }
+            Err(errs) => {
+                for e in errs {
+                    eprintln!("{e}");
+                }
                 code = exit::INVALID_INPUT;
             }
         }
     }
     Ok(code)
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
 }

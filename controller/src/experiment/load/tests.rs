@@ -1,0 +1,176 @@
+use super::*;
+
+const GOOD: &str = r#"
+metadata:
+  name: pause-a-worker
+agents:
+  - {name: a, address: "127.0.0.1:7070", labels: {pool: h100}}
+  - {name: b, address: "127.0.0.1:7071", labels: {pool: h100}}
+probes:
+  - name: health
+    interval: 100ms
+    http:
+      url: http://127.0.0.1:8000/health
+      expect: {status: [200], json: {pointer: /status, equals: ok}}
+  - name: port
+    tcp: {address: "127.0.0.1:8000"}
+steady_state: {probes: [health], duration: 1s, timeout: 10s}
+method:
+  - name: pause
+    fault:
+      kind: process
+      duration: 2s
+      action: pause
+      target: {name: "^worker"}
+    on: {labels: {pool: h100}, pick: {count: 1}}
+  - wait: 1s
+objectives:
+  - rto: {probe: health, limit: 5s, fault: pause}
+  - availability: {probe: health, min: 0.5}
+stop_conditions:
+  - {probe: health, failing_for: 30s}
+trials: 2
+"#;
+
+fn load(text: &str) -> Result<Loaded, Vec<LoadError>> {
+    load_str(text, "x.yaml", Path::new("."), "x")
+}
+
+fn errors(text: &str) -> Vec<LoadError> {
+    load(text).expect_err("the experiment should be refused")
+}
+
+#[test]
+fn a_good_experiment_loads() {
+    let l = load(GOOD).unwrap();
+    let e = &l.experiment;
+    assert_eq!(e.metadata.name, "pause-a-worker");
+    assert_eq!(e.probes.len(), 2);
+    assert_eq!(e.trials, 2);
+    assert_eq!(l.agents.len(), 2);
+    assert_eq!(
+        e.probes[0].interval(),
+        std::time::Duration::from_millis(100)
+    );
+}
+
+#[test]
+fn errors_carry_line_column_and_path() {
+    let bad = GOOD.replace("interval: 100ms", "interval: 5 parsecs");
+    let e = errors(&bad);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].path, "probes[0].interval");
+    assert_eq!((e[0].line, e[0].column), (9, 15));
+    assert!(e[0].message.contains("parsecs"), "{}", e[0].message);
+    assert!(
+        e[0].to_string()
+            .starts_with("x.yaml:9:15: probes[0].interval: ")
+    );
+}
+
+#[test]
+fn every_error_is_reported_at_once() {
+    let bad = GOOD
+        .replace("interval: 100ms", "intervl: 100ms")
+        .replace("duration: 2s", "duration: 2 parsecs")
+        .replace("probe: health, limit: 5s", "probe: helth, limit: 5s")
+        .replace("trials: 2", "trials: two");
+    let e = errors(&bad);
+    let paths: Vec<&str> = e.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        vec![
+            "probes[0].intervl",
+            "method[0].fault.duration",
+            "objectives[0].rto.probe",
+            "trials"
+        ],
+        "{e:#?}"
+    );
+    assert!(
+        e[0].message.contains("did you mean `interval`"),
+        "{}",
+        e[0].message
+    );
+    assert!(
+        e[2].message.contains("did you mean `health`"),
+        "{}",
+        e[2].message
+    );
+    // The unknown field is pointed at by its key.
+    assert_eq!((e[0].line, e[0].column), (9, 5));
+}
+
+#[test]
+fn references_and_counts_are_checked() {
+    let bad = GOOD
+        .replace("pick: {count: 1}", "pick: {count: 3}")
+        .replace("fault: pause}", "fault: nope}");
+    let e = errors(&bad);
+    assert!(
+        e.iter()
+            .any(|e| e.path == "method[0].on.pick.count" && e.message.contains("only 2 match")),
+        "{e:#?}"
+    );
+    assert!(
+        e.iter().any(|e| e.path == "objectives[0].rto.fault"),
+        "{e:#?}"
+    );
+}
+
+#[test]
+fn empty_and_odd_files() {
+    assert!(errors("")[0].message.contains("empty"));
+    assert!(errors("- a\n- b\n")[0].message.contains("map of sections"));
+    let e = errors("probes: []\nmethod: []\n");
+    assert!(
+        e.iter()
+            .any(|e| e.path == "method" && e.message.contains("empty")),
+        "{e:?}"
+    );
+    let e = errors("metadata: {name: x\n");
+    assert_eq!(e.len(), 1);
+    assert!(e[0].line > 0, "{e:?}");
+    let e = errors("kind: process\nduration: 1s\n");
+    assert!(e[0].message.contains("fault spec"), "{e:?}");
+    let e = errors("metdata: {}\nmethod: [{wait: 1s}]\n");
+    assert!(
+        e.iter()
+            .any(|e| e.path == "metdata" && e.message.contains("did you mean `metadata`")),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn fault_spec_errors_are_located_inside_the_step() {
+    let bad = GOOD.replace("target: {name: \"^worker\"}", "target: {name: \"(\"}");
+    let e = errors(&bad);
+    assert_eq!(e[0].path, "method[0].fault.target.name", "{e:?}");
+    assert_eq!(e[0].line, 22);
+}
+
+#[test]
+fn the_schema_describes_the_format() {
+    let s = crate::experiment::json_schema();
+    let text = s.to_string();
+    for field in [
+        "steady_state",
+        "stop_conditions",
+        "rto",
+        "guardrail",
+        "crash-loop",
+    ] {
+        assert!(text.contains(field), "schema lacks {field}");
+    }
+}
+
+#[test]
+fn the_published_schema_is_current() {
+    let published: serde_json::Value =
+        serde_json::from_str(include_str!("../../../../docs/experiment.schema.json"))
+            .expect("docs/experiment.schema.json is JSON");
+    assert!(
+        published == crate::experiment::json_schema(),
+        "docs/experiment.schema.json is stale: run `gpuchaos schema > docs/experiment.schema.json`"
+    );
+}

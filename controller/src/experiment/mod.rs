@@ -1,0 +1,554 @@
+//! The experiment file: what `gpuchaos run` reads (docs/experiments.md).
+//!
+//! - this module: the typed format (also the source of the JSON Schema);
+//! - [`load`]: parsing and validation that report every error at once, each with
+//!   file, line, column and field path;
+//! - [`yaml`]: the located YAML tree the loader works on;
+//! - [`plan`]: which faults go to which agents (shared by `--dry-run` and the runner).
+
+pub mod load;
+pub mod plan;
+pub mod yaml;
+
+use std::collections::BTreeMap;
+
+use gpuchaos_proto::spec::{FaultSpec, HumanDuration, Pick};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::fleet::{AgentRef, TlsClient};
+
+pub use load::{LoadError, load_file, load_str};
+
+/// A chaos experiment: probes watching a service, faults injected on agents, and the
+/// objectives the service must meet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Experiment {
+    #[serde(default)]
+    pub metadata: Metadata,
+    /// The agents faults may go to. Omit to use `--agent`/`--fleet` from the command line.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<AgentRef>,
+    /// A fleet file (path relative to the experiment) listing the agents instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<String>,
+    /// Mutual TLS towards the agents (paths relative to the experiment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsClient>,
+    /// Session lease: if the controller stops renewing it for this long, the agents
+    /// revert every fault of the run by themselves (default 10s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<HumanDuration>,
+    /// Named probes. Each runs continuously, on its own schedule, for the whole run.
+    #[serde(default)]
+    pub probes: Vec<Probe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steady_state: Option<SteadyState>,
+    /// The steps of one trial, in order.
+    #[serde(default)]
+    pub method: Vec<Step>,
+    #[serde(default)]
+    pub objectives: Vec<Objective>,
+    #[serde(default)]
+    pub stop_conditions: Vec<StopCondition>,
+    /// How many times to run the method (default 1).
+    #[serde(default = "one")]
+    pub trials: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    /// Defaults to the file name without its extension.
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A probe: exactly one of `http`, `tcp`, `command`, `prometheus`, `openai`, `guardrail`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Probe {
+    /// Referenced by steady_state, objectives and stop_conditions.
+    pub name: String,
+    /// Time between samples (default 1s). Samples start on this schedule even when an
+    /// earlier one is still waiting for its timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<HumanDuration>,
+    /// A sample that takes longer fails (default: the interval, at most 10s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<HumanDuration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpProbe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpProbe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<CommandProbe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus: Option<PromCheck>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub openai: Option<OpenAiProbe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guardrail: Option<GuardrailProbe>,
+}
+
+/// Probe kinds, in the order the docs list them.
+pub const PROBE_KINDS: &[&str] = &[
+    "http",
+    "tcp",
+    "command",
+    "prometheus",
+    "openai",
+    "guardrail",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeKind {
+    Http,
+    Tcp,
+    Command,
+    Prometheus,
+    OpenAi,
+    Guardrail,
+}
+
+impl Probe {
+    pub const DEFAULT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+    pub fn interval(&self) -> std::time::Duration {
+        self.interval.map(|d| d.0).unwrap_or(Self::DEFAULT_INTERVAL)
+    }
+
+    pub fn timeout(&self) -> std::time::Duration {
+        self.timeout
+            .map(|d| d.0)
+            .unwrap_or_else(|| self.interval().min(std::time::Duration::from_secs(10)))
+    }
+
+    /// The kinds this probe sets (valid probes set exactly one).
+    pub fn kinds(&self) -> Vec<ProbeKind> {
+        let mut k = Vec::new();
+        if self.http.is_some() {
+            k.push(ProbeKind::Http);
+        }
+        if self.tcp.is_some() {
+            k.push(ProbeKind::Tcp);
+        }
+        if self.command.is_some() {
+            k.push(ProbeKind::Command);
+        }
+        if self.prometheus.is_some() {
+            k.push(ProbeKind::Prometheus);
+        }
+        if self.openai.is_some() {
+            k.push(ProbeKind::OpenAi);
+        }
+        if self.guardrail.is_some() {
+            k.push(ProbeKind::Guardrail);
+        }
+        k
+    }
+
+    pub fn kind_name(&self) -> &'static str {
+        match self.kinds().first() {
+            Some(ProbeKind::Http) => "http",
+            Some(ProbeKind::Tcp) => "tcp",
+            Some(ProbeKind::Command) => "command",
+            Some(ProbeKind::Prometheus) => "prometheus",
+            Some(ProbeKind::OpenAi) => "openai",
+            Some(ProbeKind::Guardrail) => "guardrail",
+            None => "none",
+        }
+    }
+
+    /// Where the probe points, for plans and reports.
+    pub fn target(&self) -> String {
+        if let Some(h) = &self.http {
+            format!("{} {}", h.method.as_deref().unwrap_or("GET"), h.url)
+        } else if let Some(t) = &self.tcp {
+            t.address.clone()
+        } else if let Some(c) = &self.command {
+            c.argv.join(" ")
+        } else if let Some(p) = &self.prometheus {
+            format!("{} {}", p.url, p.query)
+        } else if let Some(o) = &self.openai {
+            format!("{} model {}", o.base_url, o.model)
+        } else if let Some(g) = &self.guardrail {
+            format!("{} model {}", g.base_url, g.model)
+        } else {
+            String::new()
+        }
+    }
+}
+
+/// An HTTP request whose answer must match `expect`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HttpProbe {
+    /// http:// or https://
+    pub url: String,
+    /// Default GET (POST when a body is given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// PEM file with the CA that signs the server's certificate (default: the system's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
+    #[serde(default)]
+    pub expect: HttpExpect,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HttpExpect {
+    /// Accepted status codes (default: any 2xx).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub status: Vec<u16>,
+    /// A regex the body must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_regex: Option<String>,
+    /// A JSON pointer (RFC 6901) into the body, and the value it must equal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json: Option<JsonEquals>,
+    /// A slower answer fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_latency: Option<HumanDuration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JsonEquals {
+    pub pointer: String,
+    pub equals: serde_json::Value,
+}
+
+/// A TCP connect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TcpProbe {
+    /// HOST:PORT
+    pub address: String,
+}
+
+/// A command run without a shell (an argument vector).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CommandProbe {
+    pub argv: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// A regex standard output must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout_regex: Option<String>,
+}
+
+/// A PromQL instant query whose every result must satisfy `op value`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PromCheck {
+    /// The Prometheus base URL (http://prometheus:9090).
+    pub url: String,
+    pub query: String,
+    /// One of < <= > >= == !=
+    pub op: String,
+    pub value: f64,
+    /// What an empty result means (default false: an empty result does not satisfy it).
+    #[serde(default)]
+    pub empty_is: bool,
+}
+
+/// A real chat completion on an OpenAI-compatible endpoint (health endpoints lie).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAiProbe {
+    /// The API base (http://127.0.0.1:8000/v1).
+    pub base_url: String,
+    pub model: String,
+    /// Default "Reply with the single word: pong".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    /// Default 16.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    /// A regex the generated text must match (default: any non-empty text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect_regex: Option<String>,
+    /// The environment variable holding the API key (sent as a bearer token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// A known-unsafe prompt that must be refused. A sample fails when the service errs
+/// and counts as unsafe when it generated an answer that is not a refusal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GuardrailProbe {
+    pub base_url: String,
+    pub model: String,
+    /// Default: a request for instructions to build a weapon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    /// What a refusal looks like in the generated text (default: common refusal
+    /// phrasing). A 4xx answer or finish_reason content_filter is also a refusal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal_regex: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Probes that must hold before each trial (or nothing is injected) and after it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SteadyState {
+    pub probes: Vec<String>,
+    /// How long every listed probe must pass without a failure (default 3s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<HumanDuration>,
+    /// How long to wait for that (default 60s): before a trial, the run is aborted
+    /// without injecting; after it, the steady-state objective fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<HumanDuration>,
+}
+
+impl SteadyState {
+    pub fn duration(&self) -> std::time::Duration {
+        self.duration
+            .map(|d| d.0)
+            .unwrap_or(std::time::Duration::from_secs(3))
+    }
+    pub fn timeout(&self) -> std::time::Duration {
+        self.timeout
+            .map(|d| d.0)
+            .unwrap_or(std::time::Duration::from_secs(60))
+    }
+}
+
+/// One step: exactly one of `fault`, `wait` or `parallel`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    /// Names a fault step for objectives (`rto.fault`) and reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// A fault spec, exactly as `gpuchaos inject -f` takes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<FaultSpec>,
+    /// Which agents get the fault (default: every agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on: Option<AgentSelector>,
+    /// Go on once the fault is verified instead of waiting for it to end.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub background: bool,
+    /// Pause the method this long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<HumanDuration>,
+    /// Steps run at the same time; the group ends when all have ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<Vec<Step>>,
+}
+
+/// Agents by name or by labels, and how many of them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSelector {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<String>,
+    /// Every label must match.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// all (default), {count: N} or {percent: P} of the matching agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pick: Option<Pick>,
+    /// Seed for the pick (default: a random one, recorded in the journal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+/// One objective: exactly one of `rto`, `availability`, `latency`, `safety`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Objective {
+    /// Names the JUnit test case (default: the kind and probe).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rto: Option<RtoObjective>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub availability: Option<AvailabilityObjective>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency: Option<LatencyObjective>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub safety: Option<SafetyObjective>,
+}
+
+impl Objective {
+    pub fn kind_name(&self) -> &'static str {
+        if self.rto.is_some() {
+            "rto"
+        } else if self.availability.is_some() {
+            "availability"
+        } else if self.latency.is_some() {
+            "latency"
+        } else if self.safety.is_some() {
+            "safety"
+        } else {
+            "none"
+        }
+    }
+
+    pub fn probe(&self) -> &str {
+        if let Some(o) = &self.rto {
+            &o.probe
+        } else if let Some(o) = &self.availability {
+            &o.probe
+        } else if let Some(o) = &self.latency {
+            &o.probe
+        } else if let Some(o) = &self.safety {
+            &o.probe
+        } else {
+            ""
+        }
+    }
+
+    pub fn display_name(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("{} {}", self.kind_name(), self.probe()))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Anchor {
+    /// From the moment the fault was verified active.
+    #[default]
+    Inject,
+    /// From the moment the fault was reverted.
+    End,
+}
+
+/// Recovery time: from the anchor to the first of `consecutive` passing samples after
+/// the last failure.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RtoObjective {
+    pub probe: String,
+    #[serde(default)]
+    pub anchor: Anchor,
+    /// The fault step to measure from (default: the trial's first fault).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<String>,
+    /// Passing samples in a row that count as recovered (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive: Option<u32>,
+    pub limit: HumanDuration,
+}
+
+impl RtoObjective {
+    pub fn consecutive(&self) -> u32 {
+        self.consecutive.unwrap_or(3)
+    }
+}
+
+/// The share of passing samples over the fault window (first fault verified to the
+/// end of the method).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AvailabilityObjective {
+    pub probe: String,
+    /// Minimum ratio of passing samples, 0 to 1 (0.99 = 99%).
+    pub min: f64,
+}
+
+/// A latency percentile of the probe's passing samples over the fault window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LatencyObjective {
+    pub probe: String,
+    /// 50, 90, 99, 99.9…
+    pub percentile: f64,
+    pub limit: HumanDuration,
+}
+
+/// Unsafe outputs that got through (a guardrail probe), over the whole trial.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SafetyObjective {
+    pub probe: String,
+    /// Default 0.
+    #[serde(default)]
+    pub max_unsafe: u64,
+}
+
+/// Abort the run (and revert everything) when this happens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StopCondition {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// A probe that fails without a pass for longer than `failing_for`…
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_for: Option<HumanDuration>,
+    /// …or a Prometheus query that satisfies its comparison (e.g. error ratio > 0.5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus: Option<PromCheck>,
+    /// How often to run the Prometheus query (default 5s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<HumanDuration>,
+}
+
+impl StopCondition {
+    pub fn display_name(&self) -> String {
+        if let Some(n) = &self.name {
+            return n.clone();
+        }
+        match (&self.probe, &self.prometheus) {
+            (Some(p), _) => format!(
+                "probe {p} failing for {}",
+                self.failing_for.map(|d| d.to_string()).unwrap_or_default()
+            ),
+            (None, Some(q)) => format!("{} {} {}", q.query, q.op, q.value),
+            _ => "stop condition".into(),
+        }
+    }
+}
+
+impl Experiment {
+    pub fn lease(&self) -> std::time::Duration {
+        self.lease
+            .map(|d| d.0)
+            .unwrap_or(std::time::Duration::from_secs(10))
+    }
+
+    pub fn probe(&self, name: &str) -> Option<&Probe> {
+        self.probes.iter().find(|p| p.name == name)
+    }
+}
+
+/// The JSON Schema of the experiment format (draft 2020-12), for editors.
+pub fn json_schema() -> serde_json::Value {
+    let schema = schemars::schema_for!(Experiment);
+    serde_json::to_value(&schema).expect("a schema serializes")
+}

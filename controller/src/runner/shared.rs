@@ -1,0 +1,178 @@
+//! The run's one timeline and its clock, shared by the probe tasks, the steps and
+//! the progress display.
+
+use std::io::{IsTerminal, Write};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use nix::time::{ClockId, clock_gettime};
+use tokio::sync::Notify;
+
+use super::record::{Event, ProbeRecord, Sample};
+
+/// The controller's monotonic clock, in ns since the run started.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    base: Instant,
+    /// CLOCK_MONOTONIC at `base` (what agents report their times in).
+    base_mono_ns: u64,
+}
+
+pub fn mono_ns() -> u64 {
+    match clock_gettime(ClockId::CLOCK_MONOTONIC) {
+        Ok(ts) => ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64,
+        Err(_) => 0,
+    }
+}
+
+impl Clock {
+    pub fn start() -> Clock {
+        // Instant is CLOCK_MONOTONIC on Linux; read both back to back.
+        let base = Instant::now();
+        let base_mono_ns = mono_ns();
+        Clock { base, base_mono_ns }
+    }
+
+    pub fn now_ns(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
+    }
+
+    pub fn instant_at(&self, t_ns: u64) -> Instant {
+        self.base + Duration::from_nanos(t_ns)
+    }
+
+    /// Maps an agent's CLOCK_MONOTONIC reading onto this timeline, given the agent's
+    /// offset (agent clock − controller clock).
+    pub fn map_agent(&self, agent_mono_ns: u64, offset_ns: i64) -> u64 {
+        let t = agent_mono_ns as i128 - offset_ns as i128 - self.base_mono_ns as i128;
+        t.max(0) as u64
+    }
+
+    /// The controller's CLOCK_MONOTONIC at a timeline time.
+    pub fn mono_at(&self, t_ns: u64) -> u64 {
+        self.base_mono_ns + t_ns
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Timeline {
+    pub samples: Vec<Sample>,
+    pub events: Vec<Event>,
+}
+
+/// What the progress line shows.
+#[derive(Debug, Default, Clone)]
+pub struct Live {
+    pub trial: u32,
+    pub trials: u32,
+    pub step: String,
+}
+
+pub struct Shared {
+    pub clock: Clock,
+    pub probes: Vec<ProbeRecord>,
+    pub timeline: Mutex<Timeline>,
+    /// Signalled on every new sample.
+    pub changed: Notify,
+    pub live: Mutex<Live>,
+    pub tty: bool,
+    /// Serializes terminal writes (event lines and the status line).
+    print: Mutex<()>,
+}
+
+fn secs(ns: u64) -> String {
+    format!("{:>7.3}s", ns as f64 / 1e9)
+}
+
+impl Shared {
+    pub fn new(clock: Clock, probes: Vec<ProbeRecord>) -> Shared {
+        Shared {
+            clock,
+            probes,
+            timeline: Mutex::new(Timeline::default()),
+            changed: Notify::new(),
+            live: Mutex::new(Live::default()),
+            tty: std::io::stderr().is_terminal(),
+            print: Mutex::new(()),
+        }
+    }
+
+    pub fn sample(&self, s: Sample) {
+        self.timeline.lock().unwrap().samples.push(s);
+        self.changed.notify_waiters();
+    }
+
+    /// Records an event and prints it as a progress line (stderr).
+    pub fn event(&self, kind: &str, trial: u32, message: impl Into<String>) {
+        let message = message.into();
+        let t_ns = self.clock.now_ns();
+        let line = format!("[{}] {message}", secs(t_ns));
+        self.timeline.lock().unwrap().events.push(Event {
+            t_ns,
+            kind: kind.to_string(),
+            trial,
+            message,
+        });
+        let _g = self.print.lock().unwrap();
+        let mut err = std::io::stderr().lock();
+        if self.tty {
+            let _ = write!(err, "\r\x1b[2K");
+        }
+        let _ = writeln!(err, "{line}");
+    }
+
+    pub fn set_step(&self, step: impl Into<String>) {
+        self.live.lock().unwrap().step = step.into();
+    }
+
+    /// Redraws the status line (terminals only): elapsed, trial, step, probe health.
+    pub fn draw_status(&self) {
+        if !self.tty {
+            return;
+        }
+        let live = self.live.lock().unwrap().clone();
+        let now = self.clock.now_ns();
+        let mut parts = vec![format!("{:.1}s", now as f64 / 1e9)];
+        if live.trials > 0 && live.trial > 0 {
+            parts.push(format!("trial {}/{}", live.trial, live.trials));
+        }
+        if !live.step.is_empty() {
+            parts.push(live.step.clone());
+        }
+        {
+            let tl = self.timeline.lock().unwrap();
+            for (i, p) in self.probes.iter().enumerate() {
+                let recent: Vec<&Sample> = tl
+                    .samples
+                    .iter()
+                    .rev()
+                    .filter(|s| s.probe == i)
+                    .take(20)
+                    .collect();
+                let mark = match recent.first() {
+                    None => "…",
+                    Some(s) if s.ok => "✓",
+                    Some(_) => "✗",
+                };
+                let ok = recent.iter().filter(|s| s.ok).count();
+                parts.push(format!("{}{mark} {ok}/{}", p.name, recent.len()));
+            }
+        }
+        let _g = self.print.lock().unwrap();
+        let mut err = std::io::stderr().lock();
+        let _ = write!(err, "\r\x1b[2K{}", parts.join("  ·  "));
+        let _ = err.flush();
+    }
+
+    pub fn clear_status(&self) {
+        if self.tty {
+            let _g = self.print.lock().unwrap();
+            let _ = write!(std::io::stderr().lock(), "\r\x1b[2K");
+        }
+    }
+
+    /// Waits until a new sample arrives or `max` passes.
+    pub async fn wait_change(&self, max: Duration) {
+        let _ = tokio::time::timeout(max, self.changed.notified()).await;
+    }
+}
