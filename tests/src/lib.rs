@@ -100,14 +100,19 @@ impl Worker {
     }
 }
 
+/// Resumes (in case a test left it paused), kills and reaps a child.
+fn reap(child: &mut Child) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGCONT,
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 impl Drop for Worker {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid as i32),
-            nix::sys::signal::Signal::SIGCONT,
-        );
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        reap(&mut self.child);
     }
 }
 
@@ -353,11 +358,6 @@ impl Target {
 
 impl Drop for Target {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid as i32),
-            nix::sys::signal::Signal::SIGCONT,
-        );
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        reap(&mut self.child);
     }
 }

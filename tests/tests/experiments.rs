@@ -30,6 +30,36 @@ fn active(agent: &Agent) -> usize {
     })
 }
 
+/// An agent, a target, and an experiment file pausing the target.
+struct Scene {
+    dir: tempfile::TempDir,
+    agent: Agent,
+    target: Target,
+    file: PathBuf,
+}
+
+impl Scene {
+    fn new(pause: &str, extra: &str) -> Scene {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = Agent::start(&dir.path().join("state"));
+        let target = Target::spawn();
+        let exp = pause_experiment(&agent, &target, pause, extra);
+        let file = write(dir.path(), "experiment.yaml", &exp);
+        Scene {
+            dir,
+            agent,
+            target,
+            file,
+        }
+    }
+}
+
+/// Nothing is left behind: no active fault, the target runs.
+fn assert_clean(agent: &Agent, target: &Target) {
+    assert_eq!(active(agent), 0, "a fault is still active");
+    assert!(!is_stopped(target.pid), "the target is still paused");
+}
+
 fn spawn_run(args: &[&str]) -> Child {
     Command::new(bin("gpuchaos"))
         .args(args)
@@ -73,16 +103,15 @@ method:
 
 #[test]
 fn rto_is_measured_within_one_interval_over_ten_trials() {
-    let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(&dir.path().join("state"));
-    let target = Target::spawn();
-    let exp = pause_experiment(
-        &agent,
-        &target,
+    let Scene {
+        dir,
+        agent,
+        target,
+        file,
+    } = Scene::new(
         "2s",
         "objectives:\n  - rto: {probe: health, limit: 5s, consecutive: 3}\ntrials: 10\n",
     );
-    let file = write(dir.path(), "accuracy.yaml", &exp);
     let reports = dir.path().join("reports");
     let out = gpuchaos(&[
         "run",
@@ -115,8 +144,7 @@ fn rto_is_measured_within_one_interval_over_ten_trials() {
             "error {e:.1} ms exceeds interval + 20 ms: {text:?}"
         );
     }
-    assert_eq!(active(&agent), 0);
-    assert!(!is_stopped(target.pid));
+    assert_clean(&agent, &target);
 }
 
 #[test]
@@ -136,22 +164,20 @@ fn a_failed_objective_exits_1_and_reverts() {
     assert_eq!(out.code, 1, "{}\n{}", out.stdout, out.stderr);
     assert!(out.stdout.contains("fast recovery"), "{}", out.stdout);
     assert!(out.stdout.contains("FAIL"), "{}", out.stdout);
-    assert_eq!(active(&agent), 0);
-    assert!(!is_stopped(target.pid));
+    assert_clean(&agent, &target);
 }
 
 #[test]
 fn a_stop_condition_aborts_with_exit_2_and_reverts() {
-    let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(&dir.path().join("state"));
-    let target = Target::spawn();
-    let exp = pause_experiment(
-        &agent,
-        &target,
+    let Scene {
+        dir,
+        agent,
+        target,
+        file,
+    } = Scene::new(
         "60s",
         "objectives:\n  - rto: {probe: health, limit: 90s}\nstop_conditions:\n  - {probe: health, failing_for: 500ms}\n",
     );
-    let file = write(dir.path(), "stop.yaml", &exp);
     let reports = dir.path().join("r");
     let start = std::time::Instant::now();
     let out = gpuchaos(&[
@@ -166,8 +192,7 @@ fn a_stop_condition_aborts_with_exit_2_and_reverts() {
         "the 60s fault was not cut short"
     );
     assert!(out.stderr.contains("stop condition"), "{}", out.stderr);
-    assert_eq!(active(&agent), 0);
-    assert!(!is_stopped(target.pid));
+    assert_clean(&agent, &target);
     let j = journal(&reports);
     assert_eq!(j["verdict"], "aborted");
     assert!(
@@ -179,16 +204,12 @@ fn a_stop_condition_aborts_with_exit_2_and_reverts() {
 
 #[test]
 fn sigint_reverts_and_exits_2() {
-    let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(&dir.path().join("state"));
-    let target = Target::spawn();
-    let exp = pause_experiment(
-        &agent,
-        &target,
-        "60s",
-        "objectives:\n  - rto: {probe: health, limit: 90s}\n",
-    );
-    let file = write(dir.path(), "int.yaml", &exp);
+    let Scene {
+        dir: _dir,
+        agent,
+        target,
+        file,
+    } = Scene::new("60s", "objectives:\n  - rto: {probe: health, limit: 90s}\n");
     let child = spawn_run(&["run", file.to_str().unwrap()]);
     assert!(
         wait_until(Duration::from_secs(15), || is_stopped(target.pid)).is_some(),
@@ -206,22 +227,17 @@ fn sigint_reverts_and_exits_2() {
         "{}",
         out.stderr
     );
-    assert!(!is_stopped(target.pid));
-    assert_eq!(active(&agent), 0);
+    assert_clean(&agent, &target);
 }
 
 #[test]
 fn a_killed_controller_is_cleaned_up_by_the_lease() {
-    let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(&dir.path().join("state"));
-    let target = Target::spawn();
-    let exp = pause_experiment(
-        &agent,
-        &target,
-        "60s",
-        "objectives:\n  - rto: {probe: health, limit: 90s}\n",
-    );
-    let file = write(dir.path(), "kill.yaml", &exp);
+    let Scene {
+        dir: _dir,
+        agent,
+        target,
+        file,
+    } = Scene::new("60s", "objectives:\n  - rto: {probe: health, limit: 90s}\n");
     let mut child = spawn_run(&["run", file.to_str().unwrap()]);
     assert!(wait_until(Duration::from_secs(15), || is_stopped(target.pid)).is_some());
     child.kill().unwrap();
@@ -329,16 +345,15 @@ objectives:
 
 #[test]
 fn dry_run_prints_the_plan_and_touches_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(&dir.path().join("state"));
-    let target = Target::spawn();
-    let exp = pause_experiment(
-        &agent,
-        &target,
+    let Scene {
+        dir: _dir,
+        agent,
+        target,
+        file,
+    } = Scene::new(
         "5s",
         "objectives:\n  - rto: {probe: health, limit: 9s}\ntrials: 2\n",
     );
-    let file = write(dir.path(), "dry.yaml", &exp);
     let out = gpuchaos(&["run", file.to_str().unwrap(), "--dry-run", "--seed", "42"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(out.stdout.contains("run seed 42"), "{}", out.stdout);

@@ -4,7 +4,10 @@
 
 use std::fmt::Write;
 
-use super::{agent_name, escape, format_at, format_duration, format_offset, measured, started_at};
+use super::{
+    OBJECTIVE_COLUMNS, agent_name, escape, format_at, format_duration, format_offset,
+    objective_cells, started_at,
+};
 use crate::runner::record::{RunRecord, Sample};
 
 const WIDTH: f64 = 1100.0;
@@ -81,30 +84,12 @@ pub fn html(record: &RunRecord) -> String {
     h.push_str("<h2>objectives</h2>\n");
     table(
         &mut h,
-        &[
-            "objective",
-            "kind",
-            "probe",
-            "measured",
-            "limit",
-            "trials passed",
-            "detail",
-            "verdict",
-        ],
+        &[&OBJECTIVE_COLUMNS[..], &["detail", "verdict"]].concat(),
         record.objectives.iter().map(|o| {
-            (
-                if o.passed { "pass" } else { "fail" },
-                vec![
-                    o.name.clone(),
-                    o.kind.clone(),
-                    o.probe.clone(),
-                    measured(o),
-                    o.limit_text.clone(),
-                    format!("{}/{}", o.trials_passed, o.trials),
-                    o.detail.clone(),
-                    if o.passed { "pass" } else { "FAIL" }.to_string(),
-                ],
-            )
+            let mut cells = objective_cells(o);
+            cells.push(o.detail.clone());
+            cells.push(if o.passed { "pass" } else { "FAIL" }.to_string());
+            (if o.passed { "pass" } else { "fail" }, cells)
         }),
     );
 

@@ -3,7 +3,9 @@
 
 use std::fmt::Write;
 
-use super::{agent_name, format_at, format_duration, measured, started_at};
+use super::{
+    OBJECTIVE_COLUMNS, agent_name, format_at, format_duration, objective_cells, started_at,
+};
 use crate::runner::record::RunRecord;
 
 /// Markdown (GitHub flavoured) summary of a run.
@@ -41,25 +43,11 @@ pub fn markdown(record: &RunRecord) -> String {
     md.push_str("### objectives\n\n");
     table(
         &mut md,
-        &[
-            "objective",
-            "kind",
-            "probe",
-            "measured",
-            "limit",
-            "trials passed",
-            "verdict",
-        ],
+        &[&OBJECTIVE_COLUMNS[..], &["verdict"]].concat(),
         record.objectives.iter().map(|o| {
-            vec![
-                o.name.clone(),
-                o.kind.clone(),
-                o.probe.clone(),
-                measured(o),
-                o.limit_text.clone(),
-                format!("{}/{}", o.trials_passed, o.trials),
-                if o.passed { "✅ pass" } else { "❌ fail" }.to_string(),
-            ]
+            let mut cells = objective_cells(o);
+            cells.push(if o.passed { "✅ pass" } else { "❌ fail" }.to_string());
+            cells
         }),
     );
     let failed: Vec<_> = record.objectives.iter().filter(|o| !o.passed).collect();

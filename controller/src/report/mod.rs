@@ -179,6 +179,27 @@ fn escape_with(text: &str, attr: bool) -> String {
     out
 }
 
+/// The columns every objectives table starts with, and their cells.
+pub(crate) const OBJECTIVE_COLUMNS: [&str; 6] = [
+    "objective",
+    "kind",
+    "probe",
+    "measured",
+    "limit",
+    "trials passed",
+];
+
+pub(crate) fn objective_cells(o: &ObjectiveSummary) -> Vec<String> {
+    vec![
+        o.name.clone(),
+        o.kind.clone(),
+        o.probe.clone(),
+        measured(o),
+        o.limit_text.clone(),
+        format!("{}/{}", o.trials_passed, o.trials),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

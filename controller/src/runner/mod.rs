@@ -203,6 +203,16 @@ struct Runner {
 }
 
 impl Runner {
+    fn stop_condition_fired(&self, name: &str) {
+        let reason = format!("stop condition: {name}");
+        self.shared.event("stop-condition", 0, reason.clone());
+        self.abort_with(Abort {
+            code: exit::ABORTED,
+            verdict: "aborted",
+            reason,
+        });
+    }
+
     fn abort_with(&self, a: Abort) {
         let mut r = self.abort_reason.lock().unwrap();
         if r.is_none() {
@@ -680,13 +690,7 @@ fn watch_stop_conditions(
                     if let Some(t) = streak_start
                         && now.saturating_sub(t) > limit_ns
                     {
-                        let reason = format!("stop condition: {name}");
-                        runner_c.shared.event("stop-condition", 0, reason.clone());
-                        runner_c.abort_with(Abort {
-                            code: exit::ABORTED,
-                            verdict: "aborted",
-                            reason,
-                        });
+                        runner_c.stop_condition_fired(&name);
                         return;
                     }
                 }
@@ -702,13 +706,7 @@ fn watch_stop_conditions(
                     }
                     match tokio::time::timeout(every, query.holds()).await {
                         Ok(Ok(true)) => {
-                            let reason = format!("stop condition: {name}");
-                            runner_c.shared.event("stop-condition", 0, reason.clone());
-                            runner_c.abort_with(Abort {
-                                code: exit::ABORTED,
-                                verdict: "aborted",
-                                reason,
-                            });
+                            runner_c.stop_condition_fired(&name);
                             return;
                         }
                         Ok(Ok(false)) => {}
