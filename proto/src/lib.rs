@@ -5,7 +5,9 @@
 //!   with parsing that names the failing field and validation that reports every
 //!   problem at once.
 //! - [`signal`]: Linux signal names and numbers, so both sides agree on `signal:`.
+//! - [`clock`]: the monotonic and wall clocks fault times are stamped with.
 
+pub mod clock;
 pub mod signal;
 pub mod spec;
 

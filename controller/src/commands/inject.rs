@@ -47,7 +47,12 @@ pub fn read_specs(file: &Path) -> Result<Vec<FaultSpec>, CliError> {
         std::fs::read_to_string(file)
             .map_err(|e| CliError::invalid(format!("cannot read {name}: {e}")))?
     };
-    FaultSpec::from_yaml_multi(&text).map_err(|e| CliError::invalid(render_errors(&name, &e)))
+    parse_specs(&name, &text)
+}
+
+/// Parses and validates fault specs already read from `name`.
+pub fn parse_specs(name: &str, text: &str) -> Result<Vec<FaultSpec>, CliError> {
+    FaultSpec::from_yaml_multi(text).map_err(|e| CliError::invalid(render_errors(name, &e)))
 }
 
 pub struct Options<'a> {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use crate::exit::{self, CliError};
 use crate::experiment::{load, yaml};
 
-use super::inject::read_specs;
+use super::inject::parse_specs;
 
 /// A file of fault specs (every document has a `kind` and no `method`), rather
 /// than an experiment.
@@ -37,7 +37,7 @@ pub fn run(files: &[PathBuf]) -> Result<u8, CliError> {
             }
         };
         if is_fault_spec(&text) {
-            match read_specs(f) {
+            match parse_specs(&f.display().to_string(), &text) {
                 Ok(specs) => println!(
                     "{}: ok ({} fault spec{})",
                     f.display(),
@@ -51,7 +51,7 @@ pub fn run(files: &[PathBuf]) -> Result<u8, CliError> {
             }
             continue;
         }
-        match load::load_file(f) {
+        match load::load_text(f, &text) {
             Ok(l) => {
                 let e = &l.experiment;
                 println!(

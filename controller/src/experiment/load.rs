@@ -70,22 +70,27 @@ pub const SECTIONS: &[&str] = &[
 
 /// Loads and validates an experiment file.
 pub fn load_file(path: &Path) -> Result<Loaded, Vec<LoadError>> {
-    let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| {
         vec![LoadError {
-            file: file.clone(),
+            file: path.display().to_string(),
             line: 0,
             column: 0,
             path: String::new(),
             message: format!("cannot read: {e}"),
         }]
     })?;
+    load_text(path, &text)
+}
+
+/// Loads and validates the text of an experiment file already read from `path`
+/// (fleet and TLS paths are relative to its directory).
+pub fn load_text(path: &Path, text: &str) -> Result<Loaded, Vec<LoadError>> {
     let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let stem = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    load_str(&text, &file, &base, &stem)
+    load_str(text, &path.display().to_string(), &base, &stem)
 }
 
 /// Loads and validates experiment text. `default_name` names an experiment whose

@@ -131,7 +131,7 @@ pub fn dry_run(loaded: &Loaded, fleet: &Fleet, run_seed: u64) -> Result<Vec<Stri
     }
     out.push("objectives:".into());
     for o in &e.objectives {
-        out.push(format!("  {}: {}", o.display_name(), limit_text(e, o)));
+        out.push(format!("  {}: {}", o.display_name(), limit_text(o)));
     }
     for s in &e.stop_conditions {
         out.push(format!("stop if: {}", s.display_name()));
@@ -139,7 +139,7 @@ pub fn dry_run(loaded: &Loaded, fleet: &Fleet, run_seed: u64) -> Result<Vec<Stri
     Ok(out)
 }
 
-fn limit_text(_e: &Experiment, o: &crate::experiment::Objective) -> String {
+fn limit_text(o: &crate::experiment::Objective) -> String {
     use gpuchaos_proto::spec::HumanDuration as H;
     if let Some(r) = &o.rto {
         format!(
@@ -759,10 +759,7 @@ pub async fn run(loaded: &Loaded, opts: &RunOptions) -> Result<(RunRecord, u8), 
         });
     }
     let clock = Clock::start();
-    let started_unix_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
+    let started_unix_ms = gpuchaos_proto::clock::unix_ms();
     let shared = Arc::new(Shared::new(clock, probe_records.clone()));
     shared.live.lock().unwrap().trials = exp.trials;
     shared.event(
@@ -1022,7 +1019,6 @@ pub async fn run(loaded: &Loaded, opts: &RunOptions) -> Result<(RunRecord, u8), 
                 trial.first_inject_ns = runner.anchor_fault(index, None).and_then(|f| f.inject_ns);
                 if let Err(a) = steps {
                     trial.end_ns = runner.shared.clock.now_ns();
-                    trial.faults = trial_faults(&runner, index);
                     done.lock().unwrap().push(trial);
                     return Some(a);
                 }
@@ -1063,7 +1059,6 @@ pub async fn run(loaded: &Loaded, opts: &RunOptions) -> Result<(RunRecord, u8), 
                     });
                 }
                 trial.end_ns = runner.shared.clock.now_ns();
-                trial.faults = trial_faults(&runner, index);
                 trial.objectives = runner.evaluate(&trial);
                 trial.objectives.extend(extra);
                 for o in &trial.objectives {
@@ -1109,7 +1104,8 @@ pub async fn run(loaded: &Loaded, opts: &RunOptions) -> Result<(RunRecord, u8), 
     let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
     shared.clear_status();
 
-    // Trials cut short by an abort still show their faults.
+    // Trials cut short by an abort still show their faults; every trial's faults
+    // are read after the rollback, so they carry the revert times.
     let mut trials = std::mem::take(&mut *done.lock().unwrap());
     {
         let known: Vec<u32> = trials.iter().map(|t| t.index).collect();
@@ -1130,7 +1126,7 @@ pub async fn run(loaded: &Loaded, opts: &RunOptions) -> Result<(RunRecord, u8), 
                     first_inject_ns: runner.anchor_fault(t, None).and_then(|f| f.inject_ns),
                     method_end_ns: None,
                     end_ns: now,
-                    faults: trial_faults(&runner, t),
+                    faults: Vec::new(),
                     objectives: Vec::new(),
                 });
             }

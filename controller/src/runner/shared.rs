@@ -5,7 +5,7 @@ use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use nix::time::{ClockId, clock_gettime};
+use gpuchaos_proto::clock::mono_ns;
 use tokio::sync::Notify;
 
 use super::record::{Event, ProbeRecord, Sample};
@@ -16,13 +16,6 @@ pub struct Clock {
     base: Instant,
     /// CLOCK_MONOTONIC at `base` (what agents report their times in).
     base_mono_ns: u64,
-}
-
-pub fn mono_ns() -> u64 {
-    match clock_gettime(ClockId::CLOCK_MONOTONIC) {
-        Ok(ts) => ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64,
-        Err(_) => 0,
-    }
 }
 
 impl Clock {
