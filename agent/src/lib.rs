@@ -4,7 +4,7 @@
 //!   leases, halt, shutdown.
 //! - [`journal`]: the append-only intent journal replayed at start-up.
 //! - [`policy`]: the blast radius (protected processes, limits, enabled kinds).
-//! - [`faults`]: one driver per fault kind (`process` today).
+//! - [`faults`]: one driver per fault kind (`process`, `network`).
 //! - [`sys`]: every system call, /proc read and NVML call, behind small interfaces.
 //! - [`server`]: gRPC handlers that forward to the manager; [`tls`]: mutual TLS.
 //! - [`metrics`]: Prometheus metrics; [`inventory`]: what the node is and can do.
@@ -34,6 +34,7 @@ use gpuchaos_proto::pb::agent_server::AgentServer;
 use tokio_util::sync::CancellationToken;
 
 use crate::faults::FaultDriver;
+use crate::faults::network::{NetCaps, NetworkDriver};
 use crate::faults::process::ProcessDriver;
 use crate::manager::{Command, Manager};
 use crate::policy::Policy;
@@ -96,13 +97,30 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     let (journal, open) = journal::Journal::open(&cfg.state_dir)
         .with_context(|| format!("cannot open the journal in {}", cfg.state_dir.display()))?;
 
+    // Bound before the drivers exist: network faults in the agent's own namespace
+    // must leave its own ports alone, or a partition would cut the controller off.
+    let grpc = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} for metrics", cfg.metrics_listen))?;
+    let grpc_addr = grpc.local_addr()?;
+    let metrics_addr = metrics_listener.local_addr()?;
+
     let gpus = Arc::new(Gpus::open(cfg.nvml_lib.clone().map(Into::into)));
     let procs = Arc::new(sys::RealProcesses::default());
-    let drivers: Vec<Arc<dyn FaultDriver>> = vec![Arc::new(ProcessDriver::new(
-        procs,
-        gpus.clone(),
+    let process = Arc::new(ProcessDriver::new(procs, gpus.clone(), Arc::clone(&policy)));
+    let net_caps = tokio::task::spawn_blocking(NetCaps::detect)
+        .await
+        .context("probing the network tools")?;
+    let network = Arc::new(NetworkDriver::new(
+        Arc::clone(&process),
         Arc::clone(&policy),
-    ))];
+        net_caps,
+        vec![grpc_addr.port(), metrics_addr.port()],
+    ));
+    let drivers: Vec<Arc<dyn FaultDriver>> = vec![process, network];
     let metrics = Arc::new(metrics::Metrics::new());
     let inventory = Arc::new(inventory::Inventory::new(
         gpus,
@@ -126,15 +144,6 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         );
     }
     let (handle, manager_task) = manager.spawn();
-
-    let grpc = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-    let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_listen)
-        .await
-        .with_context(|| format!("cannot listen on {} for metrics", cfg.metrics_listen))?;
-    let grpc_addr = grpc.local_addr()?;
-    let metrics_addr = metrics_listener.local_addr()?;
 
     let stop_servers = CancellationToken::new();
     let metrics_task = tokio::spawn(metrics::serve(

@@ -274,6 +274,20 @@ impl Manager {
     /// Returns what was recovered, for the log.
     pub async fn recover(&mut self, open: Vec<OpenEntry>) -> Vec<pb::Fault> {
         let mut out = Vec::new();
+        let plans: Vec<(String, serde_json::Value)> = open
+            .iter()
+            .filter_map(|e| match &e.intent {
+                Record::Intent { kind, plan, .. } => Some((kind.clone(), plan.clone())),
+                _ => None,
+            })
+            .collect();
+        let plans_of = |kind: &str| -> Vec<serde_json::Value> {
+            plans
+                .iter()
+                .filter(|(k, _)| k == kind)
+                .map(|(_, p)| p.clone())
+                .collect()
+        };
         for entry in open {
             let Record::Intent {
                 id,
@@ -361,6 +375,12 @@ impl Manager {
                 }
             }
             out.push(pbf);
+        }
+        for (kind, driver) in &self.drivers {
+            let removed = Arc::clone(driver).sweep(plans_of(kind)).await;
+            for what in removed {
+                tracing::warn!(fault.kind = %kind, removed = %what, "start-up sweep removed gpuchaos state");
+            }
         }
         let open = self.open_entries();
         if let Err(e) = self.journal.compact(&open) {

@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+mod network;
+pub use network::*;
+
 /// A problem with one field of a spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {
@@ -147,10 +150,11 @@ impl<'de> Deserialize<'de> for HumanDuration {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum FaultSpec {
     Process(ProcessSpec),
+    Network(NetworkSpec),
 }
 
 /// Every fault kind a spec may name.
-pub const KINDS: &[&str] = &["process"];
+pub const KINDS: &[&str] = &["process", "network"];
 
 /// Deserializes without buffering when `kind` comes first (the usual way to write a
 /// spec), so errors keep their YAML line and column and their field path: the rest
@@ -189,6 +193,8 @@ impl<'de> serde::de::Visitor<'de> for FaultVisitor {
             return match kind.as_str() {
                 "process" => ProcessSpec::deserialize(MapAccessDeserializer::new(map))
                     .map(FaultSpec::Process),
+                "network" => NetworkSpec::deserialize(MapAccessDeserializer::new(map))
+                    .map(FaultSpec::Network),
                 other => Err(unknown_kind(other)),
             };
         }
@@ -208,13 +214,17 @@ impl<'de> serde::de::Visitor<'de> for FaultVisitor {
             None => return Err(A::Error::missing_field("kind")),
         };
         let rest = serde_json::Value::Object(obj);
+        let located = |e: serde_path_to_error::Error<serde_json::Error>| {
+            let path = e.path().to_string();
+            A::Error::custom(format!("{path}: {}", e.into_inner()))
+        };
         match kind.as_str() {
             "process" => serde_path_to_error::deserialize(rest)
                 .map(FaultSpec::Process)
-                .map_err(|e| {
-                    let path = e.path().to_string();
-                    A::Error::custom(format!("{path}: {}", e.into_inner()))
-                }),
+                .map_err(located),
+            "network" => serde_path_to_error::deserialize(rest)
+                .map(FaultSpec::Network)
+                .map_err(located),
             other => Err(unknown_kind(other)),
         }
     }
@@ -224,18 +234,21 @@ impl FaultSpec {
     pub fn kind(&self) -> &'static str {
         match self {
             FaultSpec::Process(_) => "process",
+            FaultSpec::Network(_) => "network",
         }
     }
 
     pub fn duration(&self) -> Duration {
         match self {
             FaultSpec::Process(p) => p.duration.0,
+            FaultSpec::Network(n) => n.duration.0,
         }
     }
 
     pub fn seed(&self) -> Option<u64> {
         match self {
             FaultSpec::Process(p) => p.seed,
+            FaultSpec::Network(n) => n.seed,
         }
     }
 
@@ -244,6 +257,7 @@ impl FaultSpec {
         let mut errs = Vec::new();
         match self {
             FaultSpec::Process(p) => p.validate(&mut errs),
+            FaultSpec::Network(n) => n.validate(&mut errs),
         }
         if errs.is_empty() {
             Ok(())
@@ -515,13 +529,10 @@ impl Pick {
     }
 }
 
-/// Shortest crash-loop interval: faster than this is a fork bomb in reverse.
-pub const MIN_CRASH_LOOP_INTERVAL: Duration = Duration::from_millis(100);
-
-impl ProcessSpec {
-    fn validate(&self, errs: &mut Vec<FieldError>) {
-        validate_duration(self.duration, errs);
-        let t = &self.target;
+impl ProcessTarget {
+    /// Checks a selector; errors are reported under `prefix` (`target`).
+    pub fn validate_selector(&self, prefix: &str, errs: &mut Vec<FieldError>) {
+        let t = self;
         if t.pid.is_none()
             && t.name.is_none()
             && t.cmdline.is_none()
@@ -529,27 +540,33 @@ impl ProcessSpec {
             && t.gpu.is_none()
         {
             errs.push(FieldError::new(
-                "target",
+                prefix.to_string(),
                 "no selector: give at least one of pid, name, cmdline, cgroup or gpu",
             ));
         }
         if let Some(p) = &t.pid {
             let pids = p.to_vec();
             if pids.is_empty() {
-                errs.push(FieldError::new("target.pid", "the list of pids is empty"));
+                errs.push(FieldError::new(
+                    format!("{prefix}.pid"),
+                    "the list of pids is empty",
+                ));
             }
             if pids.contains(&0) {
-                errs.push(FieldError::new("target.pid", "pid 0 is not a process"));
+                errs.push(FieldError::new(
+                    format!("{prefix}.pid"),
+                    "pid 0 is not a process",
+                ));
             }
         }
-        for (field, re) in [("target.name", &t.name), ("target.cmdline", &t.cmdline)] {
+        for (field, re) in [("name", &t.name), ("cmdline", &t.cmdline)] {
             if let Some(re) = re
                 && let Err(e) = regex::Regex::new(re)
             {
                 let first = e.to_string();
                 let detail = first.lines().last().unwrap_or("invalid regex").trim();
                 errs.push(FieldError::new(
-                    field,
+                    format!("{prefix}.{field}"),
                     format!("regex {re:?} does not compile: {detail}"),
                 ));
             }
@@ -558,7 +575,7 @@ impl ProcessSpec {
             && (!cg.starts_with('/') || cg.contains("..") || cg.contains('\0'))
         {
             errs.push(FieldError::new(
-                "target.cgroup",
+                format!("{prefix}.cgroup"),
                 format!(
                     "{cg:?} is not a cgroup path: write it as in /proc/PID/cgroup, starting with / and without .."
                 ),
@@ -569,13 +586,23 @@ impl ProcessSpec {
             && !u.starts_with("MIG-")
         {
             errs.push(FieldError::new(
-                "target.gpu",
+                format!("{prefix}.gpu"),
                 format!("{u:?} is neither a GPU index nor a UUID (GPU-… or MIG-…)"),
             ));
         }
         if let Some(p) = t.pick {
-            p.validate("target.pick", errs);
+            p.validate(&format!("{prefix}.pick"), errs);
         }
+    }
+}
+
+/// Shortest crash-loop interval: faster than this is a fork bomb in reverse.
+pub const MIN_CRASH_LOOP_INTERVAL: Duration = Duration::from_millis(100);
+
+impl ProcessSpec {
+    fn validate(&self, errs: &mut Vec<FieldError>) {
+        validate_duration(self.duration, errs);
+        self.target.validate_selector("target", errs);
         let only = |field: &str, present: bool, action: &str, errs: &mut Vec<FieldError>| {
             if present {
                 errs.push(FieldError::new(
@@ -689,7 +716,9 @@ mod tests {
         .unwrap();
         assert_eq!(s.kind(), "process");
         assert_eq!(s.duration(), Duration::from_secs(120));
-        let FaultSpec::Process(p) = &s;
+        let FaultSpec::Process(p) = &s else {
+            panic!("not a process spec")
+        };
         assert_eq!(p.target.pick, Some(Pick::Count(1)));
         assert_eq!(p.action, ProcessAction::Pause);
         // JSON round trip is what the wire carries.
@@ -704,9 +733,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v.len(), 2);
-        let FaultSpec::Process(a) = &v[0];
+        let FaultSpec::Process(a) = &v[0] else {
+            panic!("not a process spec")
+        };
         assert_eq!(a.signal_number(), 2);
-        let FaultSpec::Process(b) = &v[1];
+        let FaultSpec::Process(b) = &v[1] else {
+            panic!("not a process spec")
+        };
         assert_eq!(b.interval(), Duration::from_secs(2));
         assert_eq!(b.target.pick, Some(Pick::Percent(50.0)));
     }

@@ -2,6 +2,7 @@
 //! resolved, policy checked, no side effects), applies and verifies the plan, and
 //! reverts from the plan alone (what the journal holds), idempotently.
 
+pub mod network;
 pub mod process;
 
 use std::future::Future;
@@ -71,4 +72,11 @@ pub trait FaultDriver: Send + Sync + 'static {
     /// Undoes the plan. Idempotent: succeeds when apply never ran, half ran, or the
     /// effect is already gone.
     fn revert(self: Arc<Self>, plan: serde_json::Value) -> BoxFut<Result<(), RevertError>>;
+    /// Start-up only, after the journal's open faults of this kind were reverted
+    /// (their plans are given): removes any kernel state that carries the agent's
+    /// marker, even state no journal entry names. Returns what it removed.
+    fn sweep(self: Arc<Self>, plans: Vec<serde_json::Value>) -> BoxFut<Vec<String>> {
+        let _ = plans;
+        Box::pin(async { Vec::new() })
+    }
 }

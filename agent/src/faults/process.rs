@@ -190,7 +190,7 @@ impl ProcessDriver {
 
     /// Picks `pick` of the matched targets with a seeded RNG (the same seed and the
     /// same process table give the same choice).
-    fn pick(targets: Vec<Target>, pick: Option<Pick>, seed: u64) -> Vec<Target> {
+    pub fn pick(targets: Vec<Target>, pick: Option<Pick>, seed: u64) -> Vec<Target> {
         let n = pick.unwrap_or(Pick::All).amount(targets.len());
         if n >= targets.len() {
             return targets;
@@ -502,7 +502,11 @@ impl FaultDriver for ProcessDriver {
     }
 
     fn plan(&self, spec: &FaultSpec) -> Result<Plan, AgentError> {
-        let FaultSpec::Process(p) = spec;
+        let FaultSpec::Process(p) = spec else {
+            return Err(AgentError::Internal(
+                "process driver given another kind".into(),
+            ));
+        };
         let matched = self.select(&p.target)?;
         let seed = p.seed.unwrap_or_else(rand::random);
         let targets = Self::pick(matched, p.target.pick, seed);
@@ -519,7 +523,9 @@ impl FaultDriver for ProcessDriver {
 
     fn apply(self: Arc<Self>, ctx: ApplyCtx) -> BoxFut<Result<Applied, String>> {
         Box::pin(async move {
-            let FaultSpec::Process(spec) = ctx.spec;
+            let FaultSpec::Process(spec) = ctx.spec else {
+                return Err("process driver given another kind".to_string());
+            };
             let plan: ProcessPlan =
                 serde_json::from_value(ctx.plan).map_err(|e| format!("bad plan: {e}"))?;
             self.apply_plan(spec, plan, ctx.cancel).await
@@ -843,7 +849,9 @@ pub mod tests {
     }
 
     fn as_process(s: &FaultSpec) -> &ProcessSpec {
-        let FaultSpec::Process(p) = s;
+        let FaultSpec::Process(p) = s else {
+            panic!("not a process spec")
+        };
         p
     }
 }

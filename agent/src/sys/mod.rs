@@ -4,6 +4,7 @@
 
 pub mod clock;
 pub mod gpu;
+pub mod netns;
 pub mod procfs;
 
 pub use procfs::{ProcStat, Processes, RealProcesses};

@@ -211,31 +211,59 @@ pub fn describe(plan: &[PlanStep], agents: &[AgentRef], indent: usize, out: &mut
 pub fn summary(spec: &FaultSpec) -> String {
     match spec {
         FaultSpec::Process(p) => {
-            let mut parts = vec![format!("process {}", p.action.name())];
-            let t = &p.target;
-            if let Some(pid) = &t.pid {
-                parts.push(format!("pid={:?}", pid.to_vec()));
+            format!(
+                "process {} {}",
+                p.action.name(),
+                selector_summary(&p.target)
+            )
+        }
+        FaultSpec::Network(n) => {
+            let mut parts = vec![format!("network {}", n.effect())];
+            if let Some(t) = &n.target {
+                parts.push(format!("in the netns of {}", selector_summary(&t.netns_of)));
             }
-            if let Some(n) = &t.name {
-                parts.push(format!("name={n}"));
+            if let Some(i) = &n.interface {
+                parts.push(format!("dev {i}"));
             }
-            if let Some(c) = &t.cmdline {
-                parts.push(format!("cmdline={c}"));
+            if !n.peers.is_empty() {
+                parts.push(format!("peers={}", n.peers.join(",")));
             }
-            if let Some(c) = &t.cgroup {
-                parts.push(format!("cgroup={c}"));
+            if !n.ports.is_empty() {
+                let p: Vec<String> = n.ports.iter().map(|p| p.to_string()).collect();
+                parts.push(format!("ports={}", p.join(",")));
             }
-            if let Some(g) = &t.gpu {
-                parts.push(format!("on {g}"));
-            }
-            match t.pick {
-                Some(Pick::Count(n)) => parts.push(format!("pick {n}")),
-                Some(Pick::Percent(p)) => parts.push(format!("pick {p}%")),
-                _ => {}
+            if let Some(d) = n.direction {
+                parts.push(format!("{d:?}").to_lowercase());
             }
             parts.join(" ")
         }
     }
+}
+
+/// `name=^vllm pick 1`: a process selector in one line.
+fn selector_summary(t: &gpuchaos_proto::spec::ProcessTarget) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    if let Some(pid) = &t.pid {
+        parts.push(format!("pid={:?}", pid.to_vec()));
+    }
+    if let Some(n) = &t.name {
+        parts.push(format!("name={n}"));
+    }
+    if let Some(c) = &t.cmdline {
+        parts.push(format!("cmdline={c}"));
+    }
+    if let Some(c) = &t.cgroup {
+        parts.push(format!("cgroup={c}"));
+    }
+    if let Some(g) = &t.gpu {
+        parts.push(format!("on {g}"));
+    }
+    match t.pick {
+        Some(Pick::Count(n)) => parts.push(format!("pick {n}")),
+        Some(Pick::Percent(p)) => parts.push(format!("pick {p}%")),
+        _ => {}
+    }
+    parts.join(" ")
 }
 
 #[cfg(test)]

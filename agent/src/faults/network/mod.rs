@@ -1,0 +1,855 @@
+//! The `network` kind: partitions and loss with nftables; latency, jitter and
+//! bandwidth with tc (netem, htb) or the userspace proxy; in the node's own network
+//! namespace or in the namespaces of target processes.
+//!
+//! What a fault owns, per namespace, is named by a random token journaled before any
+//! effect: the table `inet gpuchaos_<token>`, the reserved qdisc handle `4743:` on the
+//! interfaces it shapes, and ifb devices `gci<token><n>`. Revert removes exactly those
+//! and reads back that they are gone; start-up recovery also sweeps every gpuchaos
+//! table, reserved qdisc and ifb from the namespaces the journal names and the agent's
+//! own.
+
+pub mod nft;
+pub mod proxy;
+pub mod tc;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gpuchaos_proto::spec::{Backend, FaultSpec, NetworkSpec};
+use serde::{Deserialize, Serialize};
+
+use super::process::ProcessDriver;
+use super::{Applied, ApplyCtx, BoxFut, Capability, FaultDriver, Plan, RevertError};
+use crate::error::AgentError;
+use crate::failpoint;
+use crate::policy::Policy;
+use crate::sys::netns::{self, NetnsRef, NsSockets, Tool};
+
+/// How the fault delays or shapes traffic, when it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Shaper {
+    /// tc htb (rate) and netem (delay).
+    Netem,
+    /// tc htb alone (a rate limit).
+    Tc,
+    /// The userspace proxy.
+    Proxy,
+}
+
+/// One namespace the fault touches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NsPlan {
+    /// None: the agent's own namespace.
+    pub netns: Option<NetnsRef>,
+    /// For humans: "node" or "netns of pid 812 (vllm)".
+    pub label: String,
+    /// Interfaces shaped with tc (egress), and the ifb each one's ingress goes through.
+    pub shaped: Vec<String>,
+    pub ifbs: Vec<(String, String)>,
+}
+
+/// The journaled plan: everything revert needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetPlan {
+    pub token: String,
+    pub table: String,
+    pub shaper: Option<Shaper>,
+    pub namespaces: Vec<NsPlan>,
+    pub seed: u64,
+}
+
+/// What this node's kernel and tools can do, found once at start-up.
+#[derive(Debug, Clone)]
+pub struct NetCaps {
+    pub root: bool,
+    pub nft: bool,
+    pub tc: bool,
+    pub nsenter: bool,
+    /// Err: why not ("Specified qdisc kind is unknown", say).
+    pub netem: Result<(), String>,
+    pub ifb: bool,
+}
+
+impl NetCaps {
+    /// Probes netem and ifb in a throwaway namespace (`unshare -n`), never on the
+    /// node's own interfaces.
+    pub fn detect() -> NetCaps {
+        let run = |args: &[&str]| -> Result<(), String> {
+            let Some(unshare) = Tool::Unshare.find() else {
+                return Err(Tool::Unshare.missing());
+            };
+            match std::process::Command::new(unshare)
+                .arg("-n")
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .output()
+            {
+                Ok(o) if o.status.success() => Ok(()),
+                Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let tc = Tool::Tc.find();
+        let ip = Tool::Ip.find();
+        let netem = match &tc {
+            None => Err(Tool::Tc.missing()),
+            Some(tc) => {
+                let tc = tc.display().to_string();
+                run(&[
+                    &tc, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms",
+                ])
+                .map_err(|e| {
+                    if e.contains("unknown") {
+                        "this kernel has no netem (module sch_netem)".to_string()
+                    } else {
+                        format!("netem could not be tried: {e}")
+                    }
+                })
+            }
+        };
+        let ifb = ip.as_ref().is_some_and(|ip| {
+            let ip = ip.display().to_string();
+            run(&[&ip, "link", "add", "gciprobe", "type", "ifb"]).is_ok()
+        });
+        NetCaps {
+            root: nix::unistd::geteuid().is_root(),
+            nft: Tool::Nft.find().is_some(),
+            tc: tc.is_some() && ip.is_some(),
+            nsenter: Tool::Nsenter.find().is_some(),
+            netem,
+            ifb,
+        }
+    }
+}
+
+pub struct NetworkDriver {
+    processes: Arc<ProcessDriver>,
+    policy: Arc<Policy>,
+    caps: NetCaps,
+    /// The agent's own TCP ports, never cut in its own namespace.
+    keep_ports: Vec<u16>,
+    proxies: Mutex<HashMap<String, proxy::Proxy>>,
+}
+
+fn token() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
+fn internal(e: impl std::fmt::Display) -> AgentError {
+    AgentError::Internal(e.to_string())
+}
+
+impl NetworkDriver {
+    pub fn new(
+        processes: Arc<ProcessDriver>,
+        policy: Arc<Policy>,
+        caps: NetCaps,
+        keep_ports: Vec<u16>,
+    ) -> Self {
+        NetworkDriver {
+            processes,
+            policy,
+            caps,
+            keep_ports,
+            proxies: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn shaper(&self, spec: &NetworkSpec) -> Result<Option<Shaper>, AgentError> {
+        if !spec.shapes() {
+            return Ok(None);
+        }
+        let tc_ok = self.caps.tc && (!spec.direction().ingress() || self.caps.ifb);
+        let netem_ok = tc_ok && self.caps.netem.is_ok();
+        let netem_why = || {
+            match &self.caps.netem {
+            Err(e) => e.clone(),
+            Ok(()) if !self.caps.tc => Tool::Tc.missing(),
+            Ok(()) => "this kernel has no ifb devices for ingress shaping (module ifb): use direction: egress".into(),
+        }
+        };
+        Ok(Some(match spec.backend() {
+            Backend::Proxy => Shaper::Proxy,
+            Backend::Netem if spec.latency.is_some() && !netem_ok => {
+                return Err(AgentError::Unsupported(format!(
+                    "backend netem is not available on this node: {}; use backend: proxy (or auto)",
+                    netem_why()
+                )));
+            }
+            Backend::Netem if spec.latency.is_none() && !tc_ok => {
+                return Err(AgentError::Unsupported(format!(
+                    "tc shaping is not available on this node: {}; use backend: proxy (or auto)",
+                    netem_why()
+                )));
+            }
+            Backend::Netem if spec.latency.is_some() => Shaper::Netem,
+            Backend::Netem => Shaper::Tc,
+            Backend::Auto if spec.latency.is_some() && netem_ok => Shaper::Netem,
+            Backend::Auto if spec.latency.is_none() && tc_ok => Shaper::Tc,
+            Backend::Auto => Shaper::Proxy,
+        }))
+    }
+
+    /// The namespaces to touch: the agent's own, or those of the target processes.
+    fn namespaces(
+        &self,
+        spec: &NetworkSpec,
+        seed: u64,
+    ) -> Result<Vec<(Option<NetnsRef>, String)>, AgentError> {
+        let Some(t) = &spec.target else {
+            return Ok(vec![(None, "node".into())]);
+        };
+        let matched = self.processes.select(&t.netns_of)?;
+        let picked = ProcessDriver::pick(matched, t.netns_of.pick, seed);
+        let own = netns::own_ino().map_err(internal)?;
+        let mut out: Vec<(Option<NetnsRef>, String)> = Vec::new();
+        let mut seen = Vec::new();
+        for p in picked {
+            let ino = match netns::ino_of(&netns::proc_ns_path(p.pid)) {
+                Ok(i) => i,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(AgentError::NoTargets(format!(
+                        "target.netns_of: pid {} ({}) exited before its namespace could be read",
+                        p.pid, p.comm
+                    )));
+                }
+                Err(e) => return Err(internal(format!("reading /proc/{}/ns/net: {e}", p.pid))),
+            };
+            if seen.contains(&ino) {
+                continue;
+            }
+            seen.push(ino);
+            if ino == own {
+                out.push((
+                    None,
+                    format!("node (the namespace of pid {} ({}))", p.pid, p.comm),
+                ));
+            } else {
+                out.push((
+                    Some(NetnsRef {
+                        pid: p.pid,
+                        start_time: p.start_time,
+                        ino,
+                    }),
+                    format!("netns of pid {} ({})", p.pid, p.comm),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Interfaces to shape in one namespace: the named one (checked), or every one
+    /// but loopback, the protected ones and gpuchaos's own ifbs.
+    fn interfaces(
+        &self,
+        spec: &NetworkSpec,
+        ns: &Option<NetnsRef>,
+        label: &str,
+    ) -> Result<Vec<String>, AgentError> {
+        let all = netns::interfaces(ns.as_ref().map(|n| n.pid))
+            .map_err(|e| internal(format!("listing the interfaces of {label}: {e}")))?;
+        let protected = &self.policy.file.protected_interfaces;
+        match &spec.interface {
+            Some(i) => {
+                if !all.contains(i) {
+                    return Err(AgentError::NoTargets(format!(
+                        "interface: {i:?} does not exist in {label}; it has {}",
+                        all.join(", ")
+                    )));
+                }
+                if protected.contains(i) {
+                    return Err(AgentError::Refused(format!(
+                        "interface {i} is protected by this node's policy (protected_interfaces)"
+                    )));
+                }
+                Ok(vec![i.clone()])
+            }
+            None => Ok(all
+                .into_iter()
+                .filter(|i| i != "lo" && !protected.contains(i) && !i.starts_with(tc::IFB_PREFIX))
+                .collect()),
+        }
+    }
+
+    fn rules(&self, spec: &NetworkSpec, plan: &NetPlan, ns: &NsPlan) -> nft::Rules {
+        let mut actions = Vec::new();
+        if let Some(p) = spec.partition {
+            actions.push(nft::Action::Partition(p));
+        }
+        if let Some(l) = spec.loss {
+            actions.push(nft::Action::Loss(l.0));
+        }
+        let mut exclude = vec!["lo".to_string()];
+        exclude.extend(self.policy.file.protected_interfaces.iter().cloned());
+        nft::Rules {
+            table: plan.table.clone(),
+            direction: spec.direction,
+            peers: spec.cidrs(),
+            ports: spec.ports.iter().map(|p| *p as u16).collect(),
+            protocol: spec.protocol,
+            interface: spec.interface.clone(),
+            exclude_ifaces: exclude,
+            keep_ports: if ns.netns.is_none() {
+                self.keep_ports.clone()
+            } else {
+                Vec::new()
+            },
+            actions,
+            proxy: None,
+        }
+    }
+
+    fn shape(&self, spec: &NetworkSpec, ns: &NsPlan, shaper: Shaper) -> tc::Shape {
+        tc::Shape {
+            netem: match (shaper, spec.latency) {
+                (Shaper::Netem, Some(l)) => Some(tc::Netem {
+                    delay_us: l.0.as_micros() as u64,
+                    jitter_us: spec.jitter.map(|j| j.0.as_micros() as u64).unwrap_or(0),
+                    correlation: spec.correlation.map(|c| c.0).unwrap_or(0.0),
+                }),
+                _ => None,
+            },
+            rate_bps: spec.rate.map(|r| r.bits_per_sec),
+            peers: spec.cidrs(),
+            ports: spec.ports.iter().map(|p| *p as u16).collect(),
+            protocol: spec.protocol,
+            keep_ports: if ns.netns.is_none() {
+                self.keep_ports.clone()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    fn proxy_config(spec: &NetworkSpec, seed: u64) -> proxy::Config {
+        let shaping = proxy::Shaping {
+            delay: spec.latency.map(|l| l.0).unwrap_or_default(),
+            jitter: spec.jitter.map(|j| j.0).unwrap_or_default(),
+            correlation: spec.correlation.map(|c| c.0 / 100.0).unwrap_or(0.0),
+            rate_bps: spec.rate.map(|r| r.bits_per_sec),
+        };
+        let d = spec.direction();
+        proxy::Config {
+            egress: if d.egress() {
+                shaping
+            } else {
+                proxy::Shaping::default()
+            },
+            ingress: if d.ingress() {
+                shaping
+            } else {
+                proxy::Shaping::default()
+            },
+            seed,
+        }
+    }
+
+    /// Applies one namespace's share and reads it back. Returns its status details.
+    async fn apply_ns(
+        &self,
+        spec: &NetworkSpec,
+        plan: &NetPlan,
+        ns: &NsPlan,
+    ) -> Result<serde_json::Value, String> {
+        let path = ns_path(ns)
+            .ok_or_else(|| format!("{}: the namespace is gone (its processes exited)", ns.label))?;
+        let path = path.as_deref();
+        let mut rules = self.rules(spec, plan, ns);
+        let mut proxy_ports = None;
+        if plan.shaper == Some(Shaper::Proxy) {
+            let sockets = NsSockets::start(path)
+                .map_err(|e| format!("{}: cannot enter the namespace: {e}", ns.label))?;
+            let p = proxy::Proxy::start(sockets, Self::proxy_config(spec, plan.seed))
+                .await
+                .map_err(|e| format!("{}: cannot start the proxy: {e}", ns.label))?;
+            rules.proxy = Some(p.ports);
+            proxy_ports = Some(p.ports);
+            // Kept under the plan's token (one proxy per namespace: suffix the label).
+            self.proxies
+                .lock()
+                .map_err(|_| "proxy table poisoned".to_string())?
+                .insert(format!("{}/{}", plan.token, ns.label), p);
+        }
+        let want_rules = rules.rule_count();
+        if want_rules > 0 {
+            nft::apply(path, &rules)
+                .await
+                .map_err(|e| format!("{}: {e}", ns.label))?;
+        }
+        failpoint::hit("network-after-nft");
+        let Some(shaper) = plan.shaper else {
+            return self
+                .verify_rules(path, ns, plan, want_rules, proxy_ports)
+                .await;
+        };
+        if shaper != Shaper::Proxy {
+            let shape = self.shape(spec, ns, shaper);
+            let d = spec.direction();
+            for dev in &ns.shaped {
+                let qs = tc::qdiscs(path, dev)
+                    .await
+                    .map_err(|e| format!("{}: {e}", ns.label))?;
+                tc::check_free(dev, &qs, d.ingress()).map_err(|e| format!("{}: {e}", ns.label))?;
+            }
+            for dev in &ns.shaped {
+                if d.egress() {
+                    for cmd in shape.commands(dev, false) {
+                        tc::tc(path, &cmd)
+                            .await
+                            .map_err(|e| format!("{}: {e}", ns.label))?;
+                    }
+                }
+            }
+            for (dev, ifb) in &ns.ifbs {
+                tc::redirect_ingress(path, dev, ifb)
+                    .await
+                    .map_err(|e| format!("{}: {e}", ns.label))?;
+                for cmd in shape.commands(ifb, true) {
+                    tc::tc(path, &cmd)
+                        .await
+                        .map_err(|e| format!("{}: {e}", ns.label))?;
+                }
+            }
+            // Read every device back before calling it active.
+            let mut devs: Vec<&String> = Vec::new();
+            if d.egress() {
+                devs.extend(ns.shaped.iter());
+            }
+            devs.extend(ns.ifbs.iter().map(|(_, i)| i));
+            for dev in devs {
+                let qs = tc::qdiscs(path, dev)
+                    .await
+                    .map_err(|e| format!("{}: verify: {e}", ns.label))?;
+                if !qs.iter().any(|q| q.root && q.handle == tc::ROOT_HANDLE) {
+                    return Err(format!(
+                        "{}: verify: {dev} has no root qdisc {} after applying",
+                        ns.label,
+                        tc::ROOT_HANDLE
+                    ));
+                }
+                if shape.netem.is_some()
+                    && !qs
+                        .iter()
+                        .any(|q| q.kind == "netem" && q.handle == tc::NETEM_HANDLE)
+                {
+                    return Err(format!(
+                        "{}: verify: {dev} has no netem qdisc after applying",
+                        ns.label
+                    ));
+                }
+                let n = tc::matching_filters(path, dev)
+                    .await
+                    .map_err(|e| format!("{}: verify: {e}", ns.label))?;
+                if n != shape.filter_count() - shape.keep_ports.len() * 2 {
+                    return Err(format!(
+                        "{}: verify: {dev} carries {n} matching filters, {} expected",
+                        ns.label,
+                        shape.filter_count() - shape.keep_ports.len() * 2
+                    ));
+                }
+            }
+            for (dev, ifb) in &ns.ifbs {
+                if !tc::ingress_redirects_to(path, dev, ifb)
+                    .await
+                    .map_err(|e| format!("{}: verify: {e}", ns.label))?
+                {
+                    return Err(format!(
+                        "{}: verify: {dev}'s ingress does not redirect to {ifb}",
+                        ns.label
+                    ));
+                }
+            }
+        }
+        self.verify_rules(path, ns, plan, want_rules, proxy_ports)
+            .await
+    }
+
+    async fn verify_rules(
+        &self,
+        path: Option<&std::path::Path>,
+        ns: &NsPlan,
+        plan: &NetPlan,
+        want: usize,
+        proxy_ports: Option<nft::ProxyPorts>,
+    ) -> Result<serde_json::Value, String> {
+        if want > 0 {
+            let got = nft::count_rules(path, &plan.table)
+                .await
+                .map_err(|e| format!("{}: verify: {e}", ns.label))?;
+            if got != Some(want) {
+                return Err(format!(
+                    "{}: verify: table inet {} holds {} rules, {want} expected",
+                    ns.label,
+                    plan.table,
+                    got.map(|n| n.to_string())
+                        .unwrap_or_else(|| "no".to_string())
+                ));
+            }
+        }
+        let mut v = serde_json::json!({
+            "where": ns.label,
+            "nft_table": if want > 0 { format!("inet {}", plan.table) } else { String::new() },
+            "nft_rules": want,
+        });
+        if !ns.shaped.is_empty() && plan.shaper.is_some_and(|s| s != Shaper::Proxy) {
+            v["tc_interfaces"] = serde_json::json!(ns.shaped);
+            v["ifb"] = serde_json::json!(ns.ifbs.iter().map(|(_, i)| i).collect::<Vec<_>>());
+        }
+        if let Some(p) = proxy_ports {
+            v["proxy_ports"] = serde_json::json!({"out_v4": p.out4, "in_v4": p.in4, "out_v6": p.out6, "in_v6": p.in6});
+        }
+        Ok(v)
+    }
+
+    async fn revert_plan(&self, plan: NetPlan) -> Result<(), RevertError> {
+        let stopped: Vec<proxy::Proxy> = match self.proxies.lock() {
+            Ok(mut m) => {
+                let keys: Vec<String> = m
+                    .keys()
+                    .filter(|k| k.starts_with(&format!("{}/", plan.token)))
+                    .cloned()
+                    .collect();
+                keys.iter().filter_map(|k| m.remove(k)).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        let mut problems = Vec::new();
+        let mut leftovers = Vec::new();
+        for ns in &plan.namespaces {
+            let Some(path) = ns_path(ns) else {
+                // Nothing holds the namespace any more: its tables and qdiscs went with it.
+                continue;
+            };
+            let path = path.as_deref();
+            let shown = path
+                .map(|p| format!("nsenter --net={} ", p.display()))
+                .unwrap_or_default();
+            if let Err(e) = nft::delete(path, &plan.table).await {
+                problems.push(format!("{}: {e}", ns.label));
+                leftovers.push(format!("{shown}nft delete table inet {}", plan.table));
+            } else if let Ok(Some(_)) = nft::count_rules(path, &plan.table).await {
+                problems.push(format!("{}: table {} is still there", ns.label, plan.table));
+                leftovers.push(format!("{shown}nft delete table inet {}", plan.table));
+            }
+            for dev in &ns.shaped {
+                let ifb = ns
+                    .ifbs
+                    .iter()
+                    .find(|(d, _)| d == dev)
+                    .map(|(_, i)| i.as_str());
+                if let Err(e) = tc::clean(path, dev, ifb).await {
+                    problems.push(format!("{}: {e}", ns.label));
+                    leftovers.push(format!(
+                        "{shown}tc qdisc del dev {dev} root; {shown}tc qdisc del dev {dev} ingress{}",
+                        ifb.map(|i| format!("; {shown}ip link del {i}"))
+                            .unwrap_or_default()
+                    ));
+                }
+            }
+        }
+        // The redirect is gone: the proxy stops accepting and stops delaying.
+        for p in stopped {
+            p.stop();
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(RevertError {
+                message: problems.join("; "),
+                leftover: leftovers.join("; "),
+            })
+        }
+    }
+
+    /// Removes every trace of gpuchaos from one namespace. Returns what it removed.
+    async fn sweep_ns(path: Option<&std::path::Path>) -> Vec<String> {
+        let mut removed = Vec::new();
+        let where_ = path
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "the agent's namespace".into());
+        if let Ok(tables) = nft::own_tables(path).await {
+            for (family, name) in tables {
+                let r = netns::run_tool(
+                    path,
+                    Tool::Nft,
+                    &[
+                        "delete".into(),
+                        "table".into(),
+                        family.clone(),
+                        name.clone(),
+                    ],
+                    None,
+                )
+                .await;
+                match r {
+                    Ok(_) => removed.push(format!("{where_}: nft table {family} {name}")),
+                    Err(e) => tracing::error!(error = %e, "sweep: cannot delete a gpuchaos table"),
+                }
+            }
+        }
+        let Ok(links) = tc::ip(path, &["-j", "link", "show"]).await else {
+            return removed;
+        };
+        let names: Vec<String> = serde_json::from_str::<serde_json::Value>(links.trim())
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|l| l["ifname"].as_str().map(str::to_string))
+            .collect();
+        for dev in names.iter().filter(|n| !n.starts_with(tc::IFB_PREFIX)) {
+            let Ok(qs) = tc::qdiscs(path, dev).await else {
+                continue;
+            };
+            let ours_root = qs.iter().any(|q| q.root && q.handle == tc::ROOT_HANDLE);
+            let ours_ingress = qs.iter().any(|q| q.kind == "ingress")
+                && matches!(tc::ingress_redirects_to(path, dev, "gci*").await, Ok(true));
+            if ours_root && tc::clean(path, dev, None).await.is_ok() {
+                removed.push(format!("{where_}: root qdisc {} on {dev}", tc::ROOT_HANDLE));
+            }
+            if ours_ingress
+                && tc::tc(
+                    path,
+                    &["qdisc", "del", "dev", dev, "ingress"].map(str::to_string),
+                )
+                .await
+                .is_ok()
+            {
+                removed.push(format!("{where_}: ingress qdisc on {dev}"));
+            }
+        }
+        for ifb in names.iter().filter(|n| n.starts_with(tc::IFB_PREFIX)) {
+            if tc::ip(path, &["link", "del", ifb]).await.is_ok() {
+                removed.push(format!("{where_}: ifb {ifb}"));
+            }
+        }
+        removed
+    }
+}
+
+/// Where to run tools for a namespace: Some(None) for the agent's own, Some(path)
+/// for another that still exists, None when it is gone.
+fn ns_path(ns: &NsPlan) -> Option<Option<PathBuf>> {
+    match &ns.netns {
+        None => Some(None),
+        Some(r) => netns::locate(r).map(Some),
+    }
+}
+
+impl FaultDriver for NetworkDriver {
+    fn kind(&self) -> &'static str {
+        "network"
+    }
+
+    fn capability(&self) -> Capability {
+        let c = &self.caps;
+        let mut backends = Vec::new();
+        if c.nft {
+            backends.push("nftables".to_string());
+            backends.push("proxy".to_string());
+        }
+        if c.tc {
+            backends.push("tc".to_string());
+        }
+        if c.tc && c.netem.is_ok() {
+            backends.push("netem".to_string());
+        }
+        let (supported, reason) = if !c.root {
+            (
+                false,
+                "network faults need root (CAP_NET_ADMIN): run the agent as root".to_string(),
+            )
+        } else if !c.nft {
+            (false, Tool::Nft.missing())
+        } else if !c.nsenter {
+            (false, Tool::Nsenter.missing())
+        } else {
+            let mut notes = Vec::new();
+            if let Err(e) = &c.netem {
+                notes.push(format!("{e}: latency uses the userspace proxy (TCP only)"));
+            }
+            if !c.tc {
+                notes.push(format!("{}: no tc shaping", Tool::Tc.missing()));
+            } else if !c.ifb {
+                notes.push("no ifb devices: ingress shaping uses the userspace proxy".into());
+            }
+            (true, notes.join("; "))
+        };
+        Capability {
+            kind: "network",
+            supported,
+            reason,
+            backends,
+        }
+    }
+
+    fn plan(&self, spec: &FaultSpec) -> Result<Plan, AgentError> {
+        let FaultSpec::Network(n) = spec else {
+            return Err(internal("network driver given another kind"));
+        };
+        let shaper = self.shaper(n)?;
+        let seed = n.seed.unwrap_or_else(rand::random);
+        let token = token();
+        let mut namespaces = Vec::new();
+        for (i, (netns, label)) in self.namespaces(n, seed)?.into_iter().enumerate() {
+            let tc_shaped = matches!(shaper, Some(Shaper::Netem | Shaper::Tc));
+            let ifaces = self.interfaces(n, &netns, &label)?;
+            if tc_shaped && ifaces.is_empty() {
+                return Err(AgentError::NoTargets(format!(
+                    "{label} has no interface to shape (only loopback or protected ones): name one with interface:"
+                )));
+            }
+            let (shaped, ifbs) = if tc_shaped {
+                let ifbs = if n.direction().ingress() {
+                    ifaces
+                        .iter()
+                        .enumerate()
+                        .map(|(j, d)| {
+                            (
+                                d.clone(),
+                                format!("{}{token}{}", tc::IFB_PREFIX, i * 10 + j),
+                            )
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                (ifaces, ifbs)
+            } else {
+                (Vec::new(), Vec::new())
+            };
+            if ifbs.iter().any(|(_, i): &(String, String)| i.len() > 15) {
+                return Err(AgentError::NoTargets(format!(
+                    "{label}: too many interfaces to shape at once; name one with interface:"
+                )));
+            }
+            namespaces.push(NsPlan {
+                netns,
+                label,
+                shaped,
+                ifbs,
+            });
+        }
+        let plan = NetPlan {
+            table: format!("{}{token}", nft::TABLE_PREFIX),
+            token,
+            shaper,
+            namespaces,
+            seed,
+        };
+        let mut target = format!(
+            "{} on {}",
+            n.effect(),
+            plan.namespaces
+                .iter()
+                .map(|n| n.label.clone())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        if !n.peers.is_empty() {
+            target.push_str(&format!(" to/from {}", n.peers.join(", ")));
+        }
+        if !n.ports.is_empty() {
+            let ports: Vec<String> = n.ports.iter().map(|p| p.to_string()).collect();
+            target.push_str(&format!(" port {}", ports.join(",")));
+        }
+        Ok(Plan {
+            target,
+            revert: serde_json::to_value(&plan).map_err(internal)?,
+        })
+    }
+
+    fn apply(self: Arc<Self>, ctx: ApplyCtx) -> BoxFut<Result<Applied, String>> {
+        Box::pin(async move {
+            let FaultSpec::Network(spec) = ctx.spec else {
+                return Err("network driver given another kind".into());
+            };
+            let plan: NetPlan =
+                serde_json::from_value(ctx.plan).map_err(|e| format!("bad plan: {e}"))?;
+            let mut per_ns = Vec::new();
+            for ns in &plan.namespaces {
+                per_ns.push(self.apply_ns(&spec, &plan, ns).await?);
+            }
+            let details = Arc::new(Mutex::new(serde_json::json!({
+                "effect": spec.effect(),
+                "direction": format!("{:?}", spec.direction()).to_lowercase(),
+                "backend": plan.shaper.map(|s| format!("{s:?}").to_lowercase()).unwrap_or_else(|| "nftables".into()),
+                "seed": plan.seed,
+                "namespaces": per_ns,
+            })));
+            let background = if plan.shaper == Some(Shaper::Proxy) {
+                // Live proxy counters in the fault's status.
+                let me = Arc::clone(&self);
+                let token = plan.token.clone();
+                let d = Arc::clone(&details);
+                let cancel = ctx.cancel.clone();
+                Some(tokio::spawn(async move {
+                    loop {
+                        let counters = me.proxies.lock().ok().map(|m| {
+                            m.iter()
+                                .filter(|(k, _)| k.starts_with(&format!("{token}/")))
+                                .map(|(_, p)| p.counters.json())
+                                .collect::<Vec<_>>()
+                        });
+                        if let (Some(c), Ok(mut d)) = (counters, d.lock()) {
+                            d["proxy"] = serde_json::json!(c);
+                        }
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        }
+                    }
+                }))
+            } else {
+                None
+            };
+            Ok(Applied {
+                details,
+                background,
+            })
+        })
+    }
+
+    fn revert(self: Arc<Self>, plan: serde_json::Value) -> BoxFut<Result<(), RevertError>> {
+        Box::pin(async move {
+            let plan: NetPlan =
+                serde_json::from_value(plan.clone()).map_err(|e| RevertError {
+                    message: format!("unreadable network plan in the journal: {e}"),
+                    leftover: format!(
+                        "unknown: look for nftables tables named gpuchaos_* (`nft list tables`) and qdisc 4743: (`tc qdisc show`); the plan was {plan}"
+                    ),
+                })?;
+            self.revert_plan(plan).await
+        })
+    }
+
+    fn sweep(self: Arc<Self>, plans: Vec<serde_json::Value>) -> BoxFut<Vec<String>> {
+        Box::pin(async move {
+            if !(self.caps.root && self.caps.nft) {
+                return Vec::new();
+            }
+            let mut paths: Vec<Option<PathBuf>> = vec![None];
+            for p in plans {
+                let Ok(plan) = serde_json::from_value::<NetPlan>(p) else {
+                    continue;
+                };
+                for ns in plan.namespaces {
+                    if let Some(Some(path)) = ns_path(&ns)
+                        && !paths.contains(&Some(path.clone()))
+                    {
+                        paths.push(Some(path));
+                    }
+                }
+            }
+            let mut removed = Vec::new();
+            for p in &paths {
+                removed.extend(Self::sweep_ns(p.as_deref()).await);
+            }
+            removed
+        })
+    }
+}

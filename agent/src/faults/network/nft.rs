@@ -1,0 +1,413 @@
+//! nftables: partitions, loss, and the redirect into the userspace proxy.
+//!
+//! Every fault owns one table, `inet gpuchaos_<token>`, created in one `nft -f`
+//! transaction and removed by one `delete table`: a revert is atomic, and a table
+//! left by a crash is recognisable by its name.
+
+use gpuchaos_proto::spec::{Cidr, Direction, PartitionMode, Protocol};
+use serde_json::Value;
+
+use crate::sys::netns::{CmdError, Tool, run_tool};
+
+/// Every table the agent creates starts with this.
+pub const TABLE_PREFIX: &str = "gpuchaos_";
+/// The mark on the proxy's own upstream connections, which the redirect skips.
+pub const PROXY_MARK: u32 = 0x4743_0001;
+
+/// What the filter chains do to matching packets.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Action {
+    Partition(PartitionMode),
+    /// Drop this percentage of matching packets at random.
+    Loss(f64),
+}
+
+/// Where the proxy listens, per address family and connection role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ProxyPorts {
+    /// Connections opened from this namespace to peers.
+    pub out4: Option<u16>,
+    pub out6: Option<u16>,
+    /// Connections opened by peers into this namespace.
+    pub in4: Option<u16>,
+    pub in6: Option<u16>,
+}
+
+/// Everything one namespace's table says.
+#[derive(Debug, Clone, Default)]
+pub struct Rules {
+    pub table: String,
+    pub direction: Option<Direction>,
+    pub peers: Vec<Cidr>,
+    pub ports: Vec<u16>,
+    pub protocol: Option<Protocol>,
+    /// One interface, or None for every interface but `exclude_ifaces`.
+    pub interface: Option<String>,
+    pub exclude_ifaces: Vec<String>,
+    /// The agent's own TCP ports (gRPC, metrics): never cut, never redirected.
+    pub keep_ports: Vec<u16>,
+    pub actions: Vec<Action>,
+    pub proxy: Option<ProxyPorts>,
+}
+
+fn set<T: std::fmt::Display>(items: &[T]) -> String {
+    let parts: Vec<String> = items.iter().map(|i| i.to_string()).collect();
+    format!("{{ {} }}", parts.join(", "))
+}
+
+fn quoted_set(items: &[String]) -> String {
+    let parts: Vec<String> = items.iter().map(|i| format!("\"{i}\"")).collect();
+    format!("{{ {} }}", parts.join(", "))
+}
+
+impl Rules {
+    fn direction(&self) -> Direction {
+        self.direction.unwrap_or(Direction::Both)
+    }
+
+    /// The interface match for a hook (`iifname` on input, `oifname` on output).
+    fn iface(&self, key: &str) -> String {
+        match &self.interface {
+            Some(i) => format!("{key} \"{i}\" "),
+            None if self.exclude_ifaces.is_empty() => String::new(),
+            None => format!("{key} != {} ", quoted_set(&self.exclude_ifaces)),
+        }
+    }
+
+    /// Address matches: one per family the peers use, or one empty match.
+    fn addrs(&self, key: &str) -> Vec<String> {
+        let v4: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|c| c.is_v4())
+            .map(|c| c.to_string())
+            .collect();
+        let v6: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|c| !c.is_v4())
+            .map(|c| c.to_string())
+            .collect();
+        let mut out = Vec::new();
+        if !v4.is_empty() {
+            out.push(format!("ip {key} {} ", set(&v4)));
+        }
+        if !v6.is_empty() {
+            out.push(format!("ip6 {key} {} ", set(&v6)));
+        }
+        if out.is_empty() {
+            out.push(String::new());
+        }
+        out
+    }
+
+    /// Protocol and port matches: ports at either end, so two matches when ports are given.
+    fn l4(&self) -> Vec<String> {
+        let proto = match self.protocol.unwrap_or(Protocol::All) {
+            Protocol::Tcp => "meta l4proto tcp ".to_string(),
+            Protocol::Udp => "meta l4proto udp ".to_string(),
+            Protocol::Icmp => "meta l4proto { icmp, ipv6-icmp } ".to_string(),
+            Protocol::All if !self.ports.is_empty() => "meta l4proto { tcp, udp } ".to_string(),
+            Protocol::All => String::new(),
+        };
+        if self.ports.is_empty() {
+            return vec![proto];
+        }
+        let p = set(&self.ports);
+        vec![
+            format!("{proto}th dport {p} "),
+            format!("{proto}th sport {p} "),
+        ]
+    }
+
+    fn verdicts(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for a in &self.actions {
+            match a {
+                Action::Partition(PartitionMode::Drop) => out.push("drop".to_string()),
+                Action::Partition(PartitionMode::Reject) => {
+                    // TCP gets a reset, everything else an ICMP unreachable.
+                    out.push("meta l4proto tcp reject with tcp reset".to_string());
+                    out.push("reject with icmpx admin-prohibited".to_string());
+                }
+                Action::Loss(p) => {
+                    let n = (p * 100.0).round() as u32;
+                    out.push(format!("numgen random mod 10000 < {n} drop"));
+                }
+            }
+        }
+        out
+    }
+
+    fn filter_chain(&self, name: &str, hook: &str, iface_key: &str, addr_key: &str) -> String {
+        let mut s = format!(
+            "  chain {name} {{\n    type filter hook {hook} priority -150; policy accept;\n"
+        );
+        if !self.keep_ports.is_empty() {
+            // The agent's own control traffic: a lapsed lease would end the run.
+            let port_key = if hook == "input" { "dport" } else { "sport" };
+            s.push_str(&format!(
+                "    tcp {port_key} {} accept\n",
+                set(&self.keep_ports)
+            ));
+        }
+        let iface = self.iface(iface_key);
+        for addr in self.addrs(addr_key) {
+            for l4 in self.l4() {
+                for v in self.verdicts() {
+                    s.push_str(&format!("    {iface}{addr}{l4}{v}\n"));
+                }
+            }
+        }
+        s.push_str("  }\n");
+        s
+    }
+
+    fn redirect_chain(&self, name: &str, hook: &str, iface_key: &str, addr_key: &str) -> String {
+        let Some(pp) = self.proxy else {
+            return String::new();
+        };
+        let (p4, p6) = if hook == "output" {
+            (pp.out4, pp.out6)
+        } else {
+            (pp.in4, pp.in6)
+        };
+        let mut s = format!(
+            "  chain {name} {{\n    type nat hook {hook} priority -100; policy accept;\n    meta mark {PROXY_MARK:#x} return\n"
+        );
+        if !self.keep_ports.is_empty() {
+            s.push_str(&format!("    tcp dport {} return\n", set(&self.keep_ports)));
+        }
+        let iface = self.iface(iface_key);
+        let ports = if self.ports.is_empty() {
+            String::new()
+        } else {
+            format!("tcp dport {} ", set(&self.ports))
+        };
+        for addr in self.addrs(addr_key) {
+            let fams: Vec<(&str, Option<u16>)> = if addr.starts_with("ip6 ") {
+                vec![("ip6", p6)]
+            } else if addr.starts_with("ip ") {
+                vec![("ip", p4)]
+            } else {
+                vec![("ip", p4), ("ip6", p6)]
+            };
+            for (fam, port) in fams {
+                let Some(port) = port else { continue };
+                s.push_str(&format!(
+                    "    {iface}meta nfproto {} {addr}meta l4proto tcp {ports}redirect to :{port}\n",
+                    if fam == "ip" { "ipv4" } else { "ipv6" }
+                ));
+            }
+        }
+        s.push_str("  }\n");
+        s
+    }
+
+    /// The whole table as one `nft -f` script.
+    pub fn script(&self) -> String {
+        let d = self.direction();
+        let mut s = format!("table inet {} {{\n", self.table);
+        if !self.actions.is_empty() {
+            if d.ingress() {
+                s.push_str(&self.filter_chain("ingress", "input", "iifname", "saddr"));
+            }
+            if d.egress() {
+                s.push_str(&self.filter_chain("egress", "output", "oifname", "daddr"));
+            }
+        }
+        // Both roles are redirected whatever the direction; the proxy delays the
+        // bytes that flow in the fault's direction.
+        s.push_str(&self.redirect_chain("proxy_out", "output", "oifname", "daddr"));
+        s.push_str(&self.redirect_chain("proxy_in", "prerouting", "iifname", "saddr"));
+        s.push_str("}\n");
+        s
+    }
+
+    /// How many rules the script creates (verification counts them back).
+    pub fn rule_count(&self) -> usize {
+        self.script()
+            .lines()
+            .filter(|l| {
+                let t = l.trim();
+                !(t.is_empty()
+                    || t.starts_with("table ")
+                    || t.starts_with("chain ")
+                    || t.starts_with("type ")
+                    || t == "}")
+            })
+            .count()
+    }
+}
+
+/// Creates the table in one transaction. An existing table of the same name (a
+/// retried apply) is replaced: `delete` then `add` in the same transaction.
+pub async fn apply(ns: Option<&std::path::Path>, rules: &Rules) -> Result<(), CmdError> {
+    let script = format!(
+        "table inet {t}\ndelete table inet {t}\n{}",
+        rules.script(),
+        t = rules.table
+    );
+    run_tool(ns, Tool::Nft, &["-f".into(), "-".into()], Some(&script)).await?;
+    Ok(())
+}
+
+/// Reads the table back: the number of rules it holds, or None when it is absent.
+pub async fn count_rules(
+    ns: Option<&std::path::Path>,
+    table: &str,
+) -> Result<Option<usize>, CmdError> {
+    match run_tool(
+        ns,
+        Tool::Nft,
+        &[
+            "-j".into(),
+            "list".into(),
+            "table".into(),
+            "inet".into(),
+            table.into(),
+        ],
+        None,
+    )
+    .await
+    {
+        Ok(out) => {
+            let v: Value = serde_json::from_str(&out).map_err(|e| CmdError {
+                command: format!("nft -j list table inet {table}"),
+                message: format!("unreadable JSON: {e}"),
+            })?;
+            let n = v["nftables"]
+                .as_array()
+                .map(|a| a.iter().filter(|o| o.get("rule").is_some()).count())
+                .unwrap_or(0);
+            Ok(Some(n))
+        }
+        Err(e) if is_missing(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn is_missing(e: &CmdError) -> bool {
+    e.message.contains("No such file or directory") || e.message.contains("does not exist")
+}
+
+/// Deletes the table; absent is fine (idempotent).
+pub async fn delete(ns: Option<&std::path::Path>, table: &str) -> Result<(), CmdError> {
+    match run_tool(
+        ns,
+        Tool::Nft,
+        &["delete".into(), "table".into(), "inet".into(), table.into()],
+        None,
+    )
+    .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if is_missing(&e) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Every gpuchaos table in a namespace, as (family, name).
+pub async fn own_tables(ns: Option<&std::path::Path>) -> Result<Vec<(String, String)>, CmdError> {
+    let out = run_tool(
+        ns,
+        Tool::Nft,
+        &["-j".into(), "list".into(), "tables".into()],
+        None,
+    )
+    .await?;
+    let v: Value = serde_json::from_str(&out).map_err(|e| CmdError {
+        command: "nft -j list tables".into(),
+        message: format!("unreadable JSON: {e}"),
+    })?;
+    Ok(v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o.get("table"))
+        .filter_map(|t| {
+            let name = t["name"].as_str()?;
+            let family = t["family"].as_str()?;
+            name.starts_with(TABLE_PREFIX)
+                .then(|| (family.to_string(), name.to_string()))
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> Rules {
+        Rules {
+            table: "gpuchaos_0badcafe".into(),
+            direction: Some(Direction::Both),
+            peers: vec![
+                Cidr::parse("10.0.0.0/24").unwrap(),
+                Cidr::parse("fd00::1").unwrap(),
+            ],
+            ports: vec![8000],
+            protocol: None,
+            interface: None,
+            exclude_ifaces: vec!["lo".into()],
+            keep_ports: vec![7070],
+            actions: vec![Action::Partition(PartitionMode::Drop)],
+            proxy: None,
+        }
+    }
+
+    #[test]
+    fn partition_covers_both_families_both_ends_and_keeps_the_agent() {
+        let s = rules().script();
+        assert!(s.contains("chain ingress {\n    type filter hook input priority -150; policy accept;\n    tcp dport { 7070 } accept\n"), "{s}");
+        assert!(s.contains("iifname != { \"lo\" } ip saddr { 10.0.0.0/24 } meta l4proto { tcp, udp } th dport { 8000 } drop"), "{s}");
+        assert!(s.contains("oifname != { \"lo\" } ip6 daddr { fd00::1/128 } meta l4proto { tcp, udp } th sport { 8000 } drop"), "{s}");
+        // 2 chains × (1 keep + 2 families × 2 port ends)
+        assert_eq!(rules().rule_count(), 10);
+    }
+
+    #[test]
+    fn one_way_reject_and_loss() {
+        let mut r = rules();
+        r.direction = Some(Direction::Egress);
+        r.peers = vec![Cidr::parse("10.1.0.2").unwrap()];
+        r.ports.clear();
+        r.keep_ports.clear();
+        r.interface = Some("eth0".into());
+        r.actions = vec![Action::Partition(PartitionMode::Reject)];
+        let s = r.script();
+        assert!(!s.contains("hook input"), "{s}");
+        assert!(
+            s.contains(
+                "oifname \"eth0\" ip daddr { 10.1.0.2/32 } meta l4proto tcp reject with tcp reset"
+            ),
+            "{s}"
+        );
+        assert!(
+            s.contains(
+                "oifname \"eth0\" ip daddr { 10.1.0.2/32 } reject with icmpx admin-prohibited"
+            ),
+            "{s}"
+        );
+        r.actions = vec![Action::Loss(30.0)];
+        assert!(r.script().contains("numgen random mod 10000 < 3000 drop"));
+    }
+
+    #[test]
+    fn proxy_redirects_both_roles_and_skips_its_own_connections() {
+        let mut r = rules();
+        r.actions.clear();
+        r.peers = vec![Cidr::parse("10.0.0.0/24").unwrap()];
+        r.proxy = Some(ProxyPorts {
+            out4: Some(40001),
+            in4: Some(40002),
+            ..Default::default()
+        });
+        let s = r.script();
+        assert!(!s.contains("type filter"), "{s}");
+        assert!(s.contains("type nat hook output priority -100; policy accept;\n    meta mark 0x47430001 return\n    tcp dport { 7070 } return\n"), "{s}");
+        assert!(s.contains("oifname != { \"lo\" } meta nfproto ipv4 ip daddr { 10.0.0.0/24 } meta l4proto tcp tcp dport { 8000 } redirect to :40001"), "{s}");
+        assert!(s.contains("iifname != { \"lo\" } meta nfproto ipv4 ip saddr { 10.0.0.0/24 } meta l4proto tcp tcp dport { 8000 } redirect to :40002"), "{s}");
+        assert!(!s.contains("ipv6"), "no v6 listener, no v6 redirect: {s}");
+    }
+}
