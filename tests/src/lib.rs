@@ -15,6 +15,8 @@ use gpuchaos_proto::pb;
 use gpuchaos_proto::pb::agent_client::AgentClient;
 use tonic::transport::Channel;
 
+pub mod netns;
+
 /// A binary of this workspace, from the same target directory as the test.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
@@ -130,6 +132,8 @@ pub struct AgentOpts<'a> {
     pub state_dir: &'a Path,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// Run inside this test namespace (`ip netns` name) instead of the test's own.
+    pub netns: Option<String>,
 }
 
 impl Agent {
@@ -138,6 +142,17 @@ impl Agent {
             state_dir,
             args: vec![],
             env: vec![],
+            netns: None,
+        })
+    }
+
+    /// An agent inside a test namespace (reach it with [`gpuchaos_in`]).
+    pub fn start_in(netns: &str, state_dir: &Path) -> Agent {
+        Self::start_with(AgentOpts {
+            state_dir,
+            args: vec![],
+            env: vec![],
+            netns: Some(netns.to_string()),
         })
     }
 
@@ -146,7 +161,17 @@ impl Agent {
             .state_dir
             .with_extension(format!("log{}", UNIQUE.fetch_add(1, Ordering::Relaxed)));
         let logf = std::fs::File::create(&log).expect("agent log");
-        let mut cmd = Command::new(bin("gpuchaos-agent"));
+        // nsenter execs the agent, so the child is the agent itself (SIGKILL hits it).
+        let mut cmd = match &o.netns {
+            None => Command::new(bin("gpuchaos-agent")),
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}"))
+                    .arg("--")
+                    .arg(bin("gpuchaos-agent"));
+                c
+            }
+        };
         cmd.args([
             "--listen",
             "127.0.0.1:0",
@@ -266,8 +291,22 @@ pub struct CliOut {
 
 /// Runs `gpuchaos ARGS...` to completion.
 pub fn gpuchaos(args: &[&str]) -> CliOut {
-    let out = Command::new(bin("gpuchaos"))
-        .args(args)
+    cli_output(Command::new(bin("gpuchaos")).args(args))
+}
+
+/// Runs `gpuchaos ARGS...` inside a test namespace (where its agent listens).
+pub fn gpuchaos_in(netns: &str, args: &[&str]) -> CliOut {
+    cli_output(
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{netns}"))
+            .arg("--")
+            .arg(bin("gpuchaos"))
+            .args(args),
+    )
+}
+
+fn cli_output(cmd: &mut Command) -> CliOut {
+    let out = cmd
         .stdin(Stdio::null())
         .output()
         .expect("run gpuchaos");

@@ -18,6 +18,7 @@ async fn every_bad_spec_is_refused_and_nothing_is_applied() {
             dir.path().join("policy.yaml").display().to_string(),
         ],
         env: vec![],
+        netns: None,
     });
     let w = Worker::spawn();
     let re = w.cmdline_regex();

@@ -152,6 +152,7 @@ async fn crash_at_each_point_between_intent_and_applied_leaves_nothing() {
             state_dir: &state_dir,
             args: vec![],
             env: vec![("GPUCHAOS_FAILPOINT".into(), point.into())],
+            netns: None,
         });
         let m = marker();
         let workers = [

@@ -28,6 +28,7 @@ async fn only_a_certificate_from_our_ca_gets_in() {
             p(&ours, "ca.pem"),
         ],
         env: vec![],
+        netns: None,
     });
 
     // Plaintext: refused.

@@ -1,0 +1,437 @@
+//! Network faults for real, in network namespaces the tests create (privileged: root,
+//! nftables, tc). Each test builds hosts A, B and C (see `gpuchaos_tests::netns`),
+//! runs the agent inside A (the "node") unless it says otherwise, and talks to it with
+//! the `gpuchaos` CLI run inside A. Nothing touches the machine's own interfaces.
+
+use std::time::{Duration, Instant};
+
+use gpuchaos_tests::netns::*;
+use gpuchaos_tests::*;
+
+/// Root is required; CI runs as root. Skipping is explicit, never silent.
+fn privileged() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var_os("GPUCHAOS_SKIP_PRIVILEGED").is_some() {
+        eprintln!("SKIPPED: not root and GPUCHAOS_SKIP_PRIVILEGED is set");
+        return false;
+    }
+    panic!(
+        "network tests need root (namespaces, nftables, tc): run scripts/test.sh as root, or set GPUCHAOS_SKIP_PRIVILEGED=1 to skip them on purpose"
+    );
+}
+
+/// Injects through the CLI inside `ns`; returns the fault as JSON.
+fn inject_in(ns: &str, agent: &Agent, dir: &std::path::Path, yaml: &str) -> serde_json::Value {
+    let f = spec_file(dir, "net.yaml", yaml);
+    let out = gpuchaos_in(
+        ns,
+        &[
+            "--agent",
+            &agent.grpc,
+            "--output",
+            "json",
+            "inject",
+            "-f",
+            f.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.code, 0, "inject failed: {out:?}\n{}", agent.log_text());
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    let fault = v["faults"][0].clone();
+    assert_eq!(fault["state"], "active", "{fault}");
+    fault
+}
+
+fn revert_in(ns: &str, agent: &Agent, id: &str) {
+    let out = gpuchaos_in(ns, &["--agent", &agent.grpc, "revert", id]);
+    assert_eq!(out.code, 0, "revert failed: {out:?}");
+}
+
+#[test]
+fn partition_cuts_a_from_b_and_spares_c() {
+    if !privileged() {
+        return;
+    }
+    let hosts = Hosts::three();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start_in(&hosts.a, &dir.path().join("state"));
+    let _sb = HttpServer::start(&hosts.b, &format!("{B}:8000"));
+    let _sc = HttpServer::start(&hosts.c, &format!("{C}:8000"));
+    let to_b = format!("{B}:8000");
+    let to_c = format!("{C}:8000");
+    assert!(http_works(&hosts.a, &to_b) && http_works(&hosts.a, &to_c));
+
+    let f = inject_in(
+        &hosts.a,
+        &agent,
+        dir.path(),
+        &format!("kind: network\nduration: 1m\npeers: [\"{B}/32\"]\npartition: drop\n"),
+    );
+    assert!(
+        connect(&hosts.a, &to_b, Duration::from_millis(500)).is_err(),
+        "A reached B through a partition"
+    );
+    assert!(!http_works(&hosts.a, &to_b));
+    assert!(http_works(&hosts.a, &to_c), "A to C must still work");
+    assert!(!http_works(&hosts.b, &format!("{A_TO_B}:9")));
+    let table = f["details"]["namespaces"][0]["nft_table"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        ns_out(&hosts.a, &["nft", "list", "tables"]).contains(table.trim_start_matches("inet ")),
+        "{table}"
+    );
+    revert_in(&hosts.a, &agent, f["id"].as_str().unwrap());
+    assert!(http_works(&hosts.a, &to_b), "revert must restore A to B");
+    assert_eq!(hosts.gpuchaos_state(&hosts.a), Vec::<String>::new());
+
+    // reject: the connect fails at once with a reset instead of timing out.
+    let f = inject_in(
+        &hosts.a,
+        &agent,
+        dir.path(),
+        &format!(
+            "kind: network\nduration: 1m\npeers: [\"{B}\"]\nports: [8000]\npartition: reject\n"
+        ),
+    );
+    let t = Instant::now();
+    let e = connect(&hosts.a, &to_b, Duration::from_secs(3)).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    assert!(t.elapsed() < Duration::from_millis(300), "{:?}", t.elapsed());
+    revert_in(&hosts.a, &agent, f["id"].as_str().unwrap());
+    assert!(http_works(&hosts.a, &to_b));
+}
+
+#[test]
+fn a_one_way_partition_is_one_way() {
+    if !privileged() {
+        return;
+    }
+    let hosts = Hosts::three();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start_in(&hosts.a, &dir.path().join("state"));
+    let b_port = format!("{B}:7001");
+    let a_port = format!("{A_TO_B}:7002");
+    assert_eq!(udp_delivery(&hosts.a, &hosts.b, &b_port, 200), 200);
+
+    let f = inject_in(
+        &hosts.a,
+        &agent,
+        dir.path(),
+        &format!(
+            "kind: network\nduration: 1m\npeers: [\"{B}\"]\ndirection: egress\npartition: drop\n"
+        ),
+    );
+    assert_eq!(udp_delivery(&hosts.a, &hosts.b, &b_port, 200), 0, "A to B must be cut");
+    assert_eq!(udp_delivery(&hosts.b, &hosts.a, &a_port, 200), 200, "B to A must flow");
+    revert_in(&hosts.a, &agent, f["id"].as_str().unwrap());
+
+    let f = inject_in(
+        &hosts.a,
+        &agent,
+        dir.path(),
+        &format!(
+            "kind: network\nduration: 1m\npeers: [\"{B}\"]\ndirection: ingress\npartition: drop\n"
+        ),
+    );
+    assert_eq!(udp_delivery(&hosts.a, &hosts.b, &b_port, 200), 200, "A to B must flow");
+    assert_eq!(udp_delivery(&hosts.b, &hosts.a, &a_port, 200), 0, "B to A must be cut");
+    revert_in(&hosts.a, &agent, f["id"].as_str().unwrap());
+    assert_eq!(udp_delivery(&hosts.b, &hosts.a, &a_port, 200), 200);
+}
+
+#[test]
+fn latency_through_the_userspace_proxy_adds_the_delay() {
+    if !privileged() {
+        return;
+    }
+    let hosts = Hosts::three();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start_in(&hosts.a, &dir.path().join("state"));
+    let _sb = HttpServer::start(&hosts.b, &format!("{B}:8000"));
+    let _sc = HttpServer::start(&hosts.c, &format!("{C}:8000"));
+    let to_b = format!("{B}:8000");
+    let base = median_rtt(&hosts.a, &to_b, 21);
+
+    let f = inject_in(
+        &hosts.a,
+        &agent,
+        dir.path(),
+        &format!(
+            "kind: network\nduration: 1m\npeers: [\"{B}\"]\nports: [8000]\ndirection: egress\nlatency: 100ms\nbackend: proxy\n"
+        ),
+    );
+    assert_eq!(f["details"]["backend"], "proxy", "{f}");
+    let delayed = median_rtt(&hosts.a, &to_b, 11);
+    let added = delayed.saturating_sub(base);
+    eprintln!("round trip: baseline {base:?}, with 100ms egress latency {delayed:?} (+{added:?})");
+    // Tolerance: the added delay is within 100ms -2/+15ms (timer granularity, the
+    // proxy's own hop, a loaded 2-core CI machine).
+    assert!(
+        added >= Duration::from_millis(98) && added <= Duration::from_millis(115),
+        "added {added:?}"
+    );
+    // C is not a peer: untouched.
+    let to_c = format!("{C}:8000");
+    assert!(median_rtt(&hosts.a, &to_c, 5) < Duration::from_millis(20));
+    // Both directions double it.
+    revert_in(&hosts.a, &agent, f["id"].as_str().unwrap());
+    let after = median_rtt(&hosts.a, &to_b, 11);
+    eprintln!("after revert {after:?}");
+    assert!(after < base + Duration::from_millis(10), "after revert {after:?}");
+    let f = inject_in(
+        &hosts.a,
+        &agent,
+        dir.path(),
+        &format!(
+            "kind: network\nduration: 1m\npeers: [\"{B}\"]\nlatency: 50ms\njitter: 5ms\nbackend: proxy\n"
+        ),
+    );
+    let both = median_rtt(&hosts.a, &to_b, 11).saturating_sub(base);
+    eprintln!("50ms ±5ms both ways: +{both:?}");
+    assert!(
+        both >= Duration::from_millis(90) && both <= Duration::from_millis(120),
+        "{both:?}"
+    );
+    revert_in(&hosts.a, &agent, f["id"].as_str().unwrap());
+    assert_eq!(hosts.gpuchaos_state(&hosts.a), Vec::<String>::new());
+}
+
+#[test]
+fn loss_drops_a_share_in_a_sane_band() {
+    if !privileged() {
+        return;
+    }
+    let hosts = Hosts::three();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start_in(&hosts.a, &dir.path().join("state"));
+    let f = inject_in(
+        &hosts.a,
+        &agent,
+        dir.path(),
+        &format!(
+            "kind: network\nduration: 1m\npeers: [\"{B}\"]\nprotocol: udp\ndirection: egress\nloss: 30%\n"
+        ),
+    );
+    let n = 4000;
+    let got = udp_delivery(&hosts.a, &hosts.b, &format!("{B}:7003"), n);
+    let lost = 1.0 - got as f64 / n as f64;
+    eprintln!("30% loss: {got}/{n} delivered, {:.1}% lost", lost * 100.0);
+    // 4000 packets: one standard deviation is 0.7%; the band is ±5% (7σ).
+    assert!((0.25..=0.35).contains(&lost), "lost {lost}");
+    // Other peers and protocols are untouched.
+    assert_eq!(udp_delivery(&hosts.a, &hosts.c, &format!("{C}:7003"), 300), 300);
+    revert_in(&hosts.a, &agent, f["id"].as_str().unwrap());
+    assert_eq!(udp_delivery(&hosts.a, &hosts.b, &format!("{B}:7004"), 300), 300);
+}
+
+#[test]
+fn rate_limit_with_tc_and_ifb_both_ways() {
+    if !privileged() {
+        return;
+    }
+    let hosts = Hosts::three();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start_in(&hosts.a, &dir.path().join("state"));
+    let bulk = BulkServer::start(&hosts.b, &format!("{B}:8100"), 1_000_000);
+    let direct = bulk.fetch_secs(&hosts.a);
+    let f = inject_in(
+        &hosts.a,
+        &agent,
+        dir.path(),
+        "kind: network\nduration: 1m\ninterface: to-b\nrate: 8mbit\n",
+    );
+    assert_eq!(f["details"]["backend"], "tc", "{f}");
+    let state = hosts.gpuchaos_state(&hosts.a);
+    assert!(state.iter().any(|l| l.contains("htb 4743: dev to-b root")), "{state:?}");
+    assert!(state.iter().any(|l| l.contains("dev gci")), "{state:?}");
+    let secs = bulk.fetch_secs(&hosts.a);
+    let mbit = 8.0 / secs;
+    eprintln!("1 MB from B: direct {direct:.3}s, at 8mbit {secs:.3}s = {mbit:.2} Mbit/s");
+    assert!((6.0..=8.8).contains(&mbit), "{mbit} Mbit/s");
+    revert_in(&hosts.a, &agent, f["id"].as_str().unwrap());
+    assert_eq!(hosts.gpuchaos_state(&hosts.a), Vec::<String>::new());
+    assert!(bulk.fetch_secs(&hosts.a) < 0.5);
+}
+
+#[test]
+fn a_workload_fault_stays_in_the_workload_namespace() {
+    if !privileged() {
+        return;
+    }
+    let mut hosts = Hosts::three();
+    let dir = tempfile::tempdir().unwrap();
+    // The agent runs in the test's own namespace; the workload lives in A.
+    let agent = Agent::start(&dir.path().join("state"));
+    let m = marker();
+    let a = hosts.a.clone();
+    let pid = hosts.spawn(&a, "sleep", &[&format!("86400.{m}")]);
+    let _sa = HttpServer::start(&hosts.a, &format!("{A_TO_B}:8000"));
+    let _sa2 = HttpServer::start(&hosts.a, &format!("{A_TO_B}:8001"));
+    let to_a = format!("{A_TO_B}:8000");
+    assert!(http_works(&hosts.b, &to_a));
+    let before_root = std::process::Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+
+    let spec = spec_file(
+        dir.path(),
+        "w.yaml",
+        &format!(
+            "kind: network\nduration: 1m\ntarget: {{netns_of: {{cmdline: '^sleep 86400\\.{m}$'}}}}\nports: [8000]\npartition: drop\n"
+        ),
+    );
+    let out = gpuchaos(&[
+        "--agent",
+        &agent.grpc,
+        "--output",
+        "json",
+        "inject",
+        "-f",
+        spec.to_str().unwrap(),
+    ]);
+    assert_eq!(out.code, 0, "{out:?}\n{}", agent.log_text());
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let f = &v["faults"][0];
+    assert!(
+        f["target"].as_str().unwrap().contains(&format!("netns of pid {pid}")),
+        "{f}"
+    );
+    let table = f["details"]["namespaces"][0]["nft_table"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("inet ")
+        .to_string();
+    assert!(!http_works(&hosts.b, &to_a), "B reached A:8000 through the fault");
+    assert!(http_works(&hosts.b, &format!("{A_TO_B}:8001")), "port 8001 is not in the fault");
+    assert!(ns_out(&hosts.a, &["nft", "list", "tables"]).contains(&table));
+    assert_eq!(hosts.gpuchaos_state(&hosts.b), Vec::<String>::new());
+    let root = std::process::Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    assert!(!root.contains(&table), "the root namespace got the table: {root}");
+    assert_eq!(before_root, root, "the root namespace's tables changed");
+
+    let out = gpuchaos(&["--agent", &agent.grpc, "revert", f["id"].as_str().unwrap()]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(http_works(&hosts.b, &to_a));
+    assert_eq!(hosts.gpuchaos_state(&hosts.a), Vec::<String>::new());
+}
+
+#[test]
+fn sigkill_with_faults_active_leaves_nothing_after_restart() {
+    if !privileged() {
+        return;
+    }
+    let hosts = Hosts::three();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut agent = Agent::start_in(&hosts.a, &state);
+    let _sb = HttpServer::start(&hosts.b, &format!("{B}:8000"));
+    let _sc = HttpServer::start(&hosts.c, &format!("{C}:8000"));
+    inject_in(
+        &hosts.a,
+        &agent,
+        dir.path(),
+        &format!("kind: network\nduration: 10m\npeers: [\"{C}\"]\npartition: drop\n"),
+    );
+    inject_in(
+        &hosts.a,
+        &agent,
+        dir.path(),
+        &format!(
+            "kind: network\nduration: 10m\npeers: [\"{B}\"]\nports: [8000]\nlatency: 200ms\nbackend: proxy\n"
+        ),
+    );
+    inject_in(
+        &hosts.a,
+        &agent,
+        dir.path(),
+        "kind: network\nduration: 10m\ninterface: to-b\nrate: 1mbit\n",
+    );
+    agent.kill9();
+    // The kernel state outlives the agent: that is what recovery is for.
+    let left = hosts.gpuchaos_state(&hosts.a);
+    assert!(left.len() >= 4, "expected tables, qdiscs and an ifb: {left:?}");
+    assert!(!http_works(&hosts.a, &format!("{C}:8000")));
+
+    let agent = Agent::start_in(&hosts.a, &state);
+    for ns in hosts.all() {
+        assert_eq!(
+            hosts.gpuchaos_state(ns),
+            Vec::<String>::new(),
+            "{ns} after restart"
+        );
+    }
+    assert!(http_works(&hosts.a, &format!("{B}:8000")));
+    assert!(http_works(&hosts.a, &format!("{C}:8000")));
+    assert!(median_rtt(&hosts.a, &format!("{B}:8000"), 5) < Duration::from_millis(50));
+    assert_eq!(agent.open_intents(), 0);
+    assert!(agent.log_text().contains("start-up recovery"));
+}
+
+#[tokio::test]
+async fn bad_network_input_is_refused_and_nothing_is_applied() {
+    if !privileged() {
+        return;
+    }
+    let mut hosts = Hosts::three();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("state"));
+    let cases = [
+        ("kind: network\nduration: 1m\npeers: [\"10.0.0.0/33\"]\npartition: drop\n", "peers[0]: \"10.0.0.0/33\": the prefix length must be a number from 0 to 32"),
+        ("kind: network\nduration: 1m\npeers: [\"10.0.0.300\"]\npartition: drop\n", "is not an IP address or CIDR"),
+        ("kind: network\nduration: 1m\nports: [0]\npartition: drop\n", "ports[0]: port 0 is out of range"),
+        ("kind: network\nduration: 1m\nports: [70000]\npartition: drop\n", "ports[0]: port 70000 is out of range"),
+        ("kind: network\nduration: 1m\nloss: 130%\n", "loss: 130% is out of range"),
+        ("kind: network\nduration: 1m\ninterface: nosuchif0\npartition: drop\n", "interface: \"nosuchif0\" does not exist in node; it has "),
+        ("kind: network\nduration: 1m\ninterface: \"bad/name\"\npartition: drop\n", "is not an interface name"),
+    ];
+    for (yaml, want) in cases {
+        let f = spec_file(dir.path(), "bad.yaml", yaml);
+        let out = gpuchaos(&["--agent", &agent.grpc, "inject", "-f", f.to_str().unwrap()]);
+        assert_eq!(out.code, 64, "{yaml}: {out:?}");
+        assert!(out.stderr.contains(want), "{yaml}: want {want:?} in {}", out.stderr);
+    }
+    // The agent checks on its own too (a client that skips validation).
+    let mut c = agent.client().await;
+    let e = c
+        .inject(gpuchaos_proto::pb::InjectRequest {
+            spec_json: r#"{"kind":"network","duration":"1m","peers":["banana"],"ports":[70000],"partition":"drop"}"#.into(),
+            session_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("peers[0]") && e.message().contains("ports[0]"), "{e}");
+
+    // The namespace of a process that has exited.
+    let a = hosts.a.clone();
+    let pid = hosts.spawn(&a, "sleep", &["86400"]);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(2), || is_gone(pid));
+    let f = spec_file(
+        dir.path(),
+        "gone.yaml",
+        &format!("kind: network\nduration: 1m\ntarget: {{netns_of: {{pid: {pid}}}}}\npartition: drop\n"),
+    );
+    let out = gpuchaos(&["--agent", &agent.grpc, "inject", "-f", f.to_str().unwrap()]);
+    assert_eq!(out.code, 64, "{out:?}");
+    assert!(out.stderr.contains(&format!("no process with pid {pid}")), "{}", out.stderr);
+
+    assert!(faults(&mut c, true).await.is_empty(), "nothing may have been applied");
+    for ns in hosts.all() {
+        assert_eq!(hosts.gpuchaos_state(ns), Vec::<String>::new());
+    }
+}
