@@ -4,14 +4,19 @@
 #
 #   bash scripts/test.sh
 #
-# Needs root for the system packages; the tests themselves signal only processes
-# they start, on loopback.
+# Needs root: for the system packages, and for the network tests, which build their
+# own hosts in network namespaces (ip netns, veth) and run nftables and tc inside
+# them only. The other tests signal only processes they start, on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_pkgs=()
 command -v pgrep >/dev/null || need_pkgs+=(procps)
 command -v sleep >/dev/null || need_pkgs+=(coreutils)
+# The network fault kind and its tests: nft, tc and ip, nsenter and unshare.
+command -v nft >/dev/null || need_pkgs+=(nftables)
+command -v tc >/dev/null || need_pkgs+=(iproute2)
+command -v nsenter >/dev/null || need_pkgs+=(util-linux)
 if ((${#need_pkgs[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "missing ${need_pkgs[*]}: install them (as root: apt-get install ${need_pkgs[*]})" >&2

@@ -306,10 +306,7 @@ pub fn gpuchaos_in(netns: &str, args: &[&str]) -> CliOut {
 }
 
 fn cli_output(cmd: &mut Command) -> CliOut {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .expect("run gpuchaos");
+    let out = cmd.stdin(Stdio::null()).output().expect("run gpuchaos");
     CliOut {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

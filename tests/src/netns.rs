@@ -187,7 +187,9 @@ pub struct HttpServer {
 impl HttpServer {
     pub fn start(ns: &str, addr: &str) -> HttpServer {
         let addr: SocketAddr = addr.parse().expect("addr");
-        let listener = in_ns(ns, move || TcpListener::bind(addr).expect("bind in namespace"));
+        let listener = in_ns(ns, move || {
+            TcpListener::bind(addr).expect("bind in namespace")
+        });
         let addr = listener.local_addr().expect("local addr");
         let stop = Arc::new(AtomicBool::new(false));
         let s = Arc::clone(&stop);
@@ -229,8 +231,7 @@ fn serve(conn: TcpStream) {
                 break;
             }
         }
-        if w
-            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        if w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
             .is_err()
         {
             return;
@@ -279,9 +280,7 @@ pub fn http_works(ns: &str, to: &str) -> bool {
 /// The median of `n` request round trips on one new connection from `ns`.
 pub fn median_rtt(ns: &str, to: &str, n: usize) -> Duration {
     let mut s = connect(ns, to, Duration::from_secs(5)).expect("connect");
-    let mut v: Vec<Duration> = (0..n)
-        .map(|_| http_get(&mut s).expect("request"))
-        .collect();
+    let mut v: Vec<Duration> = (0..n).map(|_| http_get(&mut s).expect("request")).collect();
     v.sort();
     v[n / 2]
 }
@@ -290,7 +289,9 @@ pub fn median_rtt(ns: &str, to: &str, n: usize) -> Duration {
 /// the receiving socket bound in `to_ns`.
 pub fn udp_delivery(from_ns: &str, to_ns: &str, to: &str, n: usize) -> usize {
     let to: SocketAddr = to.parse().expect("addr");
-    let rx = in_ns(to_ns, move || std::net::UdpSocket::bind(to).expect("bind udp"));
+    let rx = in_ns(to_ns, move || {
+        std::net::UdpSocket::bind(to).expect("bind udp")
+    });
     rx.set_read_timeout(Some(Duration::from_millis(300))).ok();
     // Read while sending: a socket buffer holds only a few hundred datagrams.
     let reader = std::thread::spawn(move || {
@@ -322,7 +323,9 @@ pub struct BulkServer {
 impl BulkServer {
     pub fn start(ns: &str, addr: &str, bytes: usize) -> BulkServer {
         let addr: SocketAddr = addr.parse().expect("addr");
-        let listener = in_ns(ns, move || TcpListener::bind(addr).expect("bind in namespace"));
+        let listener = in_ns(ns, move || {
+            TcpListener::bind(addr).expect("bind in namespace")
+        });
         let addr = listener.local_addr().expect("local addr");
         std::thread::spawn(move || {
             for conn in listener.incoming() {

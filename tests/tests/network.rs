@@ -100,7 +100,11 @@ fn partition_cuts_a_from_b_and_spares_c() {
     let t = Instant::now();
     let e = connect(&hosts.a, &to_b, Duration::from_secs(3)).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
-    assert!(t.elapsed() < Duration::from_millis(300), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
     revert_in(&hosts.a, &agent, f["id"].as_str().unwrap());
     assert!(http_works(&hosts.a, &to_b));
 }
@@ -125,8 +129,16 @@ fn a_one_way_partition_is_one_way() {
             "kind: network\nduration: 1m\npeers: [\"{B}\"]\ndirection: egress\npartition: drop\n"
         ),
     );
-    assert_eq!(udp_delivery(&hosts.a, &hosts.b, &b_port, 200), 0, "A to B must be cut");
-    assert_eq!(udp_delivery(&hosts.b, &hosts.a, &a_port, 200), 200, "B to A must flow");
+    assert_eq!(
+        udp_delivery(&hosts.a, &hosts.b, &b_port, 200),
+        0,
+        "A to B must be cut"
+    );
+    assert_eq!(
+        udp_delivery(&hosts.b, &hosts.a, &a_port, 200),
+        200,
+        "B to A must flow"
+    );
     revert_in(&hosts.a, &agent, f["id"].as_str().unwrap());
 
     let f = inject_in(
@@ -137,8 +149,16 @@ fn a_one_way_partition_is_one_way() {
             "kind: network\nduration: 1m\npeers: [\"{B}\"]\ndirection: ingress\npartition: drop\n"
         ),
     );
-    assert_eq!(udp_delivery(&hosts.a, &hosts.b, &b_port, 200), 200, "A to B must flow");
-    assert_eq!(udp_delivery(&hosts.b, &hosts.a, &a_port, 200), 0, "B to A must be cut");
+    assert_eq!(
+        udp_delivery(&hosts.a, &hosts.b, &b_port, 200),
+        200,
+        "A to B must flow"
+    );
+    assert_eq!(
+        udp_delivery(&hosts.b, &hosts.a, &a_port, 200),
+        0,
+        "B to A must be cut"
+    );
     revert_in(&hosts.a, &agent, f["id"].as_str().unwrap());
     assert_eq!(udp_delivery(&hosts.b, &hosts.a, &a_port, 200), 200);
 }
@@ -181,7 +201,10 @@ fn latency_through_the_userspace_proxy_adds_the_delay() {
     revert_in(&hosts.a, &agent, f["id"].as_str().unwrap());
     let after = median_rtt(&hosts.a, &to_b, 11);
     eprintln!("after revert {after:?}");
-    assert!(after < base + Duration::from_millis(10), "after revert {after:?}");
+    assert!(
+        after < base + Duration::from_millis(10),
+        "after revert {after:?}"
+    );
     let f = inject_in(
         &hosts.a,
         &agent,
@@ -223,9 +246,15 @@ fn loss_drops_a_share_in_a_sane_band() {
     // 4000 packets: one standard deviation is 0.7%; the band is ±5% (7σ).
     assert!((0.25..=0.35).contains(&lost), "lost {lost}");
     // Other peers and protocols are untouched.
-    assert_eq!(udp_delivery(&hosts.a, &hosts.c, &format!("{C}:7003"), 300), 300);
+    assert_eq!(
+        udp_delivery(&hosts.a, &hosts.c, &format!("{C}:7003"), 300),
+        300
+    );
     revert_in(&hosts.a, &agent, f["id"].as_str().unwrap());
-    assert_eq!(udp_delivery(&hosts.a, &hosts.b, &format!("{B}:7004"), 300), 300);
+    assert_eq!(
+        udp_delivery(&hosts.a, &hosts.b, &format!("{B}:7004"), 300),
+        300
+    );
 }
 
 #[test]
@@ -246,7 +275,10 @@ fn rate_limit_with_tc_and_ifb_both_ways() {
     );
     assert_eq!(f["details"]["backend"], "tc", "{f}");
     let state = hosts.gpuchaos_state(&hosts.a);
-    assert!(state.iter().any(|l| l.contains("htb 4743: dev to-b root")), "{state:?}");
+    assert!(
+        state.iter().any(|l| l.contains("htb 4743: dev to-b root")),
+        "{state:?}"
+    );
     assert!(state.iter().any(|l| l.contains("dev gci")), "{state:?}");
     let secs = bulk.fetch_secs(&hosts.a);
     let mbit = 8.0 / secs;
@@ -299,7 +331,10 @@ fn a_workload_fault_stays_in_the_workload_namespace() {
     let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     let f = &v["faults"][0];
     assert!(
-        f["target"].as_str().unwrap().contains(&format!("netns of pid {pid}")),
+        f["target"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("netns of pid {pid}")),
         "{f}"
     );
     let table = f["details"]["namespaces"][0]["nft_table"]
@@ -307,8 +342,14 @@ fn a_workload_fault_stays_in_the_workload_namespace() {
         .unwrap()
         .trim_start_matches("inet ")
         .to_string();
-    assert!(!http_works(&hosts.b, &to_a), "B reached A:8000 through the fault");
-    assert!(http_works(&hosts.b, &format!("{A_TO_B}:8001")), "port 8001 is not in the fault");
+    assert!(
+        !http_works(&hosts.b, &to_a),
+        "B reached A:8000 through the fault"
+    );
+    assert!(
+        http_works(&hosts.b, &format!("{A_TO_B}:8001")),
+        "port 8001 is not in the fault"
+    );
     assert!(ns_out(&hosts.a, &["nft", "list", "tables"]).contains(&table));
     assert_eq!(hosts.gpuchaos_state(&hosts.b), Vec::<String>::new());
     let root = std::process::Command::new("nft")
@@ -316,7 +357,10 @@ fn a_workload_fault_stays_in_the_workload_namespace() {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    assert!(!root.contains(&table), "the root namespace got the table: {root}");
+    assert!(
+        !root.contains(&table),
+        "the root namespace got the table: {root}"
+    );
     assert_eq!(before_root, root, "the root namespace's tables changed");
 
     let out = gpuchaos(&["--agent", &agent.grpc, "revert", f["id"].as_str().unwrap()]);
@@ -359,7 +403,10 @@ fn sigkill_with_faults_active_leaves_nothing_after_restart() {
     agent.kill9();
     // The kernel state outlives the agent: that is what recovery is for.
     let left = hosts.gpuchaos_state(&hosts.a);
-    assert!(left.len() >= 4, "expected tables, qdiscs and an ifb: {left:?}");
+    assert!(
+        left.len() >= 4,
+        "expected tables, qdiscs and an ifb: {left:?}"
+    );
     assert!(!http_works(&hosts.a, &format!("{C}:8000")));
 
     let agent = Agent::start_in(&hosts.a, &state);
@@ -386,19 +433,44 @@ async fn bad_network_input_is_refused_and_nothing_is_applied() {
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(&dir.path().join("state"));
     let cases = [
-        ("kind: network\nduration: 1m\npeers: [\"10.0.0.0/33\"]\npartition: drop\n", "peers[0]: \"10.0.0.0/33\": the prefix length must be a number from 0 to 32"),
-        ("kind: network\nduration: 1m\npeers: [\"10.0.0.300\"]\npartition: drop\n", "is not an IP address or CIDR"),
-        ("kind: network\nduration: 1m\nports: [0]\npartition: drop\n", "ports[0]: port 0 is out of range"),
-        ("kind: network\nduration: 1m\nports: [70000]\npartition: drop\n", "ports[0]: port 70000 is out of range"),
-        ("kind: network\nduration: 1m\nloss: 130%\n", "loss: 130% is out of range"),
-        ("kind: network\nduration: 1m\ninterface: nosuchif0\npartition: drop\n", "interface: \"nosuchif0\" does not exist in node; it has "),
-        ("kind: network\nduration: 1m\ninterface: \"bad/name\"\npartition: drop\n", "is not an interface name"),
+        (
+            "kind: network\nduration: 1m\npeers: [\"10.0.0.0/33\"]\npartition: drop\n",
+            "peers[0]: \"10.0.0.0/33\": the prefix length must be a number from 0 to 32",
+        ),
+        (
+            "kind: network\nduration: 1m\npeers: [\"10.0.0.300\"]\npartition: drop\n",
+            "is not an IP address or CIDR",
+        ),
+        (
+            "kind: network\nduration: 1m\nports: [0]\npartition: drop\n",
+            "ports[0]: port 0 is out of range",
+        ),
+        (
+            "kind: network\nduration: 1m\nports: [70000]\npartition: drop\n",
+            "ports[0]: port 70000 is out of range",
+        ),
+        (
+            "kind: network\nduration: 1m\nloss: 130%\n",
+            "loss: 130% is out of range",
+        ),
+        (
+            "kind: network\nduration: 1m\ninterface: nosuchif0\npartition: drop\n",
+            "interface: \"nosuchif0\" does not exist in node; it has ",
+        ),
+        (
+            "kind: network\nduration: 1m\ninterface: \"bad/name\"\npartition: drop\n",
+            "is not an interface name",
+        ),
     ];
     for (yaml, want) in cases {
         let f = spec_file(dir.path(), "bad.yaml", yaml);
         let out = gpuchaos(&["--agent", &agent.grpc, "inject", "-f", f.to_str().unwrap()]);
         assert_eq!(out.code, 64, "{yaml}: {out:?}");
-        assert!(out.stderr.contains(want), "{yaml}: want {want:?} in {}", out.stderr);
+        assert!(
+            out.stderr.contains(want),
+            "{yaml}: want {want:?} in {}",
+            out.stderr
+        );
     }
     // The agent checks on its own too (a client that skips validation).
     let mut c = agent.client().await;
@@ -410,7 +482,10 @@ async fn bad_network_input_is_refused_and_nothing_is_applied() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
-    assert!(e.message().contains("peers[0]") && e.message().contains("ports[0]"), "{e}");
+    assert!(
+        e.message().contains("peers[0]") && e.message().contains("ports[0]"),
+        "{e}"
+    );
 
     // The namespace of a process that has exited.
     let a = hosts.a.clone();
@@ -424,14 +499,89 @@ async fn bad_network_input_is_refused_and_nothing_is_applied() {
     let f = spec_file(
         dir.path(),
         "gone.yaml",
-        &format!("kind: network\nduration: 1m\ntarget: {{netns_of: {{pid: {pid}}}}}\npartition: drop\n"),
+        &format!(
+            "kind: network\nduration: 1m\ntarget: {{netns_of: {{pid: {pid}}}}}\npartition: drop\n"
+        ),
     );
     let out = gpuchaos(&["--agent", &agent.grpc, "inject", "-f", f.to_str().unwrap()]);
     assert_eq!(out.code, 64, "{out:?}");
-    assert!(out.stderr.contains(&format!("no process with pid {pid}")), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!("no process with pid {pid}")),
+        "{}",
+        out.stderr
+    );
 
-    assert!(faults(&mut c, true).await.is_empty(), "nothing may have been applied");
+    assert!(
+        faults(&mut c, true).await.is_empty(),
+        "nothing may have been applied"
+    );
     for ns in hosts.all() {
         assert_eq!(hosts.gpuchaos_state(ns), Vec::<String>::new());
+    }
+}
+
+/// netem where the kernel has it (production kernels); where it does not (this
+/// project's CI kernel), the agent says so, refuses backend netem with the reason,
+/// and auto falls back to the proxy. Either way the test checks something real.
+#[test]
+fn latency_with_netem_where_the_kernel_has_it() {
+    if !privileged() {
+        return;
+    }
+    let netem = std::process::Command::new("unshare")
+        .args([
+            "-n", "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms",
+        ])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    let hosts = Hosts::three();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start_in(&hosts.a, &dir.path().join("state"));
+    let _sb = HttpServer::start(&hosts.b, &format!("{B}:8000"));
+    let to_b = format!("{B}:8000");
+    let status = gpuchaos_in(&hosts.a, &["--agent", &agent.grpc, "status"]);
+    let yaml = format!(
+        "kind: network\nduration: 1m\npeers: [\"{B}\"]\ndirection: egress\nlatency: 100ms\nbackend: netem\n"
+    );
+    if netem {
+        eprintln!("this kernel has netem: testing the netem backend");
+        assert!(status.stdout.contains("netem"), "{}", status.stdout);
+        let base = median_rtt(&hosts.a, &to_b, 11);
+        let f = inject_in(&hosts.a, &agent, dir.path(), &yaml);
+        assert_eq!(f["details"]["backend"], "netem", "{f}");
+        assert!(ns_out(&hosts.a, &["tc", "qdisc", "show", "dev", "to-b"]).contains("netem 4744:"));
+        let added = median_rtt(&hosts.a, &to_b, 11).saturating_sub(base);
+        assert!(
+            added >= Duration::from_millis(98) && added <= Duration::from_millis(115),
+            "{added:?}"
+        );
+        revert_in(&hosts.a, &agent, f["id"].as_str().unwrap());
+        assert_eq!(hosts.gpuchaos_state(&hosts.a), Vec::<String>::new());
+    } else {
+        eprintln!("this kernel has no netem: checking that the agent says so and falls back");
+        assert!(status.stdout.contains("no netem"), "{}", status.stdout);
+        let f = spec_file(dir.path(), "netem.yaml", &yaml);
+        let out = gpuchaos_in(
+            &hosts.a,
+            &["--agent", &agent.grpc, "inject", "-f", f.to_str().unwrap()],
+        );
+        assert_eq!(out.code, 64, "{out:?}");
+        assert!(
+            out.stderr
+                .contains("backend netem is not available on this node")
+                && out.stderr.contains("use backend: proxy"),
+            "{}",
+            out.stderr
+        );
+        assert_eq!(hosts.gpuchaos_state(&hosts.a), Vec::<String>::new());
+        let f = inject_in(
+            &hosts.a,
+            &agent,
+            dir.path(),
+            &yaml.replace("backend: netem", "backend: auto"),
+        );
+        assert_eq!(f["details"]["backend"], "proxy", "{f}");
+        revert_in(&hosts.a, &agent, f["id"].as_str().unwrap());
     }
 }

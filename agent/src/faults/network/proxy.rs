@@ -301,7 +301,11 @@ async fn pipe(
             } else {
                 Instant::now()
             };
-            tokio::time::sleep_until(when).await;
+            // The timer has millisecond ticks: never wait on it for a time that has
+            // already come (a rate that does not bind, a delay already served).
+            if when > Instant::now() {
+                tokio::time::sleep_until(when).await;
+            }
             to.write_all(&chunk).await?;
             bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             if let (Some(rate), true) = (shaping.rate_bps, shaping_on) {
