@@ -172,19 +172,16 @@ impl Agent {
                 c
             }
         };
-        cmd.args([
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--state-dir",
-        ])
-        .arg(o.state_dir)
-        .args(&o.args)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(logf));
+        if !o.args.iter().any(|a| a == "--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.args(["--metrics-listen", "127.0.0.1:0", "--state-dir"])
+            .arg(o.state_dir)
+            .args(&o.args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(logf));
         for (k, v) in &o.env {
             cmd.env(k, v);
         }

@@ -585,3 +585,176 @@ fn latency_with_netem_where_the_kernel_has_it() {
         revert_in(&hosts.a, &agent, f["id"].as_str().unwrap());
     }
 }
+
+/// A partition of the whole node (every peer, every port, both ways) during a
+/// `gpuchaos run` whose controller reaches the agent over that same network, with
+/// mutual TLS and a 1 s lease: the agent's own port stays outside the rules, so the
+/// lease holds, the fault ends on its duration, and the run measures the recovery.
+#[test]
+fn a_node_wide_partition_spares_the_controller_during_a_run() {
+    if !privileged() {
+        return;
+    }
+    let hosts = Hosts::three();
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let out = gpuchaos(&["certs", "--out", certs.to_str().unwrap(), "--san", A_TO_B]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let p = |f: &str| certs.join(f).display().to_string();
+    let agent = Agent::start_with(AgentOpts {
+        state_dir: &dir.path().join("state"),
+        args: vec![
+            "--listen".into(),
+            format!("{A_TO_B}:7443"),
+            "--tls-cert".into(),
+            p("agent.pem"),
+            "--tls-key".into(),
+            p("agent-key.pem"),
+            "--tls-ca".into(),
+            p("ca.pem"),
+        ],
+        env: vec![],
+        netns: Some(hosts.a.clone()),
+    });
+    let _svc = HttpServer::start(&hosts.a, &format!("{A_TO_B}:8000"));
+    let exp = format!(
+        r#"
+metadata: {{name: node-partition}}
+agents: [{{name: node-a, address: "{A_TO_B}:7443"}}]
+tls: {{ca: "{ca}", cert: "{cert}", key: "{key}"}}
+lease: 1s
+probes:
+  - name: service
+    interval: 100ms
+    timeout: 300ms
+    http: {{url: "http://{A_TO_B}:8000/"}}
+steady_state: {{probes: [service], duration: 300ms, timeout: 10s}}
+method:
+  - name: cut the node off
+    fault: {{kind: network, duration: 3s, partition: drop}}
+objectives:
+  - rto: {{probe: service, limit: 10s}}
+"#,
+        ca = p("ca.pem"),
+        cert = p("controller.pem"),
+        key = p("controller-key.pem"),
+    );
+    let file = spec_file(dir.path(), "partition.yaml", &exp);
+    let reports = dir.path().join("reports");
+    let out = gpuchaos_in(
+        &hosts.b,
+        &[
+            "run",
+            file.to_str().unwrap(),
+            "--report-dir",
+            reports.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        out.code,
+        0,
+        "{}\n{}\n{}",
+        out.stdout,
+        out.stderr,
+        agent.log_text()
+    );
+    assert!(!out.stderr.contains("lease"), "{}", out.stderr);
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(reports.join("journal.json")).unwrap())
+            .unwrap();
+    let fault = &j["trials"][0]["faults"][0];
+    assert_eq!(fault["end_reason"], "duration", "{fault}");
+    let samples = j["samples"].as_array().unwrap();
+    let failed = samples.iter().filter(|s| s["ok"] == false).count();
+    assert!(
+        failed >= 10,
+        "the service must have been cut off: {failed} failed samples"
+    );
+    assert!(!agent.log_text().contains("lease lapsed"));
+    assert_eq!(hosts.gpuchaos_state(&hosts.a), Vec::<String>::new());
+}
+
+/// Killed after the table went in but before the fault was journaled as applied:
+/// the intent (journaled first) names the table, and the next start removes it.
+#[test]
+fn a_crash_between_nft_and_the_journal_is_recovered() {
+    if !privileged() {
+        return;
+    }
+    let hosts = Hosts::three();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut agent = Agent::start_with(AgentOpts {
+        state_dir: &state,
+        args: vec![],
+        env: vec![("GPUCHAOS_FAILPOINT".into(), "network-after-nft".into())],
+        netns: Some(hosts.a.clone()),
+    });
+    let f = spec_file(
+        dir.path(),
+        "p.yaml",
+        &format!("kind: network\nduration: 10m\npeers: [\"{C}\"]\npartition: drop\n"),
+    );
+    let out = gpuchaos_in(
+        &hosts.a,
+        &["--agent", &agent.grpc, "inject", "-f", f.to_str().unwrap()],
+    );
+    assert_ne!(out.code, 0, "the agent should have died: {out:?}");
+    agent.wait();
+    assert!(
+        ns_out(&hosts.a, &["nft", "list", "tables"]).contains("gpuchaos_"),
+        "the failpoint is after nft: the table must be there"
+    );
+    assert_eq!(open_intents(&state), 1);
+    let agent = Agent::start_in(&hosts.a, &state);
+    assert_eq!(hosts.gpuchaos_state(&hosts.a), Vec::<String>::new());
+    assert_eq!(agent.open_intents(), 0);
+}
+
+/// The policy's protected interfaces: never named, never matched.
+#[test]
+fn protected_interfaces_are_left_alone() {
+    if !privileged() {
+        return;
+    }
+    let hosts = Hosts::three();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, "protected_interfaces: [to-b]\n").unwrap();
+    let agent = Agent::start_with(AgentOpts {
+        state_dir: &dir.path().join("state"),
+        args: vec!["--policy".into(), policy.display().to_string()],
+        env: vec![],
+        netns: Some(hosts.a.clone()),
+    });
+    let _sb = HttpServer::start(&hosts.b, &format!("{B}:8000"));
+    let _sc = HttpServer::start(&hosts.c, &format!("{C}:8000"));
+    let f = spec_file(
+        dir.path(),
+        "p.yaml",
+        "kind: network\nduration: 1m\ninterface: to-b\npartition: drop\n",
+    );
+    let out = gpuchaos_in(
+        &hosts.a,
+        &["--agent", &agent.grpc, "inject", "-f", f.to_str().unwrap()],
+    );
+    assert_eq!(out.code, 64, "{out:?}");
+    assert!(
+        out.stderr.contains("interface to-b is protected"),
+        "{}",
+        out.stderr
+    );
+    // Every interface: the protected one is excluded from the rules.
+    let fault = inject_in(
+        &hosts.a,
+        &agent,
+        dir.path(),
+        "kind: network\nduration: 1m\npartition: drop\n",
+    );
+    assert!(
+        http_works(&hosts.a, &format!("{B}:8000")),
+        "to-b is protected"
+    );
+    assert!(!http_works(&hosts.a, &format!("{C}:8000")), "to-c is not");
+    revert_in(&hosts.a, &agent, fault["id"].as_str().unwrap());
+}
