@@ -287,6 +287,43 @@ fn rate_limit_with_tc_and_ifb_both_ways() {
     revert_in(&hosts.a, &agent, f["id"].as_str().unwrap());
     assert_eq!(hosts.gpuchaos_state(&hosts.a), Vec::<String>::new());
     assert!(bulk.fetch_secs(&hosts.a) < 0.5);
+
+    // A root qdisc somebody else made is never replaced, and is left as it was.
+    let out = ns_out(
+        &hosts.a,
+        &[
+            "tc", "qdisc", "add", "dev", "to-c", "root", "handle", "1:", "htb",
+        ],
+    );
+    assert!(out.trim().is_empty(), "{out}");
+    let spec = spec_file(
+        dir.path(),
+        "foreign.yaml",
+        "kind: network
+duration: 1m
+interface: to-c
+rate: 8mbit
+",
+    );
+    let out = gpuchaos_in(
+        &hosts.a,
+        &[
+            "--agent",
+            &agent.grpc,
+            "inject",
+            "-f",
+            spec.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(
+        out.stdout
+            .contains("to-c has a root qdisc htb (handle 1:) that gpuchaos did not create"),
+        "{out:?}"
+    );
+    let q = ns_out(&hosts.a, &["tc", "qdisc", "show", "dev", "to-c"]);
+    assert!(q.contains("qdisc htb 1: root"), "{q}");
+    assert_eq!(hosts.gpuchaos_state(&hosts.a), Vec::<String>::new());
 }
 
 #[test]

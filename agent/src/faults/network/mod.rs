@@ -395,25 +395,25 @@ impl NetworkDriver {
                     .map_err(|e| format!("{}: {e}", ns.label))?;
                 tc::check_free(dev, &qs, d.ingress()).map_err(|e| format!("{}: {e}", ns.label))?;
             }
-            for dev in &ns.shaped {
-                if d.egress() {
-                    for cmd in shape.commands(dev, false) {
-                        tc::tc(path, &cmd)
-                            .await
-                            .map_err(|e| format!("{}: {e}", ns.label))?;
-                    }
+            let mut ip_cmds = Vec::new();
+            let mut tc_cmds = Vec::new();
+            if d.egress() {
+                for dev in &ns.shaped {
+                    tc_cmds.extend(shape.commands(dev, false));
                 }
             }
             for (dev, ifb) in &ns.ifbs {
-                tc::redirect_ingress(path, dev, ifb)
-                    .await
-                    .map_err(|e| format!("{}: {e}", ns.label))?;
-                for cmd in shape.commands(ifb, true) {
-                    tc::tc(path, &cmd)
-                        .await
-                        .map_err(|e| format!("{}: {e}", ns.label))?;
-                }
+                let (ip, tc) = tc::ingress_commands(dev, ifb);
+                ip_cmds.extend(ip);
+                tc_cmds.extend(tc);
+                tc_cmds.extend(shape.commands(ifb, true));
             }
+            tc::batch(path, Tool::Ip, &ip_cmds)
+                .await
+                .map_err(|e| format!("{}: {e}", ns.label))?;
+            tc::batch(path, Tool::Tc, &tc_cmds)
+                .await
+                .map_err(|e| format!("{}: {e}", ns.label))?;
             // Read every device back before calling it active.
             let mut devs: Vec<&String> = Vec::new();
             if d.egress() {
@@ -781,6 +781,14 @@ impl FaultDriver for NetworkDriver {
                 "seed": plan.seed,
                 "namespaces": per_ns,
             })));
+            if plan.shaper == Some(Shaper::Proxy)
+                && spec.protocol() != gpuchaos_proto::spec::Protocol::Tcp
+                && let Ok(mut d) = details.lock()
+            {
+                d["note"] = serde_json::json!(
+                    "the proxy backend delays TCP only: UDP and ICMP pass undelayed, and connections opened before the fault keep their direct path"
+                );
+            }
             let background = if plan.shaper == Some(Shaper::Proxy) {
                 // Live proxy counters in the fault's status.
                 let me = Arc::clone(&self);
