@@ -107,6 +107,37 @@ fn partition_cuts_a_from_b_and_spares_c() {
     );
     revert_in(&hosts.a, &agent, f["id"].as_str().unwrap());
     assert!(http_works(&hosts.a, &to_b));
+
+    // Someone flushes the rules by hand: the status says so within seconds, and the
+    // revert still succeeds (the table is gone either way).
+    let f = inject_in(
+        &hosts.a,
+        &agent,
+        dir.path(),
+        &format!("kind: network\nduration: 1m\npeers: [\"{B}\"]\npartition: drop\n"),
+    );
+    let table = f["details"]["namespaces"][0]["nft_table"].as_str().unwrap();
+    let out = ns_out(
+        &hosts.a,
+        &[
+            "nft",
+            "delete",
+            "table",
+            "inet",
+            table.trim_start_matches("inet "),
+        ],
+    );
+    assert!(out.trim().is_empty(), "{out}");
+    let seen = wait_until(Duration::from_secs(5), || {
+        let st = gpuchaos_in(
+            &hosts.a,
+            &["--agent", &agent.grpc, "--output", "json", "status"],
+        );
+        st.stdout.contains("was deleted by someone else")
+    });
+    assert!(seen.is_some(), "the drift never showed in the status");
+    revert_in(&hosts.a, &agent, f["id"].as_str().unwrap());
+    assert!(agent.log_text().contains("no longer in effect as applied"));
 }
 
 #[test]

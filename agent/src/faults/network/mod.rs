@@ -505,6 +505,45 @@ impl NetworkDriver {
         Ok(v)
     }
 
+    /// What changed since the fault was verified: rules or qdiscs that someone else
+    /// removed or altered, a namespace that went away. Empty when all is as applied.
+    async fn drift(&self, plan: &NetPlan, expect: &[(usize, Vec<String>)]) -> Vec<String> {
+        let mut out = Vec::new();
+        for (ns, (want, tc_devs)) in plan.namespaces.iter().zip(expect) {
+            let Some(path) = ns_path(ns) else {
+                out.push(format!("{}: the namespace is gone", ns.label));
+                continue;
+            };
+            let path = path.as_deref();
+            if *want > 0 {
+                match nft::count_rules(path, &plan.table).await {
+                    Ok(Some(n)) if n == *want => {}
+                    Ok(Some(n)) => out.push(format!(
+                        "{}: table inet {} holds {n} rules, {want} were applied",
+                        ns.label, plan.table
+                    )),
+                    Ok(None) => out.push(format!(
+                        "{}: table inet {} was deleted by someone else",
+                        ns.label, plan.table
+                    )),
+                    Err(_) => {}
+                }
+            }
+            for dev in tc_devs {
+                if let Ok(qs) = tc::qdiscs(path, dev).await
+                    && !qs.iter().any(|q| q.root && q.handle == tc::ROOT_HANDLE)
+                {
+                    out.push(format!(
+                        "{}: the root qdisc {} on {dev} was removed by someone else",
+                        ns.label,
+                        tc::ROOT_HANDLE
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     async fn revert_plan(&self, plan: NetPlan) -> Result<(), RevertError> {
         let stopped: Vec<proxy::Proxy> = match self.proxies.lock() {
             Ok(mut m) => {
@@ -789,32 +828,60 @@ impl FaultDriver for NetworkDriver {
                     "the proxy backend delays TCP only: UDP and ICMP pass undelayed, and connections opened before the fault keep their direct path"
                 );
             }
-            let background = if plan.shaper == Some(Shaper::Proxy) {
-                // Live proxy counters in the fault's status.
-                let me = Arc::clone(&self);
-                let token = plan.token.clone();
-                let d = Arc::clone(&details);
-                let cancel = ctx.cancel.clone();
-                Some(tokio::spawn(async move {
-                    loop {
+            // While active: live proxy counters, and every 2 s the kernel state read
+            // back again, so that rules someone else flushed show in the status.
+            // Per namespace: the rules applied, and the devices carrying the root qdisc.
+            let tc_shaped = plan.shaper.is_some_and(|s| s != Shaper::Proxy);
+            let expect: Vec<(usize, Vec<String>)> = per_ns
+                .iter()
+                .zip(&plan.namespaces)
+                .map(|(v, ns)| {
+                    let mut devs: Vec<String> = Vec::new();
+                    if tc_shaped {
+                        if spec.direction().egress() {
+                            devs.extend(ns.shaped.iter().cloned());
+                        }
+                        devs.extend(ns.ifbs.iter().map(|(_, i)| i.clone()));
+                    }
+                    (v["nft_rules"].as_u64().unwrap_or(0) as usize, devs)
+                })
+                .collect();
+            let me = Arc::clone(&self);
+            let d = Arc::clone(&details);
+            let cancel = ctx.cancel.clone();
+            let background = Some(tokio::spawn(async move {
+                let mut reported: Vec<String> = Vec::new();
+                for tick in 0u64.. {
+                    if plan.shaper == Some(Shaper::Proxy) {
                         let counters = me.proxies.lock().ok().map(|m| {
                             m.iter()
-                                .filter(|(k, _)| k.starts_with(&format!("{token}/")))
+                                .filter(|(k, _)| k.starts_with(&format!("{}/", plan.token)))
                                 .map(|(_, p)| p.counters.json())
                                 .collect::<Vec<_>>()
                         });
                         if let (Some(c), Ok(mut d)) = (counters, d.lock()) {
                             d["proxy"] = serde_json::json!(c);
                         }
-                        tokio::select! {
-                            _ = cancel.cancelled() => return,
-                            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                    if tick % 4 == 3 {
+                        let drift = me.drift(&plan, &expect).await;
+                        if drift != reported {
+                            for problem in drift.iter().filter(|p| !reported.contains(p)) {
+                                tracing::warn!(table = %plan.table, problem = %problem,
+                                    "network fault no longer in effect as applied");
+                            }
+                            if let Ok(mut d) = d.lock() {
+                                d["drift"] = serde_json::json!(drift);
+                            }
+                            reported = drift;
                         }
                     }
-                }))
-            } else {
-                None
-            };
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                }
+            }));
             Ok(Applied {
                 details,
                 background,
