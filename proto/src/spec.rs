@@ -530,6 +530,32 @@ impl Pick {
 }
 
 impl ProcessTarget {
+    /// The selector in one line: `name "^vllm", cmdline "worker", pick 1`.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(p) = &self.pid {
+            parts.push(format!("pid {:?}", p.to_vec()));
+        }
+        if let Some(n) = &self.name {
+            parts.push(format!("name {n:?}"));
+        }
+        if let Some(c) = &self.cmdline {
+            parts.push(format!("cmdline {c:?}"));
+        }
+        if let Some(c) = &self.cgroup {
+            parts.push(format!("cgroup {c:?}"));
+        }
+        if let Some(g) = &self.gpu {
+            parts.push(format!("processes on {g}"));
+        }
+        match self.pick {
+            Some(Pick::Count(n)) => parts.push(format!("pick {n}")),
+            Some(Pick::Percent(p)) => parts.push(format!("pick {p}%")),
+            _ => {}
+        }
+        parts.join(", ")
+    }
+
     /// Checks a selector; errors are reported under `prefix` (`target`).
     pub fn validate_selector(&self, prefix: &str, errs: &mut Vec<FieldError>) {
         let t = self;

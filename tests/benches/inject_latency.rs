@@ -27,18 +27,13 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p / 100.0).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 fn summary(name: &str, mut v: Vec<f64>) {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     println!(
         "| {name:<34} | {:>7.3} | {:>7.3} | {:>7.3} | {:>7.3} |",
-        pct(&v, 50.0),
-        pct(&v, 90.0),
-        pct(&v, 99.0),
+        percentile(&v, 50.0),
+        percentile(&v, 90.0),
+        percentile(&v, 99.0),
         v[v.len() - 1]
     );
 }

@@ -20,47 +20,14 @@ const ROUNDS: usize = 30;
 const RTT_SAMPLES: usize = 2000;
 const BULK: usize = 200 * 1024 * 1024;
 
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p / 100.0).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 fn row(name: &str, mut v: Vec<f64>) {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     println!(
         "| {name:<40} | {:>7.2} | {:>7.2} | {:>7.2} |",
-        pct(&v, 50.0),
-        pct(&v, 90.0),
+        percentile(&v, 50.0),
+        percentile(&v, 90.0),
         v[v.len() - 1]
     );
-}
-
-fn inject(ns: &str, agent: &Agent, dir: &std::path::Path, yaml: &str) -> (String, f64) {
-    let f = spec_file(dir, "bench.yaml", yaml);
-    let out = gpuchaos_in(
-        ns,
-        &[
-            "--agent",
-            &agent.grpc,
-            "--output",
-            "json",
-            "inject",
-            "-f",
-            f.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(out.code, 0, "{out:?}");
-    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
-    let f = &v["faults"][0];
-    (
-        f["id"].as_str().unwrap().to_string(),
-        f["inject_ms"].as_f64().unwrap(),
-    )
-}
-
-fn revert(ns: &str, agent: &Agent, id: &str) {
-    let out = gpuchaos_in(ns, &["--agent", &agent.grpc, "revert", id]);
-    assert_eq!(out.code, 0, "{out:?}");
 }
 
 fn rtts(ns: &str, to: &str) -> Vec<f64> {
@@ -78,9 +45,7 @@ fn main() {
         eprintln!("the network benchmark needs root (namespaces, nftables, tc)");
         std::process::exit(2);
     }
-    let hosts = Hosts::three();
-    let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start_in(&hosts.a, &dir.path().join("state"));
+    let Node { hosts, dir, agent } = Node::start();
     let _sb = HttpServer::start(&hosts.b, &format!("{B}:8000"));
     let bulk = BulkServer::start(&hosts.b, &format!("{B}:8100"), BULK);
     let to_b = format!("{B}:8000");
@@ -111,16 +76,17 @@ fn main() {
     for (name, yaml) in &cases {
         let mut v = Vec::new();
         for _ in 0..ROUNDS {
-            let (id, ms) = inject(a, &agent, dir.path(), yaml);
+            let f = inject_in(a, &agent, dir.path(), yaml);
+            let (id, ms) = (f["id"].as_str().unwrap(), f["inject_ms"].as_f64().unwrap());
             v.push(ms);
-            revert(a, &agent, &id);
+            revert_in(a, &agent, id);
         }
         row(name, v);
     }
 
     let direct_rtt = rtts(a, &to_b);
     let direct_bulk = bulk.fetch_secs(a);
-    let (id, _) = inject(
+    let f = inject_in(
         a,
         &agent,
         dir.path(),
@@ -128,7 +94,7 @@ fn main() {
     );
     let proxy_rtt = rtts(a, &to_b);
     let proxy_bulk = bulk.fetch_secs(a);
-    revert(a, &agent, &id);
+    revert_in(a, &agent, f["id"].as_str().unwrap());
 
     println!("\nrequest round trip on one connection, {RTT_SAMPLES} requests\n");
     println!(
@@ -141,7 +107,7 @@ fn main() {
         let mut p = proxy_rtt.clone();
         d.sort_by(|a, b| a.partial_cmp(b).unwrap());
         p.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        (pct(&d, 50.0), pct(&p, 50.0))
+        (percentile(&d, 50.0), percentile(&p, 50.0))
     };
     row("direct", direct_rtt);
     row("through the proxy, no delay", proxy_rtt);

@@ -311,6 +311,12 @@ fn cli_output(cmd: &mut Command) -> CliOut {
     }
 }
 
+/// The `p`th percentile (nearest rank) of sorted values, for the benchmarks.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p / 100.0).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
 /// Writes a spec file into `dir` and returns its path.
 pub fn spec_file(dir: &Path, name: &str, yaml: &str) -> PathBuf {
     let p = dir.join(name);

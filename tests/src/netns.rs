@@ -166,6 +166,64 @@ impl Drop for Hosts {
     }
 }
 
+/// Hosts A, B and C, and an agent in A (the node) with its state in a temp dir.
+pub struct Node {
+    pub hosts: Hosts,
+    pub dir: tempfile::TempDir,
+    pub agent: crate::Agent,
+}
+
+impl Node {
+    pub fn start() -> Node {
+        let hosts = Hosts::three();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let agent = crate::Agent::start_in(&hosts.a, &dir.path().join("state"));
+        Node { hosts, dir, agent }
+    }
+}
+
+/// HTTP servers on B and C, port 8000.
+pub fn web_servers(hosts: &Hosts) -> (HttpServer, HttpServer) {
+    (
+        HttpServer::start(&hosts.b, &format!("{B}:8000")),
+        HttpServer::start(&hosts.c, &format!("{C}:8000")),
+    )
+}
+
+/// Injects `yaml` through the CLI run inside `ns`; the fault must come back active.
+/// Returns it as JSON.
+pub fn inject_in(
+    ns: &str,
+    agent: &crate::Agent,
+    dir: &std::path::Path,
+    yaml: &str,
+) -> serde_json::Value {
+    let f = crate::spec_file(dir, "net.yaml", yaml);
+    let out = crate::gpuchaos_in(
+        ns,
+        &[
+            "--agent",
+            &agent.grpc,
+            "--output",
+            "json",
+            "inject",
+            "-f",
+            f.to_str().expect("utf-8 path"),
+        ],
+    );
+    assert_eq!(out.code, 0, "inject failed: {out:?}\n{}", agent.log_text());
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    let fault = v["faults"][0].clone();
+    assert_eq!(fault["state"], "active", "{fault}");
+    fault
+}
+
+/// Reverts a fault through the CLI run inside `ns`.
+pub fn revert_in(ns: &str, agent: &crate::Agent, id: &str) {
+    let out = crate::gpuchaos_in(ns, &["--agent", &agent.grpc, "revert", id]);
+    assert_eq!(out.code, 0, "revert failed: {out:?}");
+}
+
 /// Runs `f` on a thread inside the namespace `ns`.
 pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let path = PathBuf::from(format!("/run/netns/{ns}"));

@@ -22,43 +22,13 @@ fn privileged() -> bool {
     );
 }
 
-/// Injects through the CLI inside `ns`; returns the fault as JSON.
-fn inject_in(ns: &str, agent: &Agent, dir: &std::path::Path, yaml: &str) -> serde_json::Value {
-    let f = spec_file(dir, "net.yaml", yaml);
-    let out = gpuchaos_in(
-        ns,
-        &[
-            "--agent",
-            &agent.grpc,
-            "--output",
-            "json",
-            "inject",
-            "-f",
-            f.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(out.code, 0, "inject failed: {out:?}\n{}", agent.log_text());
-    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
-    let fault = v["faults"][0].clone();
-    assert_eq!(fault["state"], "active", "{fault}");
-    fault
-}
-
-fn revert_in(ns: &str, agent: &Agent, id: &str) {
-    let out = gpuchaos_in(ns, &["--agent", &agent.grpc, "revert", id]);
-    assert_eq!(out.code, 0, "revert failed: {out:?}");
-}
-
 #[test]
 fn partition_cuts_a_from_b_and_spares_c() {
     if !privileged() {
         return;
     }
-    let hosts = Hosts::three();
-    let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start_in(&hosts.a, &dir.path().join("state"));
-    let _sb = HttpServer::start(&hosts.b, &format!("{B}:8000"));
-    let _sc = HttpServer::start(&hosts.c, &format!("{C}:8000"));
+    let Node { hosts, dir, agent } = Node::start();
+    let _web = web_servers(&hosts);
     let to_b = format!("{B}:8000");
     let to_c = format!("{C}:8000");
     assert!(http_works(&hosts.a, &to_b) && http_works(&hosts.a, &to_c));
@@ -145,9 +115,7 @@ fn a_one_way_partition_is_one_way() {
     if !privileged() {
         return;
     }
-    let hosts = Hosts::three();
-    let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start_in(&hosts.a, &dir.path().join("state"));
+    let Node { hosts, dir, agent } = Node::start();
     let b_port = format!("{B}:7001");
     let a_port = format!("{A_TO_B}:7002");
     assert_eq!(udp_delivery(&hosts.a, &hosts.b, &b_port, 200), 200);
@@ -199,11 +167,8 @@ fn latency_through_the_userspace_proxy_adds_the_delay() {
     if !privileged() {
         return;
     }
-    let hosts = Hosts::three();
-    let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start_in(&hosts.a, &dir.path().join("state"));
-    let _sb = HttpServer::start(&hosts.b, &format!("{B}:8000"));
-    let _sc = HttpServer::start(&hosts.c, &format!("{C}:8000"));
+    let Node { hosts, dir, agent } = Node::start();
+    let _web = web_servers(&hosts);
     let to_b = format!("{B}:8000");
     let base = median_rtt(&hosts.a, &to_b, 21);
 
@@ -259,9 +224,7 @@ fn loss_drops_a_share_in_a_sane_band() {
     if !privileged() {
         return;
     }
-    let hosts = Hosts::three();
-    let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start_in(&hosts.a, &dir.path().join("state"));
+    let Node { hosts, dir, agent } = Node::start();
     let f = inject_in(
         &hosts.a,
         &agent,
@@ -293,9 +256,7 @@ fn rate_limit_with_tc_and_ifb_both_ways() {
     if !privileged() {
         return;
     }
-    let hosts = Hosts::three();
-    let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start_in(&hosts.a, &dir.path().join("state"));
+    let Node { hosts, dir, agent } = Node::start();
     let bulk = BulkServer::start(&hosts.b, &format!("{B}:8100"), 1_000_000);
     let direct = bulk.fetch_secs(&hosts.a);
     let f = inject_in(
@@ -446,8 +407,7 @@ fn sigkill_with_faults_active_leaves_nothing_after_restart() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let mut agent = Agent::start_in(&hosts.a, &state);
-    let _sb = HttpServer::start(&hosts.b, &format!("{B}:8000"));
-    let _sc = HttpServer::start(&hosts.c, &format!("{C}:8000"));
+    let _web = web_servers(&hosts);
     inject_in(
         &hosts.a,
         &agent,
@@ -603,9 +563,7 @@ fn latency_with_netem_where_the_kernel_has_it() {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    let hosts = Hosts::three();
-    let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start_in(&hosts.a, &dir.path().join("state"));
+    let Node { hosts, dir, agent } = Node::start();
     let _sb = HttpServer::start(&hosts.b, &format!("{B}:8000"));
     let to_b = format!("{B}:8000");
     let status = gpuchaos_in(&hosts.a, &["--agent", &agent.grpc, "status"]);
@@ -795,8 +753,7 @@ fn protected_interfaces_are_left_alone() {
         env: vec![],
         netns: Some(hosts.a.clone()),
     });
-    let _sb = HttpServer::start(&hosts.b, &format!("{B}:8000"));
-    let _sc = HttpServer::start(&hosts.c, &format!("{C}:8000"));
+    let _web = web_servers(&hosts);
     let f = spec_file(
         dir.path(),
         "p.yaml",

@@ -460,23 +460,7 @@ fn list(targets: &[Target]) -> String {
 }
 
 fn describe_selector(sel: &ProcessTarget) -> String {
-    let mut parts = Vec::new();
-    if let Some(p) = &sel.pid {
-        parts.push(format!("pid {:?}", p.to_vec()));
-    }
-    if let Some(n) = &sel.name {
-        parts.push(format!("name {n:?}"));
-    }
-    if let Some(c) = &sel.cmdline {
-        parts.push(format!("cmdline {c:?}"));
-    }
-    if let Some(c) = &sel.cgroup {
-        parts.push(format!("cgroup {c:?}"));
-    }
-    if let Some(g) = &sel.gpu {
-        parts.push(format!("processes on {g}"));
-    }
-    format!("{{{}}}", parts.join(", "))
+    format!("{{{}}}", sel.describe())
 }
 
 impl FaultDriver for ProcessDriver {

@@ -211,16 +211,12 @@ pub fn describe(plan: &[PlanStep], agents: &[AgentRef], indent: usize, out: &mut
 pub fn summary(spec: &FaultSpec) -> String {
     match spec {
         FaultSpec::Process(p) => {
-            format!(
-                "process {} {}",
-                p.action.name(),
-                selector_summary(&p.target)
-            )
+            format!("process {} {}", p.action.name(), p.target.describe())
         }
         FaultSpec::Network(n) => {
             let mut parts = vec![format!("network {}", n.effect())];
             if let Some(t) = &n.target {
-                parts.push(format!("in the netns of {}", selector_summary(&t.netns_of)));
+                parts.push(format!("in the netns of {}", t.netns_of.describe()));
             }
             if let Some(i) = &n.interface {
                 parts.push(format!("dev {i}"));
@@ -238,32 +234,6 @@ pub fn summary(spec: &FaultSpec) -> String {
             parts.join(" ")
         }
     }
-}
-
-/// `name=^vllm pick 1`: a process selector in one line.
-fn selector_summary(t: &gpuchaos_proto::spec::ProcessTarget) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    if let Some(pid) = &t.pid {
-        parts.push(format!("pid={:?}", pid.to_vec()));
-    }
-    if let Some(n) = &t.name {
-        parts.push(format!("name={n}"));
-    }
-    if let Some(c) = &t.cmdline {
-        parts.push(format!("cmdline={c}"));
-    }
-    if let Some(c) = &t.cgroup {
-        parts.push(format!("cgroup={c}"));
-    }
-    if let Some(g) = &t.gpu {
-        parts.push(format!("on {g}"));
-    }
-    match t.pick {
-        Some(Pick::Count(n)) => parts.push(format!("pick {n}")),
-        Some(Pick::Percent(p)) => parts.push(format!("pick {p}%")),
-        _ => {}
-    }
-    parts.join(" ")
 }
 
 #[cfg(test)]
@@ -356,7 +326,7 @@ mod tests {
         describe(&plan, &agents(), 0, &mut lines);
         assert_eq!(
             lines[0],
-            "step 1: inject process pause name=x for 2s on n0 (127.0.0.1:7000), n1 (127.0.0.1:7001), n2 (127.0.0.1:7002), n3 (127.0.0.1:7003)"
+            "step 1: inject process pause name \"x\" for 2s on n0 (127.0.0.1:7000), n1 (127.0.0.1:7001), n2 (127.0.0.1:7002), n3 (127.0.0.1:7003)"
         );
         assert_eq!(lines[2], "in parallel:");
         assert!(lines[3].starts_with("  step 3.1: inject"));
