@@ -311,6 +311,29 @@ fn cli_output(cmd: &mut Command) -> CliOut {
     }
 }
 
+/// `gpuchaos --agent AGENT --output json inject -f SPEC`, inside a test namespace or
+/// here. The fault must come back active; returns it as JSON.
+pub fn inject_active(netns: Option<&str>, agent: &Agent, spec: &Path) -> serde_json::Value {
+    let args = [
+        "--agent",
+        &agent.grpc,
+        "--output",
+        "json",
+        "inject",
+        "-f",
+        spec.to_str().expect("utf-8 path"),
+    ];
+    let out = match netns {
+        Some(ns) => gpuchaos_in(ns, &args),
+        None => gpuchaos(&args),
+    };
+    assert_eq!(out.code, 0, "inject failed: {out:?}\n{}", agent.log_text());
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    let fault = v["faults"][0].clone();
+    assert_eq!(fault["state"], "active", "{fault}");
+    fault
+}
+
 /// The `p`th percentile (nearest rank) of sorted values, for the benchmarks.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p / 100.0).round() as usize;

@@ -199,23 +199,7 @@ pub fn inject_in(
     yaml: &str,
 ) -> serde_json::Value {
     let f = crate::spec_file(dir, "net.yaml", yaml);
-    let out = crate::gpuchaos_in(
-        ns,
-        &[
-            "--agent",
-            &agent.grpc,
-            "--output",
-            "json",
-            "inject",
-            "-f",
-            f.to_str().expect("utf-8 path"),
-        ],
-    );
-    assert_eq!(out.code, 0, "inject failed: {out:?}\n{}", agent.log_text());
-    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
-    let fault = v["faults"][0].clone();
-    assert_eq!(fault["state"], "active", "{fault}");
-    fault
+    crate::inject_active(Some(ns), agent, &f)
 }
 
 /// Reverts a fault through the CLI run inside `ns`.

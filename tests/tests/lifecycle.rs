@@ -22,19 +22,8 @@ async fn resumed_after_revert_from_the_cli() {
     let agent = Agent::start(&dir.path().join("state"));
     let w = Worker::spawn();
     let spec = spec_file(dir.path(), "pause.yaml", &pause_spec(&w, "10m"));
-    let out = gpuchaos(&[
-        "--agent",
-        &agent.grpc,
-        "--output",
-        "json",
-        "inject",
-        "-f",
-        spec.to_str().unwrap(),
-    ]);
-    assert_eq!(out.code, 0, "{out:?}");
-    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
-    let id = v["faults"][0]["id"].as_str().unwrap().to_string();
-    assert_eq!(v["faults"][0]["state"], "active");
+    let f = inject_active(None, &agent, &spec);
+    let id = f["id"].as_str().unwrap().to_string();
     assert!(is_stopped(w.pid));
     let out = gpuchaos(&["--agent", &agent.grpc, "revert", &id]);
     assert_eq!(out.code, 0, "{out:?}");

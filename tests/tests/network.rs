@@ -347,18 +347,7 @@ fn a_workload_fault_stays_in_the_workload_namespace() {
             "kind: network\nduration: 1m\ntarget: {{netns_of: {{cmdline: '^sleep 86400\\.{m}$'}}}}\nports: [8000]\npartition: drop\n"
         ),
     );
-    let out = gpuchaos(&[
-        "--agent",
-        &agent.grpc,
-        "--output",
-        "json",
-        "inject",
-        "-f",
-        spec.to_str().unwrap(),
-    ]);
-    assert_eq!(out.code, 0, "{out:?}\n{}", agent.log_text());
-    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
-    let f = &v["faults"][0];
+    let f = &inject_active(None, &agent, &spec);
     assert!(
         f["target"]
             .as_str()
