@@ -402,6 +402,13 @@ impl BulkServer {
             }
         }
         assert_eq!(got, self.bytes, "short download");
-        t.elapsed().as_secs_f64()
+        let secs = t.elapsed().as_secs_f64();
+        // The server closed after the last byte: the close must arrive too.
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+        assert!(
+            matches!(s.read(&mut buf), Ok(0)),
+            "the server's close (FIN) never arrived"
+        );
+        secs
     }
 }

@@ -215,6 +215,35 @@ fn latency_through_the_userspace_proxy_adds_the_delay() {
         both >= Duration::from_millis(90) && both <= Duration::from_millis(120),
         "{both:?}"
     );
+    // A whole stream through the proxy: every byte, then the server's close.
+    let bulk = BulkServer::start(&hosts.b, &format!("{B}:8100"), 2_000_000);
+    let secs = bulk.fetch_secs(&hosts.a);
+    assert!(secs >= 0.1, "the delay must show: {secs}s");
+    // Connecting to the proxy's own port directly (not redirected) is refused, not
+    // looped back into the proxy.
+    let port = f["details"]["namespaces"][0]["proxy_ports"]["in_v4"]
+        .as_u64()
+        .unwrap();
+    let direct = connect(
+        &hosts.b,
+        &format!("{A_TO_B}:{port}"),
+        Duration::from_secs(2),
+    );
+    if let Ok(mut s) = direct {
+        assert!(
+            http_get(&mut s).is_err(),
+            "a direct connection to the proxy must fail"
+        );
+    }
+    let st = gpuchaos_in(
+        &hosts.a,
+        &["--agent", &agent.grpc, "--output", "json", "status"],
+    );
+    assert!(
+        st.stdout.contains("\"upstream_failures\":0"),
+        "{}",
+        st.stdout
+    );
     revert_in(&hosts.a, &agent, f["id"].as_str().unwrap());
     assert_eq!(hosts.gpuchaos_state(&hosts.a), Vec::<String>::new());
 }

@@ -300,6 +300,9 @@ impl fmt::Display for Cidr {
     }
 }
 
+/// The finest loss the agent can apply (nftables draws from 0..10000).
+pub const MIN_LOSS_PERCENT: f64 = 0.01;
+
 /// Longest delay a spec may ask for: longer is a partition, and should say so.
 pub const MAX_LATENCY_SECS: u64 = 60;
 
@@ -403,7 +406,9 @@ impl NetworkSpec {
                 )),
                 Some(l) if j.0 > l.0 => errs.push(FieldError::new(
                     "jitter",
-                    format!("{j} is larger than the latency {l}: delays cannot go below zero"),
+                    format!(
+                        "{j} is larger than the latency {l}: delays cannot go below zero; use a jitter of at most {l}"
+                    ),
                 )),
                 _ => {}
             }
@@ -415,19 +420,20 @@ impl NetworkSpec {
                     "only applies with jitter: add jitter or remove correlation",
                 ));
             }
-            if !(0.0..=100.0).contains(&c.0) {
+            // At 100% every delay equals the first one: the jitter would vanish.
+            if !(0.0..100.0).contains(&c.0) {
                 errs.push(FieldError::new(
                     "correlation",
-                    format!("{c} is out of range: use 0% to 100%"),
+                    format!("{c} is out of range: use 0% up to (not including) 100%"),
                 ));
             }
         }
         if let Some(l) = self.loss
-            && !(l.0 > 0.0 && l.0 <= 100.0)
+            && !(l.0 >= MIN_LOSS_PERCENT && l.0 <= 100.0)
         {
             errs.push(FieldError::new(
                 "loss",
-                format!("{l} is out of range: use a percentage above 0% and at most 100% (100% is a partition: say partition: drop)"),
+                format!("{l} is out of range: use a percentage from {MIN_LOSS_PERCENT}% to 100% (100% is a partition: say partition: drop)"),
             ));
         }
         if let Some(r) = self.rate
@@ -556,7 +562,7 @@ mod tests {
         assert!(
             parse("kind: network\nduration: 10s\nloss: 0%\n")
                 .unwrap_err()
-                .contains("loss: 0% is out of range")
+                .contains("loss: 0% is out of range: use a percentage from 0.01% to 100%")
         );
         assert!(
             parse("kind: network\nduration: 10s\nlatency: 10ms\njitter: 20ms\n")

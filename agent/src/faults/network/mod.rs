@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use gpuchaos_proto::spec::{Backend, FaultSpec, NetworkSpec};
+use gpuchaos_proto::spec::{Backend, FaultSpec, NetworkSpec, Protocol};
 use serde::{Deserialize, Serialize};
 
 use super::process::ProcessDriver;
@@ -65,29 +65,72 @@ pub struct NetPlan {
 /// What this node's kernel and tools can do, found once at start-up.
 #[derive(Debug, Clone)]
 pub struct NetCaps {
-    pub root: bool,
+    /// Root, or CAP_NET_ADMIN and CAP_SYS_ADMIN (setns) in the effective set.
+    pub privileged: bool,
     pub nft: bool,
+    /// tc and ip present, and htb, u32, ingress and mirred work (tried in a
+    /// throwaway namespace); `tc_why` says what is missing when not.
     pub tc: bool,
+    pub tc_why: String,
     pub nsenter: bool,
-    /// Err: why not ("Specified qdisc kind is unknown", say).
+    /// Err: why not ("this kernel has no netem", say).
     pub netem: Result<(), String>,
+    /// The ifb module is loaded, built in, or installed. Never loaded here: loading it
+    /// creates ifb0 and ifb1 in the root namespace (a kernel default); the first
+    /// ingress shaping fault loads it.
     pub ifb: bool,
 }
 
+/// Is this capability bit set in /proc/self/status's CapEff?
+fn has_capability(bit: u32) -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << bit) != 0)
+}
+
+fn kernel_module_available(name: &str) -> bool {
+    if std::path::Path::new(&format!("/sys/module/{name}")).exists() {
+        return true;
+    }
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let needle = format!("/{name}.ko");
+    ["modules.builtin", "modules.dep"].iter().any(|f| {
+        std::fs::read_to_string(format!("/lib/modules/{release}/{f}")).is_ok_and(|t| {
+            t.lines()
+                .any(|l| l.split(':').next().is_some_and(|m| m.contains(&needle)))
+        })
+    })
+}
+
 impl NetCaps {
-    /// Probes netem and ifb in a throwaway namespace (`unshare -n`), never on the
+    /// Probes tc and netem in a throwaway namespace (`unshare -n`), never on the
     /// node's own interfaces.
     pub fn detect() -> NetCaps {
-        let run = |args: &[&str]| -> Result<(), String> {
+        let run = |args: &[&str], stdin: Option<&str>| -> Result<(), String> {
+            use std::io::Write;
             let Some(unshare) = Tool::Unshare.find() else {
                 return Err(Tool::Unshare.missing());
             };
-            match std::process::Command::new(unshare)
+            let child = std::process::Command::new(unshare)
                 .arg("-n")
                 .args(args)
-                .stdin(std::process::Stdio::null())
-                .output()
-            {
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn();
+            let mut child = child.map_err(|e| e.to_string())?;
+            if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+                let _ = pipe.write_all(text.as_bytes());
+            }
+            drop(child.stdin.take());
+            match child.wait_with_output() {
                 Ok(o) if o.status.success() => Ok(()),
                 Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_string()),
                 Err(e) => Err(e.to_string()),
@@ -95,13 +138,37 @@ impl NetCaps {
         };
         let tc = Tool::Tc.find();
         let ip = Tool::Ip.find();
+        let (tc_ok, tc_why) = match (&tc, &ip) {
+            (None, _) => (false, Tool::Tc.missing()),
+            (_, None) => (false, Tool::Ip.missing()),
+            (Some(tc), Some(_)) => {
+                // The whole layout the agent builds, on the throwaway namespace's lo.
+                let layout = "qdisc add dev lo root handle 4743: htb\n\
+                    class add dev lo parent 4743: classid 4743:1 htb rate 1mbit\n\
+                    filter add dev lo parent 4743: protocol all prio 12 u32 match u32 0 0 flowid 4743:1\n\
+                    qdisc add dev lo handle ffff: ingress\n\
+                    filter add dev lo parent ffff: protocol all prio 1 u32 match u32 0 0 action mirred egress redirect dev lo\n";
+                match run(&[&tc.display().to_string(), "-batch", "-"], Some(layout)) {
+                    Ok(()) => (true, String::new()),
+                    Err(e) => (
+                        false,
+                        format!(
+                            "this kernel cannot build the tc layout (htb, u32, ingress, mirred): {e}"
+                        ),
+                    ),
+                }
+            }
+        };
         let netem = match &tc {
             None => Err(Tool::Tc.missing()),
             Some(tc) => {
                 let tc = tc.display().to_string();
-                run(&[
-                    &tc, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms",
-                ])
+                run(
+                    &[
+                        &tc, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms",
+                    ],
+                    None,
+                )
                 .map_err(|e| {
                     if e.contains("unknown") {
                         "this kernel has no netem (module sch_netem)".to_string()
@@ -111,17 +178,22 @@ impl NetCaps {
                 })
             }
         };
-        let ifb = ip.as_ref().is_some_and(|ip| {
-            let ip = ip.display().to_string();
-            run(&[&ip, "link", "add", "gciprobe", "type", "ifb"]).is_ok()
-        });
         NetCaps {
-            root: nix::unistd::geteuid().is_root(),
+            privileged: nix::unistd::geteuid().is_root()
+                || (has_capability(12) && has_capability(21)),
             nft: Tool::Nft.find().is_some(),
-            tc: tc.is_some() && ip.is_some(),
+            tc: tc_ok,
+            tc_why,
             nsenter: Tool::Nsenter.find().is_some(),
             netem,
-            ifb,
+            ifb: kernel_module_available("ifb")
+                // No module tree: nothing can be loaded, so trying it in a throwaway
+                // namespace has no side effect (it works only when ifb is built in).
+                || (!std::path::Path::new("/lib/modules").exists()
+                    && ip.as_ref().is_some_and(|ip| {
+                        let ip = ip.display().to_string();
+                        run(&[&ip, "link", "add", "gciprobe", "type", "ifb"], None).is_ok()
+                    })),
         }
     }
 }
@@ -165,32 +237,47 @@ impl NetworkDriver {
         }
         let tc_ok = self.caps.tc && (!spec.direction().ingress() || self.caps.ifb);
         let netem_ok = tc_ok && self.caps.netem.is_ok();
-        let netem_why = || {
+        // Why tc (htb) cannot shape here, and why netem cannot delay here.
+        let tc_why = || -> String {
+            if !self.caps.tc {
+                self.caps.tc_why.clone()
+            } else {
+                "this kernel has no ifb devices for ingress shaping (module ifb): use direction: egress".into()
+            }
+        };
+        let netem_why = || -> String {
             match &self.caps.netem {
-            Err(e) => e.clone(),
-            Ok(()) if !self.caps.tc => Tool::Tc.missing(),
-            Ok(()) => "this kernel has no ifb devices for ingress shaping (module ifb): use direction: egress".into(),
-        }
+                Err(e) => e.clone(),
+                Ok(()) => tc_why(),
+            }
+        };
+        let latency = spec.latency.is_some();
+        let kernel_why = || if latency { netem_why() } else { tc_why() };
+        let proxy_ok = || {
+            if matches!(spec.protocol(), Protocol::Udp | Protocol::Icmp) {
+                return Err(AgentError::Unsupported(format!(
+                    "{} for {:?} traffic needs {} ({}): the userspace proxy only delays TCP",
+                    if latency { "latency" } else { "a rate limit" },
+                    spec.protocol(),
+                    if latency { "netem" } else { "tc" },
+                    kernel_why()
+                )));
+            }
+            Ok(Shaper::Proxy)
         };
         Ok(Some(match spec.backend() {
-            Backend::Proxy => Shaper::Proxy,
-            Backend::Netem if spec.latency.is_some() && !netem_ok => {
+            Backend::Proxy => proxy_ok()?,
+            Backend::Netem if (latency && !netem_ok) || (!latency && !tc_ok) => {
                 return Err(AgentError::Unsupported(format!(
                     "backend netem is not available on this node: {}; use backend: proxy (or auto)",
-                    netem_why()
+                    kernel_why()
                 )));
             }
-            Backend::Netem if spec.latency.is_none() && !tc_ok => {
-                return Err(AgentError::Unsupported(format!(
-                    "tc shaping is not available on this node: {}; use backend: proxy (or auto)",
-                    netem_why()
-                )));
-            }
-            Backend::Netem if spec.latency.is_some() => Shaper::Netem,
+            Backend::Netem if latency => Shaper::Netem,
             Backend::Netem => Shaper::Tc,
-            Backend::Auto if spec.latency.is_some() && netem_ok => Shaper::Netem,
-            Backend::Auto if spec.latency.is_none() && tc_ok => Shaper::Tc,
-            Backend::Auto => Shaper::Proxy,
+            Backend::Auto if latency && netem_ok => Shaper::Netem,
+            Backend::Auto if !latency && tc_ok => Shaper::Tc,
+            Backend::Auto => proxy_ok()?,
         }))
     }
 
@@ -270,7 +357,7 @@ impl NetworkDriver {
             }
             None => Ok(all
                 .into_iter()
-                .filter(|i| i != "lo" && !protected.contains(i) && !i.starts_with(tc::IFB_PREFIX))
+                .filter(|i| i != "lo" && !protected.contains(i) && !tc::is_our_ifb(i))
                 .collect()),
         }
     }
@@ -303,8 +390,9 @@ impl NetworkDriver {
         }
     }
 
-    fn shape(&self, spec: &NetworkSpec, ns: &NsPlan, shaper: Shaper) -> tc::Shape {
+    fn shape(&self, spec: &NetworkSpec, plan: &NetPlan, ns: &NsPlan, shaper: Shaper) -> tc::Shape {
         tc::Shape {
+            class: tc::class_of(&plan.token),
             netem: match (shaper, spec.latency) {
                 (Shaper::Netem, Some(l)) => Some(tc::Netem {
                     delay_us: l.0.as_micros() as u64,
@@ -356,13 +444,19 @@ impl NetworkDriver {
         ns: &NsPlan,
     ) -> Result<serde_json::Value, String> {
         let path = ns_path(ns)
-            .ok_or_else(|| format!("{}: the namespace is gone (its processes exited)", ns.label))?;
+            .ok_or_else(|| format!(
+                "{}: the namespace is gone (its processes exited since the fault was planned): inject again to target the live ones",
+                ns.label
+            ))?;
         let path = path.as_deref();
         let mut rules = self.rules(spec, plan, ns);
         let mut proxy_ports = None;
         if plan.shaper == Some(Shaper::Proxy) {
             let sockets = NsSockets::start(path)
-                .map_err(|e| format!("{}: cannot enter the namespace: {e}", ns.label))?;
+                .map_err(|e| format!(
+                    "{}: cannot enter the namespace ({e}): the agent needs root; if the workload just restarted, inject again",
+                    ns.label
+                ))?;
             let p = proxy::Proxy::start(sockets, Self::proxy_config(spec, plan.seed))
                 .await
                 .map_err(|e| format!("{}: cannot start the proxy: {e}", ns.label))?;
@@ -387,13 +481,14 @@ impl NetworkDriver {
                 .await;
         };
         if shaper != Shaper::Proxy {
-            let shape = self.shape(spec, ns, shaper);
+            let shape = self.shape(spec, plan, ns, shaper);
             let d = spec.direction();
             for dev in &ns.shaped {
                 let qs = tc::qdiscs(path, dev)
                     .await
                     .map_err(|e| format!("{}: {e}", ns.label))?;
-                tc::check_free(dev, &qs, d.ingress()).map_err(|e| format!("{}: {e}", ns.label))?;
+                tc::check_free(dev, &qs, d.egress(), d.ingress())
+                    .map_err(|e| format!("{}: {e}", ns.label))?;
             }
             let mut ip_cmds = Vec::new();
             let mut tc_cmds = Vec::new();
@@ -408,12 +503,15 @@ impl NetworkDriver {
                 tc_cmds.extend(tc);
                 tc_cmds.extend(shape.commands(ifb, true));
             }
-            tc::batch(path, Tool::Ip, &ip_cmds)
-                .await
-                .map_err(|e| format!("{}: {e}", ns.label))?;
-            tc::batch(path, Tool::Tc, &tc_cmds)
-                .await
-                .map_err(|e| format!("{}: {e}", ns.label))?;
+            if let Err((e, done)) = tc::batch(path, Tool::Ip, &ip_cmds).await {
+                tc::undo(path, &ip_cmds[..done]).await;
+                return Err(format!("{}: {e}", ns.label));
+            }
+            if let Err((e, done)) = tc::batch(path, Tool::Tc, &tc_cmds).await {
+                tc::undo(path, &tc_cmds[..done]).await;
+                tc::undo(path, &ip_cmds).await;
+                return Err(format!("{}: {e}", ns.label));
+            }
             // Read every device back before calling it active.
             let mut devs: Vec<&String> = Vec::new();
             if d.egress() {
@@ -426,7 +524,7 @@ impl NetworkDriver {
                     .map_err(|e| format!("{}: verify: {e}", ns.label))?;
                 if !qs.iter().any(|q| q.root && q.handle == tc::ROOT_HANDLE) {
                     return Err(format!(
-                        "{}: verify: {dev} has no root qdisc {} after applying",
+                        "{}: verify: {dev} has no root qdisc {} after applying: something else is rewriting tc on this node (a CNI plugin?); find it and retry",
                         ns.label,
                         tc::ROOT_HANDLE
                     ));
@@ -437,28 +535,29 @@ impl NetworkDriver {
                         .any(|q| q.kind == "netem" && q.handle == tc::NETEM_HANDLE)
                 {
                     return Err(format!(
-                        "{}: verify: {dev} has no netem qdisc after applying",
+                        "{}: verify: {dev} has no netem qdisc after applying: something else is rewriting tc on this node; find it and retry",
                         ns.label
                     ));
                 }
-                let n = tc::matching_filters(path, dev)
+                let n = tc::filters_to(path, dev, &shape.class)
                     .await
                     .map_err(|e| format!("{}: verify: {e}", ns.label))?;
                 if n != shape.filter_count() - shape.keep_ports.len() * 2 {
                     return Err(format!(
-                        "{}: verify: {dev} carries {n} matching filters, {} expected",
+                        "{}: verify: {dev} carries {n} matching filters, {} expected: something else is rewriting tc on this node; find it and retry",
                         ns.label,
                         shape.filter_count() - shape.keep_ports.len() * 2
                     ));
                 }
             }
             for (dev, ifb) in &ns.ifbs {
-                if !tc::ingress_redirects_to(path, dev, ifb)
+                if !tc::ingress_filters(path, dev, ifb)
                     .await
                     .map_err(|e| format!("{}: verify: {e}", ns.label))?
+                    .0
                 {
                     return Err(format!(
-                        "{}: verify: {dev}'s ingress does not redirect to {ifb}",
+                        "{}: verify: {dev}'s ingress does not redirect to {ifb}: something else is rewriting tc on this node; find it and retry",
                         ns.label
                     ));
                 }
@@ -482,7 +581,7 @@ impl NetworkDriver {
                 .map_err(|e| format!("{}: verify: {e}", ns.label))?;
             if got != Some(want) {
                 return Err(format!(
-                    "{}: verify: table inet {} holds {} rules, {want} expected",
+                    "{}: verify: table inet {} holds {} rules, {want} expected: something else is rewriting nftables on this node (a firewall manager flushing the ruleset?); find it and retry",
                     ns.label,
                     plan.table,
                     got.map(|n| n.to_string())
@@ -503,6 +602,14 @@ impl NetworkDriver {
             v["proxy_ports"] = serde_json::json!({"out_v4": p.out4, "in_v4": p.in4, "out_v6": p.out6, "in_v6": p.in6});
         }
         Ok(v)
+    }
+
+    fn stop_proxy(&self, token: &str, label: &str) {
+        if let Ok(mut m) = self.proxies.lock()
+            && let Some(p) = m.remove(&format!("{token}/{label}"))
+        {
+            p.stop();
+        }
     }
 
     /// What changed since the fault was verified: rules or qdiscs that someone else
@@ -545,22 +652,13 @@ impl NetworkDriver {
     }
 
     async fn revert_plan(&self, plan: NetPlan) -> Result<(), RevertError> {
-        let stopped: Vec<proxy::Proxy> = match self.proxies.lock() {
-            Ok(mut m) => {
-                let keys: Vec<String> = m
-                    .keys()
-                    .filter(|k| k.starts_with(&format!("{}/", plan.token)))
-                    .cloned()
-                    .collect();
-                keys.iter().filter_map(|k| m.remove(k)).collect()
-            }
-            Err(_) => Vec::new(),
-        };
         let mut problems = Vec::new();
         let mut leftovers = Vec::new();
         for ns in &plan.namespaces {
             let Some(path) = ns_path(ns) else {
-                // Nothing holds the namespace any more: its tables and qdiscs went with it.
+                // No process holds the namespace any more: its tables and qdiscs went
+                // with it (or go when the proxy's thread, the last holder, ends).
+                self.stop_proxy(&plan.token, &ns.label);
                 continue;
             };
             let path = path.as_deref();
@@ -573,6 +671,11 @@ impl NetworkDriver {
             } else if let Ok(Some(_)) = nft::count_rules(path, &plan.table).await {
                 problems.push(format!("{}: table {} is still there", ns.label, plan.table));
                 leftovers.push(format!("{shown}nft delete table inet {}", plan.table));
+            } else {
+                // The redirect is gone: the proxy stops accepting and stops delaying.
+                // (While the redirect stands, the proxy must keep serving it, or a
+                // latency fault would turn into a partition.)
+                self.stop_proxy(&plan.token, &ns.label);
             }
             for dev in &ns.shaped {
                 let ifb = ns
@@ -580,7 +683,7 @@ impl NetworkDriver {
                     .iter()
                     .find(|(d, _)| d == dev)
                     .map(|(_, i)| i.as_str());
-                if let Err(e) = tc::clean(path, dev, ifb).await {
+                if let Err(e) = tc::clean(path, dev, Some(&tc::class_of(&plan.token)), ifb).await {
                     problems.push(format!("{}: {e}", ns.label));
                     leftovers.push(format!(
                         "{shown}tc qdisc del dev {dev} root; {shown}tc qdisc del dev {dev} ingress{}",
@@ -589,10 +692,6 @@ impl NetworkDriver {
                     ));
                 }
             }
-        }
-        // The redirect is gone: the proxy stops accepting and stops delaying.
-        for p in stopped {
-            p.stop();
         }
         if problems.is_empty() {
             Ok(())
@@ -630,24 +729,33 @@ impl NetworkDriver {
                 }
             }
         }
-        let Ok(links) = tc::ip(path, &["-j", "link", "show"]).await else {
+        let Ok(links) = tc::ip(path, &["-j", "-d", "link", "show"]).await else {
             return removed;
         };
-        let names: Vec<String> = serde_json::from_str::<serde_json::Value>(links.trim())
+        let links: Vec<serde_json::Value> = serde_json::from_str::<serde_json::Value>(links.trim())
             .ok()
             .and_then(|v| v.as_array().cloned())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        let names: Vec<String> = links
             .iter()
             .filter_map(|l| l["ifname"].as_str().map(str::to_string))
             .collect();
-        for dev in names.iter().filter(|n| !n.starts_with(tc::IFB_PREFIX)) {
+        // Our ifbs: kind ifb, named gci + 8 hex digits + an index.
+        let our_ifbs: Vec<String> = links
+            .iter()
+            .filter(|l| l["linkinfo"]["info_kind"].as_str() == Some("ifb"))
+            .filter_map(|l| l["ifname"].as_str())
+            .filter(|n| tc::is_our_ifb(n))
+            .map(str::to_string)
+            .collect();
+        for dev in names.iter().filter(|n| !tc::is_our_ifb(n)) {
             let Ok(qs) = tc::qdiscs(path, dev).await else {
                 continue;
             };
             let ours_root = qs.iter().any(|q| q.root && q.handle == tc::ROOT_HANDLE);
             let ours_ingress = qs.iter().any(|q| q.kind == "ingress")
-                && matches!(tc::ingress_redirects_to(path, dev, "gci*").await, Ok(true));
-            if ours_root && tc::clean(path, dev, None).await.is_ok() {
+                && matches!(tc::ingress_filters(path, dev, "gci*").await, Ok((true, _)));
+            if ours_root && tc::clean(path, dev, None, None).await.is_ok() {
                 removed.push(format!("{where_}: root qdisc {} on {dev}", tc::ROOT_HANDLE));
             }
             if ours_ingress
@@ -661,7 +769,7 @@ impl NetworkDriver {
                 removed.push(format!("{where_}: ingress qdisc on {dev}"));
             }
         }
-        for ifb in names.iter().filter(|n| n.starts_with(tc::IFB_PREFIX)) {
+        for ifb in &our_ifbs {
             if tc::ip(path, &["link", "del", ifb]).await.is_ok() {
                 removed.push(format!("{where_}: ifb {ifb}"));
             }
@@ -697,10 +805,11 @@ impl FaultDriver for NetworkDriver {
         if c.tc && c.netem.is_ok() {
             backends.push("netem".to_string());
         }
-        let (supported, reason) = if !c.root {
+        let (supported, reason) = if !c.privileged {
             (
                 false,
-                "network faults need root (CAP_NET_ADMIN): run the agent as root".to_string(),
+                "network faults need root (CAP_NET_ADMIN and CAP_SYS_ADMIN): run the agent as root"
+                    .to_string(),
             )
         } else if !c.nft {
             (false, Tool::Nft.missing())
@@ -712,7 +821,7 @@ impl FaultDriver for NetworkDriver {
                 notes.push(format!("{e}: latency uses the userspace proxy (TCP only)"));
             }
             if !c.tc {
-                notes.push(format!("{}: no tc shaping", Tool::Tc.missing()));
+                notes.push(format!("{}: no tc shaping", c.tc_why));
             } else if !c.ifb {
                 notes.push("no ifb devices: ingress shaping uses the userspace proxy".into());
             }
@@ -821,7 +930,7 @@ impl FaultDriver for NetworkDriver {
                 "namespaces": per_ns,
             })));
             if plan.shaper == Some(Shaper::Proxy)
-                && spec.protocol() != gpuchaos_proto::spec::Protocol::Tcp
+                && spec.protocol() != Protocol::Tcp
                 && let Ok(mut d) = details.lock()
             {
                 d["note"] = serde_json::json!(
@@ -904,7 +1013,7 @@ impl FaultDriver for NetworkDriver {
 
     fn sweep(self: Arc<Self>, plans: Vec<serde_json::Value>) -> BoxFut<Vec<String>> {
         Box::pin(async move {
-            if !(self.caps.root && self.caps.nft) {
+            if !(self.caps.privileged && self.caps.nft) {
                 return Vec::new();
             }
             let mut paths: Vec<Option<PathBuf>> = vec![None];

@@ -127,7 +127,12 @@ impl Rules {
                 Action::Partition(PartitionMode::Drop) => out.push("drop".to_string()),
                 Action::Partition(PartitionMode::Reject) => {
                     // TCP gets a reset, everything else an ICMP unreachable.
-                    out.push("meta l4proto tcp reject with tcp reset".to_string());
+                    if matches!(
+                        self.protocol.unwrap_or(Protocol::All),
+                        Protocol::Tcp | Protocol::All
+                    ) {
+                        out.push("meta l4proto tcp reject with tcp reset".to_string());
+                    }
                     out.push("reject with icmpx admin-prohibited".to_string());
                 }
                 Action::Loss(p) => {
@@ -139,23 +144,50 @@ impl Rules {
         out
     }
 
-    fn filter_chain(&self, name: &str, hook: &str, iface_key: &str, addr_key: &str) -> String {
-        let mut s = format!(
-            "  chain {name} {{\n    type filter hook {hook} priority -150; policy accept;\n"
-        );
-        if !self.keep_ports.is_empty() {
-            // The agent's own control traffic: a lapsed lease would end the run.
-            let port_key = if hook == "input" { "dport" } else { "sport" };
-            s.push_str(&format!(
-                "    tcp {port_key} {} accept\n",
-                set(&self.keep_ports)
-            ));
-        }
+    /// The matching rules for one side: `(iifname, saddr)` for packets arriving from
+    /// peers, `(oifname, daddr)` for packets leaving towards them.
+    fn rules_for(&self, iface_key: &str, addr_key: &str) -> String {
+        let mut s = String::new();
         let iface = self.iface(iface_key);
         for addr in self.addrs(addr_key) {
             for l4 in self.l4() {
                 for v in self.verdicts() {
                     s.push_str(&format!("    {iface}{addr}{l4}{v}\n"));
+                }
+            }
+        }
+        s
+    }
+
+    fn filter_chain(&self, name: &str, hook: &str) -> String {
+        let mut s = format!(
+            "  chain {name} {{\n    type filter hook {hook} priority -150; policy accept;\n"
+        );
+        let d = self.direction();
+        match hook {
+            "input" | "output" => {
+                if !self.keep_ports.is_empty() {
+                    // The agent's own control traffic: a lapsed lease would end the run.
+                    let port_key = if hook == "input" { "dport" } else { "sport" };
+                    s.push_str(&format!(
+                        "    tcp {port_key} {} accept\n",
+                        set(&self.keep_ports)
+                    ));
+                }
+                if hook == "input" {
+                    s.push_str(&self.rules_for("iifname", "saddr"));
+                } else {
+                    s.push_str(&self.rules_for("oifname", "daddr"));
+                }
+            }
+            _ => {
+                // Traffic routed through this namespace (pods behind a node): the same
+                // cut, by the same direction.
+                if d.ingress() {
+                    s.push_str(&self.rules_for("iifname", "saddr"));
+                }
+                if d.egress() {
+                    s.push_str(&self.rules_for("oifname", "daddr"));
                 }
             }
         }
@@ -178,7 +210,12 @@ impl Rules {
         if !self.keep_ports.is_empty() {
             s.push_str(&format!("    tcp dport {} return\n", set(&self.keep_ports)));
         }
-        let iface = self.iface(iface_key);
+        let mut iface = self.iface(iface_key);
+        if hook == "prerouting" {
+            // Only connections to this namespace's own addresses: routed traffic
+            // (pods behind a node) is not the proxy's to take.
+            iface.push_str("fib daddr type local ");
+        }
         let ports = if self.ports.is_empty() {
             String::new()
         } else {
@@ -210,11 +247,12 @@ impl Rules {
         let mut s = format!("table inet {} {{\n", self.table);
         if !self.actions.is_empty() {
             if d.ingress() {
-                s.push_str(&self.filter_chain("ingress", "input", "iifname", "saddr"));
+                s.push_str(&self.filter_chain("ingress", "input"));
             }
             if d.egress() {
-                s.push_str(&self.filter_chain("egress", "output", "oifname", "daddr"));
+                s.push_str(&self.filter_chain("egress", "output"));
             }
+            s.push_str(&self.filter_chain("forward", "forward"));
         }
         // Both roles are redirected whatever the direction; the proxy delays the
         // bytes that flow in the fault's direction.
@@ -359,8 +397,9 @@ mod tests {
         assert!(s.contains("chain ingress {\n    type filter hook input priority -150; policy accept;\n    tcp dport { 7070 } accept\n"), "{s}");
         assert!(s.contains("iifname != { \"lo\" } ip saddr { 10.0.0.0/24 } meta l4proto { tcp, udp } th dport { 8000 } drop"), "{s}");
         assert!(s.contains("oifname != { \"lo\" } ip6 daddr { fd00::1/128 } meta l4proto { tcp, udp } th sport { 8000 } drop"), "{s}");
-        // 2 chains × (1 keep + 2 families × 2 port ends)
-        assert_eq!(rules().rule_count(), 10);
+        // input and output: 1 keep + 2 families × 2 port ends; forward: both sides.
+        assert_eq!(rules().rule_count(), 5 + 5 + 8);
+        assert!(s.contains("chain forward {\n    type filter hook forward priority -150; policy accept;\n    iifname != { \"lo\" } ip saddr"), "{s}");
     }
 
     #[test]
@@ -386,6 +425,8 @@ mod tests {
             ),
             "{s}"
         );
+        r.protocol = Some(Protocol::Udp);
+        assert!(!r.script().contains("tcp reset"), "no TCP in a UDP fault");
         r.actions = vec![Action::Loss(30.0)];
         assert!(r.script().contains("numgen random mod 10000 < 3000 drop"));
     }
@@ -404,7 +445,7 @@ mod tests {
         assert!(!s.contains("type filter"), "{s}");
         assert!(s.contains("type nat hook output priority -100; policy accept;\n    meta mark 0x47430001 return\n    tcp dport { 7070 } return\n"), "{s}");
         assert!(s.contains("oifname != { \"lo\" } meta nfproto ipv4 ip daddr { 10.0.0.0/24 } meta l4proto tcp tcp dport { 8000 } redirect to :40001"), "{s}");
-        assert!(s.contains("iifname != { \"lo\" } meta nfproto ipv4 ip saddr { 10.0.0.0/24 } meta l4proto tcp tcp dport { 8000 } redirect to :40002"), "{s}");
+        assert!(s.contains("iifname != { \"lo\" } fib daddr type local meta nfproto ipv4 ip saddr { 10.0.0.0/24 } meta l4proto tcp tcp dport { 8000 } redirect to :40002"), "{s}");
         assert!(!s.contains("ipv6"), "no v6 listener, no v6 redirect: {s}");
     }
 }

@@ -98,14 +98,15 @@ impl Proxy {
     /// Binds the listeners inside the namespace `sockets` lives in and starts serving.
     pub async fn start(sockets: NsSockets, config: Config) -> std::io::Result<Proxy> {
         let sockets = Arc::new(sockets);
-        let v4_any: SocketAddr = "0.0.0.0:0".parse().expect("literal");
-        let v6_any: SocketAddr = "[::]:0".parse().expect("literal");
-        let out4 = sockets.listen(v4_any).await?;
-        let in4 = sockets.listen(v4_any).await?;
+        // A redirect in the output hook always lands on loopback; one in prerouting
+        // lands on the address of the interface the connection came in on.
+        let addr = |a: &str| -> SocketAddr { a.parse().expect("literal address") };
+        let out4 = sockets.listen(addr("127.0.0.1:0")).await?;
+        let in4 = sockets.listen(addr("0.0.0.0:0")).await?;
         // IPv6 may be disabled in the namespace: then only IPv4 is redirected.
-        let out6 = sockets.listen(v6_any).await.ok();
+        let out6 = sockets.listen(addr("[::1]:0")).await.ok();
         let in6 = match out6 {
-            Some(_) => sockets.listen(v6_any).await.ok(),
+            Some(_) => sockets.listen(addr("[::]:0")).await.ok(),
             None => None,
         };
         let port = |l: &TcpListener| l.local_addr().ok().map(|a| a.port());
@@ -178,6 +179,13 @@ async fn accept_loop(l: TcpListener, role: Role, shared: Arc<Shared>, stop: Canc
 
 async fn serve(client: TcpStream, role: Role, shared: &Shared) -> std::io::Result<()> {
     let dst = original_dst(&client)?;
+    // Not redirected (someone connected to the proxy's port directly): the original
+    // destination is the proxy itself, and connecting there would loop forever.
+    if dst == client.local_addr()? {
+        return Err(std::io::Error::other(
+            "a direct connection to the proxy's port (not redirected): refused",
+        ));
+    }
     let _ = client.set_nodelay(true);
     let cfg = shared.config;
     // "Egress" is the bytes leaving the namespace: client→upstream for connections
@@ -243,6 +251,7 @@ async fn serve(client: TcpStream, role: Role, shared: &Shared) -> std::io::Resul
 }
 
 const CHUNK: usize = 16 * 1024;
+const MIN_CHUNK: usize = 1460;
 /// Chunks in flight per direction: backpressure for a delayed fast sender.
 const QUEUE: usize = 256;
 
@@ -266,8 +275,15 @@ async fn pipe(
     }
     let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(QUEUE);
     let mut jitter = Jitter::new(shaping.correlation);
-    let reader = async {
-        let mut buf = vec![0u8; CHUNK];
+    // Small chunks at low rates: a chunk is sent whole, so at most ~10 ms of the rate.
+    let chunk = shaping
+        .rate_bps
+        .map(|r| ((r / 8 / 100) as usize).clamp(MIN_CHUNK, CHUNK))
+        .unwrap_or(CHUNK);
+    // `async move`: the reader owns the sender, so its end (EOF or error) closes the
+    // channel, and the writer then passes the close on (FIN) after the last chunk.
+    let reader = async move {
+        let mut buf = vec![0u8; chunk];
         loop {
             let n = match from.read(&mut buf).await {
                 Ok(0) => return Ok(()),

@@ -4,10 +4,11 @@
 //!
 //! ```text
 //! root 4743: htb            unmatched traffic goes straight through (no default class)
-//!   class 4743:1 htb rate R  matched traffic; R = the limit, or 100gbit without one
+//!   class 4743:T htb rate R  matched traffic; T = 4 hex digits of the fault's token,
+//!                            R = the limit, or 100gbit without one
 //!     qdisc 4744: netem      the delay, when there is one
 //! filters on 4743:           prio 1: the agent's own ports → 4743: (direct)
-//!                            prio 10: peers / ports / protocol → 4743:1
+//!                            prio 10-12: peers / ports / protocol → 4743:T
 //! ```
 //!
 //! Ingress goes through an ifb device (`gci<token><n>`) that the interface's ingress
@@ -33,9 +34,33 @@ pub struct Netem {
     pub correlation: f64,
 }
 
+/// The class a fault's matched traffic goes to: `4743:<4 hex digits of its token>`.
+/// Filters pointing at it prove whose `4743:` root this is.
+pub fn class_of(token: &str) -> String {
+    let minor = u16::from_str_radix(token.get(token.len().saturating_sub(4)..).unwrap_or(""), 16)
+        .unwrap_or(1);
+    let minor = if minor == 0 || minor == 0xffff {
+        1
+    } else {
+        minor
+    };
+    format!("4743:{minor:x}")
+}
+
+/// Is this an ifb name the agent makes: `gci`, 8 hex digits, an index?
+pub fn is_our_ifb(name: &str) -> bool {
+    name.strip_prefix(IFB_PREFIX).is_some_and(|rest| {
+        rest.len() > 8
+            && rest[..8].bytes().all(|b| b.is_ascii_hexdigit())
+            && rest[8..].bytes().all(|b| b.is_ascii_digit())
+    })
+}
+
 /// What to install on each interface.
 #[derive(Debug, Clone, Default)]
 pub struct Shape {
+    /// This fault's class ([`class_of`]).
+    pub class: String,
     pub netem: Option<Netem>,
     pub rate_bps: Option<u64>,
     pub peers: Vec<Cidr>,
@@ -74,7 +99,7 @@ impl Shape {
             "parent",
             ROOT_HANDLE,
             "classid",
-            "4743:1",
+            &self.class,
             "htb",
         ]);
         class.extend(s(&["rate", &rate, "ceil", &rate, "quantum", "60000"]));
@@ -86,7 +111,7 @@ impl Shape {
                 "dev",
                 dev,
                 "parent",
-                "4743:1",
+                &self.class,
                 "handle",
                 NETEM_HANDLE,
                 "netem",
@@ -148,7 +173,7 @@ impl Shape {
             } else {
                 f.extend(words);
             }
-            f.extend(s(&["flowid", "4743:1"]));
+            f.extend(s(&["flowid", &self.class]));
             cmds.push(f);
         }
         cmds
@@ -260,8 +285,8 @@ pub async fn qdiscs(ns: Option<&std::path::Path>, dev: &str) -> Result<Vec<Qdisc
 }
 
 /// Refuses to touch an interface whose root (or ingress) qdisc someone else made.
-pub fn check_free(dev: &str, qs: &[Qdisc], ingress: bool) -> Result<(), String> {
-    if let Some(root) = qs.iter().find(|q| q.root) {
+pub fn check_free(dev: &str, qs: &[Qdisc], egress: bool, ingress: bool) -> Result<(), String> {
+    if egress && let Some(root) = qs.iter().find(|q| q.root) {
         if root.handle == ROOT_HANDLE {
             return Err(format!(
                 "{dev} is already shaped by another gpuchaos fault (root qdisc {ROOT_HANDLE}): one shaping fault per interface at a time"
@@ -324,13 +349,15 @@ pub fn ingress_commands(dev: &str, ifb: &str) -> (Vec<Vec<String>>, Vec<Vec<Stri
 }
 
 /// Runs many commands in one `tc -batch` / `ip -batch` process (a few ms each saved:
-/// the tools are fast, starting them is not). Stops at the first failure and says
-/// which command it was. Arguments never contain spaces (names are validated).
+/// the tools are fast, starting them is not). It stops at the first failure; the
+/// error names that command, and comes with how many commands before it took effect,
+/// so that the caller can undo exactly those. Arguments never contain spaces (names
+/// are validated).
 pub async fn batch(
     ns: Option<&std::path::Path>,
     tool: Tool,
     cmds: &[Vec<String>],
-) -> Result<(), CmdError> {
+) -> Result<(), (CmdError, usize)> {
     if cmds.is_empty() {
         return Ok(());
     }
@@ -340,24 +367,55 @@ pub async fn batch(
         .map(|_| ())
         .map_err(|mut e| {
             // "Command failed -:N": name the command.
-            if let Some(n) = e
+            let failed = e
                 .message
                 .split("Command failed -:")
                 .nth(1)
                 .and_then(|t| t.split_whitespace().next())
-                .and_then(|n| n.parse::<usize>().ok())
-                && let Some(c) = cmds.get(n.saturating_sub(1))
-            {
+                .and_then(|n| n.parse::<usize>().ok());
+            if let Some(c) = failed.and_then(|n| cmds.get(n.saturating_sub(1))) {
                 e.command = format!("{} {}", tool.binary(), c.join(" "));
             }
-            e
+            (e, failed.map(|n| n.saturating_sub(1)).unwrap_or(0))
         })
 }
 
-/// Removes what gpuchaos put on `dev` (and its ifb), and nothing else. Idempotent.
+/// Undoes the `done` commands of a batch that failed: the root and ingress qdiscs it
+/// added and the ifbs it made (deleting a qdisc takes its classes and filters along).
+pub async fn undo(ns: Option<&std::path::Path>, done: &[Vec<String>]) {
+    for c in done.iter().rev() {
+        let w: Vec<&str> = c.iter().map(String::as_str).collect();
+        let r = match w.as_slice() {
+            ["qdisc", "add", "dev", dev, "root", ..] => {
+                tc(ns, &s(&["qdisc", "del", "dev", dev, "root"]))
+                    .await
+                    .map(|_| ())
+            }
+            ["qdisc", "add", "dev", dev, "handle", "ffff:", "ingress"] => {
+                tc(ns, &s(&["qdisc", "del", "dev", dev, "ingress"]))
+                    .await
+                    .map(|_| ())
+            }
+            ["link", "add", ifb, "type", "ifb"] => ip(ns, &["link", "del", ifb]).await.map(|_| ()),
+            _ => Ok(()),
+        };
+        if let Err(e) = r
+            && !gone(&e)
+        {
+            tracing::error!(error = %e, "undoing a half-applied tc batch");
+        }
+    }
+}
+
+/// Removes what one fault put on `dev` (and its ifb), and nothing else. Idempotent.
+/// The root `4743:` goes only when its filters point at this fault's `class` (another
+/// fault's, or a stranger's, stays); the ingress qdisc only when it redirects to this
+/// fault's ifb, or has no filter at all (a half-applied ingress on a device this fault
+/// checked was free).
 pub async fn clean(
     ns: Option<&std::path::Path>,
     dev: &str,
+    class: Option<&str>,
     ifb: Option<&str>,
 ) -> Result<(), CmdError> {
     let qs = match qdiscs(ns, dev).await {
@@ -366,16 +424,25 @@ pub async fn clean(
         Err(e) => return Err(e),
     };
     if qs.iter().any(|q| q.root && q.handle == ROOT_HANDLE) {
-        match tc(ns, &s(&["qdisc", "del", "dev", dev, "root"])).await {
-            Err(e) if !gone(&e) => return Err(e),
-            _ => {}
+        let ours = match class {
+            Some(c) => filters_to(ns, dev, c).await? > 0,
+            None => true,
+        };
+        if ours {
+            match tc(ns, &s(&["qdisc", "del", "dev", dev, "root"])).await {
+                Err(e) if !gone(&e) => return Err(e),
+                _ => {}
+            }
         }
     }
     if let Some(ifb) = ifb {
-        if qs.iter().any(|q| q.kind == "ingress") && ingress_redirects_to(ns, dev, ifb).await? {
-            match tc(ns, &s(&["qdisc", "del", "dev", dev, "ingress"])).await {
-                Err(e) if !gone(&e) => return Err(e),
-                _ => {}
+        if qs.iter().any(|q| q.kind == "ingress") {
+            let (redirects, any) = ingress_filters(ns, dev, ifb).await?;
+            if redirects || !any {
+                match tc(ns, &s(&["qdisc", "del", "dev", dev, "ingress"])).await {
+                    Err(e) if !gone(&e) => return Err(e),
+                    _ => {}
+                }
             }
         }
         match ip(ns, &["link", "del", ifb]).await {
@@ -386,13 +453,13 @@ pub async fn clean(
     Ok(())
 }
 
-/// Does the ingress qdisc on `dev` redirect to `ifb` (our filter)? Prefix match when
-/// `ifb` ends with `*`.
-pub async fn ingress_redirects_to(
+/// The ingress filters on `dev`: does one redirect to `ifb` (prefix match when `ifb`
+/// ends with `*`), and is there any filter at all?
+pub async fn ingress_filters(
     ns: Option<&std::path::Path>,
     dev: &str,
     ifb: &str,
-) -> Result<bool, CmdError> {
+) -> Result<(bool, bool), CmdError> {
     let out = match tc(
         ns,
         &s(&["-j", "filter", "show", "dev", dev, "parent", "ffff:"]),
@@ -400,12 +467,13 @@ pub async fn ingress_redirects_to(
     .await
     {
         Ok(o) => o,
-        Err(e) if gone(&e) => return Ok(false),
+        Err(e) if gone(&e) => return Ok((false, false)),
         Err(e) => return Err(e),
     };
     let v: Value = serde_json::from_str(out.trim()).unwrap_or(Value::Null);
+    let filters = v.as_array().cloned().unwrap_or_default();
     let mut found = false;
-    for f in v.as_array().into_iter().flatten() {
+    for f in &filters {
         for a in f["options"]["actions"].as_array().into_iter().flatten() {
             if let Some(to) = a["to_dev"].as_str() {
                 found |= match ifb.strip_suffix('*') {
@@ -415,16 +483,25 @@ pub async fn ingress_redirects_to(
             }
         }
     }
-    Ok(found)
+    Ok((found, !filters.is_empty()))
 }
 
-/// Filters attached under the reserved root on `dev` that send traffic to 4743:1.
-pub async fn matching_filters(ns: Option<&std::path::Path>, dev: &str) -> Result<usize, CmdError> {
-    let out = tc(
+/// Filters under the reserved root on `dev` that send traffic to `class`.
+pub async fn filters_to(
+    ns: Option<&std::path::Path>,
+    dev: &str,
+    class: &str,
+) -> Result<usize, CmdError> {
+    let out = match tc(
         ns,
         &s(&["-j", "filter", "show", "dev", dev, "parent", ROOT_HANDLE]),
     )
-    .await?;
+    .await
+    {
+        Ok(o) => o,
+        Err(e) if gone(&e) => return Ok(0),
+        Err(e) => return Err(e),
+    };
     let v: Value = serde_json::from_str(out.trim()).map_err(|e| CmdError {
         command: format!("tc -j filter show dev {dev}"),
         message: format!("unreadable JSON: {e}"),
@@ -432,7 +509,7 @@ pub async fn matching_filters(ns: Option<&std::path::Path>, dev: &str) -> Result
     Ok(v.as_array()
         .into_iter()
         .flatten()
-        .filter(|f| f["options"]["flowid"].as_str() == Some("4743:1"))
+        .filter(|f| f["options"]["flowid"].as_str() == Some(class))
         .count())
 }
 
@@ -443,6 +520,7 @@ mod tests {
     #[test]
     fn layout_for_a_scoped_delay() {
         let sh = Shape {
+            class: "4743:1".into(),
             netem: Some(Netem {
                 delay_us: 200_000,
                 jitter_us: 20_000,
@@ -488,6 +566,7 @@ mod tests {
     #[test]
     fn unscoped_rate_limit_is_one_catch_all_filter() {
         let sh = Shape {
+            class: "4743:1".into(),
             rate_bps: Some(10_000_000),
             ..Default::default()
         };
@@ -512,13 +591,19 @@ mod tests {
             parent: String::new(),
             root,
         };
-        assert!(check_free("eth0", &[q("noqueue", "0:", true)], true).is_ok());
-        let e = check_free("eth0", &[q("fq", "1:", true)], false).unwrap_err();
+        assert!(check_free("eth0", &[q("noqueue", "0:", true)], true, true).is_ok());
+        let e = check_free("eth0", &[q("fq", "1:", true)], true, false).unwrap_err();
         assert!(e.contains("did not create"), "{e}");
-        let e = check_free("eth0", &[q("htb", "4743:", true)], false).unwrap_err();
+        // Ingress only: a foreign root is not in the way.
+        assert!(check_free("eth0", &[q("fq", "1:", true)], false, true).is_ok());
+        let e = check_free("eth0", &[q("htb", "4743:", true)], true, false).unwrap_err();
         assert!(e.contains("another gpuchaos fault"), "{e}");
-        let e = check_free("eth0", &[q("ingress", "ffff:", false)], true).unwrap_err();
+        let e = check_free("eth0", &[q("ingress", "ffff:", false)], false, true).unwrap_err();
         assert!(e.contains("ingress"), "{e}");
-        assert!(check_free("eth0", &[q("ingress", "ffff:", false)], false).is_ok());
+        assert!(check_free("eth0", &[q("ingress", "ffff:", false)], true, false).is_ok());
+        assert_eq!(class_of("0badcafe"), "4743:cafe");
+        assert_eq!(class_of("0bad0000"), "4743:1");
+        assert!(is_our_ifb("gci0badcafe0") && is_our_ifb("gci0badcafe12"));
+        assert!(!is_our_ifb("gci0") && !is_our_ifb("gcixyzxyzxy0") && !is_our_ifb("eth0"));
     }
 }
