@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+mod gpu;
 mod network;
+pub use gpu::*;
 pub use network::*;
 
 /// A problem with one field of a spec.
@@ -150,11 +152,12 @@ impl<'de> Deserialize<'de> for HumanDuration {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum FaultSpec {
     Process(ProcessSpec),
+    GpuMemory(GpuMemorySpec),
     Network(NetworkSpec),
 }
 
 /// Every fault kind a spec may name.
-pub const KINDS: &[&str] = &["process", "network"];
+pub const KINDS: &[&str] = &["process", "gpu_memory", "network"];
 
 /// Deserializes without buffering when `kind` comes first (the usual way to write a
 /// spec), so errors keep their YAML line and column and their field path: the rest
@@ -195,6 +198,8 @@ impl<'de> serde::de::Visitor<'de> for FaultVisitor {
                     .map(FaultSpec::Process),
                 "network" => NetworkSpec::deserialize(MapAccessDeserializer::new(map))
                     .map(FaultSpec::Network),
+                "gpu_memory" => GpuMemorySpec::deserialize(MapAccessDeserializer::new(map))
+                    .map(FaultSpec::GpuMemory),
                 other => Err(unknown_kind(other)),
             };
         }
@@ -225,6 +230,9 @@ impl<'de> serde::de::Visitor<'de> for FaultVisitor {
             "network" => serde_path_to_error::deserialize(rest)
                 .map(FaultSpec::Network)
                 .map_err(located),
+            "gpu_memory" => serde_path_to_error::deserialize(rest)
+                .map(FaultSpec::GpuMemory)
+                .map_err(located),
             other => Err(unknown_kind(other)),
         }
     }
@@ -235,6 +243,7 @@ impl FaultSpec {
         match self {
             FaultSpec::Process(_) => "process",
             FaultSpec::Network(_) => "network",
+            FaultSpec::GpuMemory(_) => "gpu_memory",
         }
     }
 
@@ -242,6 +251,7 @@ impl FaultSpec {
         match self {
             FaultSpec::Process(p) => p.duration.0,
             FaultSpec::Network(n) => n.duration.0,
+            FaultSpec::GpuMemory(g) => g.duration.0,
         }
     }
 
@@ -249,6 +259,7 @@ impl FaultSpec {
         match self {
             FaultSpec::Process(p) => p.seed,
             FaultSpec::Network(n) => n.seed,
+            FaultSpec::GpuMemory(g) => g.seed,
         }
     }
 
@@ -258,6 +269,7 @@ impl FaultSpec {
         match self {
             FaultSpec::Process(p) => p.validate(&mut errs),
             FaultSpec::Network(n) => n.validate(&mut errs),
+            FaultSpec::GpuMemory(g) => g.validate(&mut errs),
         }
         if errs.is_empty() {
             Ok(())
