@@ -4,7 +4,8 @@
 //!   leases, halt, shutdown.
 //! - [`journal`]: the append-only intent journal replayed at start-up.
 //! - [`policy`]: the blast radius (protected processes, limits, enabled kinds).
-//! - [`faults`]: one driver per fault kind (`process`, `network`).
+//! - [`faults`]: one driver per fault kind (`process`, `gpu_memory`, `network`);
+//!   [`gpu_helper`]: the child process that holds GPU memory.
 //! - [`sys`]: every system call, /proc read and NVML call, behind small interfaces.
 //! - [`server`]: gRPC handlers that forward to the manager; [`tls`]: mutual TLS.
 //! - [`metrics`]: Prometheus metrics; [`inventory`]: what the node is and can do.
@@ -13,6 +14,7 @@
 pub mod error;
 pub mod failpoint;
 pub mod faults;
+pub mod gpu_helper;
 pub mod inventory;
 pub mod journal;
 pub mod manager;
@@ -34,6 +36,7 @@ use gpuchaos_proto::pb::agent_server::AgentServer;
 use tokio_util::sync::CancellationToken;
 
 use crate::faults::FaultDriver;
+use crate::faults::gpu_memory::GpuMemoryDriver;
 use crate::faults::network::{NetCaps, NetworkDriver};
 use crate::faults::process::ProcessDriver;
 use crate::manager::{Command, Manager};
@@ -49,6 +52,7 @@ pub struct AgentConfig {
     pub policy: Option<PathBuf>,
     pub tls: tls::TlsFiles,
     pub nvml_lib: Option<PathBuf>,
+    pub cuda_lib: Option<PathBuf>,
     /// How long SIGTERM/SIGINT may spend reverting before the agent exits anyway.
     pub shutdown_grace: Duration,
 }
@@ -120,7 +124,12 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         net_caps,
         vec![grpc_addr.port(), metrics_addr.port()],
     ));
-    let drivers: Vec<Arc<dyn FaultDriver>> = vec![process, network];
+    let gpu_memory = Arc::new(GpuMemoryDriver::new(
+        gpus.clone(),
+        Arc::clone(&policy),
+        cfg.cuda_lib.clone(),
+    ));
+    let drivers: Vec<Arc<dyn FaultDriver>> = vec![process, gpu_memory, network];
     let metrics = Arc::new(metrics::Metrics::new());
     let inventory = Arc::new(inventory::Inventory::new(
         gpus,

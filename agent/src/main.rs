@@ -44,6 +44,9 @@ struct Args {
     /// Path of libnvidia-ml (default: libnvidia-ml.so.1 from the loader path).
     #[arg(long, env = "GPUCHAOS_NVML_LIB")]
     nvml_lib: Option<PathBuf>,
+    /// Path of libcuda (default: libcuda.so.1 from the loader path), for gpu_memory.
+    #[arg(long, env = "GPUCHAOS_CUDA_LIB")]
+    cuda_lib: Option<PathBuf>,
     /// How long SIGTERM/SIGINT may spend reverting faults before exiting.
     #[arg(long, default_value = "30s", value_parser = humantime_arg)]
     shutdown_grace: Duration,
@@ -66,6 +69,10 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> std::process::ExitCode {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some(gpuchaos_agent::gpu_helper::ARG) {
+        return gpuchaos_agent::gpu_helper::main(&argv[2..]);
+    }
     let args = Args::parse();
     init_logging(args.log_format);
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -90,6 +97,7 @@ fn main() -> std::process::ExitCode {
             ca: args.tls_ca,
         },
         nvml_lib: args.nvml_lib,
+        cuda_lib: args.cuda_lib,
         shutdown_grace: args.shutdown_grace,
     };
     let result = rt.block_on(async {

@@ -2,6 +2,7 @@
 //! resolved, policy checked, no side effects), applies and verifies the plan, and
 //! reverts from the plan alone (what the journal holds), idempotently.
 
+pub mod gpu_memory;
 pub mod network;
 pub mod process;
 

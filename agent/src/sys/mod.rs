@@ -3,6 +3,7 @@
 //! privileged end-to-end tests exercise these implementations for real.
 
 pub mod clock;
+pub mod cuda;
 pub mod gpu;
 pub mod netns;
 pub mod procfs;

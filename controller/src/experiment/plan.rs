@@ -213,6 +213,21 @@ pub fn summary(spec: &FaultSpec) -> String {
         FaultSpec::Process(p) => {
             format!("process {} {}", p.action.name(), p.target.describe())
         }
+        FaultSpec::GpuMemory(g) => {
+            let gpus = match &g.target.gpus {
+                gpuchaos_proto::spec::GpuSet::All => "all GPUs".to_string(),
+                gpuchaos_proto::spec::GpuSet::List(v) => v
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            };
+            let ramp = g
+                .ramp
+                .map(|r| format!(", ramp {r}"))
+                .unwrap_or_default();
+            format!("gpu_memory fill {} on {gpus}{ramp}", g.fill)
+        }
         FaultSpec::Network(n) => {
             let mut parts = vec![format!("network {}", n.effect())];
             if let Some(t) = &n.target {
