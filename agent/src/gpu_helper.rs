@@ -77,7 +77,10 @@ pub fn main(args: &[String]) -> ExitCode {
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
         let mut words = line.split_whitespace();
-        match (words.next(), words.next().and_then(|n| n.parse::<u64>().ok())) {
+        match (
+            words.next(),
+            words.next().and_then(|n| n.parse::<u64>().ok()),
+        ) {
             (Some("grow"), Some(mut want)) => {
                 let mut failed = None;
                 while want > 0 {

@@ -201,7 +201,10 @@ fn nvml_index(device: *mut c_void) -> Option<u32> {
     (device as usize).checked_sub(1).map(|i| i as u32)
 }
 
-fn nvml_device<T>(device: *mut c_void, f: impl FnOnce(&State, u32, &Device) -> T) -> Result<T, c_int> {
+fn nvml_device<T>(
+    device: *mut c_void,
+    f: impl FnOnce(&State, u32, &Device) -> T,
+) -> Result<T, c_int> {
     let idx = nvml_index(device).ok_or(NVML_ERROR_INVALID_ARGUMENT)?;
     with_state(|s| {
         s.devices
@@ -278,7 +281,10 @@ pub unsafe extern "C" fn nvmlDeviceGetCount_v2(count: *mut c_uint) -> c_int {
 /// # Safety
 /// `device` must be a valid pointer.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(index: c_uint, device: *mut *mut c_void) -> c_int {
+pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(
+    index: c_uint,
+    device: *mut *mut c_void,
+) -> c_int {
     if device.is_null() {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -296,12 +302,17 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(index: c_uint, device: *m
 /// # Safety
 /// `uuid` must be a NUL-terminated string and `device` a valid pointer.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetHandleByUUID(uuid: *const c_char, device: *mut *mut c_void) -> c_int {
+pub unsafe extern "C" fn nvmlDeviceGetHandleByUUID(
+    uuid: *const c_char,
+    device: *mut *mut c_void,
+) -> c_int {
     if uuid.is_null() || device.is_null() {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
     // SAFETY: a NUL-terminated string, as documented.
-    let wanted = unsafe { CStr::from_ptr(uuid) }.to_string_lossy().into_owned();
+    let wanted = unsafe { CStr::from_ptr(uuid) }
+        .to_string_lossy()
+        .into_owned();
     match with_state(|s| s.devices.iter().position(|d| d.uuid == wanted)) {
         // SAFETY: checked for null.
         Ok(Some(i)) => unsafe {
@@ -316,7 +327,11 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByUUID(uuid: *const c_char, device: 
 /// # Safety
 /// `name` must point to `length` writable bytes.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetName(device: *mut c_void, name: *mut c_char, length: c_uint) -> c_int {
+pub unsafe extern "C" fn nvmlDeviceGetName(
+    device: *mut c_void,
+    name: *mut c_char,
+    length: c_uint,
+) -> c_int {
     match nvml_device(device, |_, _, d| d.name.clone()) {
         // SAFETY: as documented.
         Ok(n) if unsafe { write_str(name, length as usize, &n) } => NVML_SUCCESS,
@@ -328,7 +343,11 @@ pub unsafe extern "C" fn nvmlDeviceGetName(device: *mut c_void, name: *mut c_cha
 /// # Safety
 /// `uuid` must point to `length` writable bytes.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetUUID(device: *mut c_void, uuid: *mut c_char, length: c_uint) -> c_int {
+pub unsafe extern "C" fn nvmlDeviceGetUUID(
+    device: *mut c_void,
+    uuid: *mut c_char,
+    length: c_uint,
+) -> c_int {
     match nvml_device(device, |_, _, d| d.uuid.clone()) {
         // SAFETY: as documented.
         Ok(u) if unsafe { write_str(uuid, length as usize, &u) } => NVML_SUCCESS,
@@ -356,7 +375,10 @@ pub struct NvmlMemory {
 /// # Safety
 /// `memory` must be a valid pointer.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(device: *mut c_void, memory: *mut NvmlMemoryV2) -> c_int {
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
+    device: *mut c_void,
+    memory: *mut NvmlMemoryV2,
+) -> c_int {
     if memory.is_null() {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -376,7 +398,10 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(device: *mut c_void, memory:
 /// # Safety
 /// `memory` must be a valid pointer.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(device: *mut c_void, memory: *mut NvmlMemory) -> c_int {
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(
+    device: *mut c_void,
+    memory: *mut NvmlMemory,
+) -> c_int {
     if memory.is_null() {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
@@ -601,7 +626,8 @@ pub unsafe extern "C" fn cuDeviceGetUuid(uuid: *mut u8, dev: c_int) -> c_int {
     if let Err(e) = cuda_device_exists(dev) {
         return e;
     }
-    let bytes = uuid_bytes(&with_state(|s| s.devices[dev as usize].uuid.clone()).unwrap_or_default());
+    let bytes =
+        uuid_bytes(&with_state(|s| s.devices[dev as usize].uuid.clone()).unwrap_or_default());
     // SAFETY: 16 writable bytes, as documented.
     unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), uuid, 16) };
     CUDA_SUCCESS
@@ -618,7 +644,11 @@ pub unsafe extern "C" fn cuDeviceGetUuid_v2(uuid: *mut u8, dev: c_int) -> c_int 
 /// # Safety
 /// `ctx` must be a valid pointer.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuCtxCreate_v2(ctx: *mut *mut c_void, _flags: c_uint, dev: c_int) -> c_int {
+pub unsafe extern "C" fn cuCtxCreate_v2(
+    ctx: *mut *mut c_void,
+    _flags: c_uint,
+    dev: c_int,
+) -> c_int {
     if ctx.is_null() {
         return CUDA_ERROR_INVALID_VALUE;
     }
@@ -686,7 +716,8 @@ pub extern "C" fn cuCtxDestroy_v2(ctx: *mut c_void) -> c_int {
     let (pid, _) = me();
     match with_state(|s| {
         let before = s.allocs.len();
-        s.allocs.retain(|a| !(a.pid == pid && (a.handle == h || a.ctx == h)));
+        s.allocs
+            .retain(|a| !(a.pid == pid && (a.handle == h || a.ctx == h)));
         before != s.allocs.len()
     }) {
         Ok(true) => {

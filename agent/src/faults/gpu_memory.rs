@@ -72,9 +72,7 @@ impl Helper {
                 Err(format!(
                     "the helper (pid {}) exited{}",
                     self.pid,
-                    status
-                        .map(|s| format!(" ({s})"))
-                        .unwrap_or_default()
+                    status.map(|s| format!(" ({s})")).unwrap_or_default()
                 ))
             }
             Ok(Err(e)) => Err(format!("reading from the helper: {e}")),
@@ -120,13 +118,16 @@ impl Helper {
     }
 }
 
+/// A GPU's helper, shared by the ramp task and revert (None once stopped).
+type HelperSlot = Arc<AsyncMutex<Option<Helper>>>;
+
 pub struct GpuMemoryDriver {
     gpus: Arc<dyn GpuQuery>,
     policy: Arc<Policy>,
     cuda_lib: Option<PathBuf>,
     /// Whether libcuda loads, found at start-up.
     cuda: Result<(), String>,
-    helpers: Mutex<HashMap<String, Vec<Arc<AsyncMutex<Option<Helper>>>>>>,
+    helpers: Mutex<HashMap<String, Vec<HelperSlot>>>,
 }
 
 fn token() -> String {
@@ -154,7 +155,8 @@ impl GpuMemoryDriver {
     }
 
     async fn spawn_helper(&self, uuid: &str, token: &str) -> Result<Helper, String> {
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find the agent binary: {e}"))?;
+        let exe =
+            std::env::current_exe().map_err(|e| format!("cannot find the agent binary: {e}"))?;
         let mut cmd = tokio::process::Command::new(exe);
         cmd.arg(crate::gpu_helper::ARG)
             .args(["--uuid", uuid, "--token", token]);
@@ -251,7 +253,7 @@ impl GpuMemoryDriver {
             .unwrap_or(1);
         let mut per_gpu = Vec::new();
         let mut needs = Vec::new();
-        let slots: Vec<Arc<AsyncMutex<Option<Helper>>>> = Vec::new();
+        let slots: Vec<HelperSlot> = Vec::new();
         self.helpers
             .lock()
             .map_err(|_| "helper table poisoned")?
@@ -466,7 +468,9 @@ impl FaultDriver for GpuMemoryDriver {
 
     fn plan(&self, spec: &FaultSpec) -> Result<Plan, AgentError> {
         let FaultSpec::GpuMemory(g) = spec else {
-            return Err(AgentError::Internal("gpu_memory driver given another kind".into()));
+            return Err(AgentError::Internal(
+                "gpu_memory driver given another kind".into(),
+            ));
         };
         let list = self.gpus.list().map_err(AgentError::Unsupported)?;
         let chosen = select(&list, g)?;
@@ -475,13 +479,6 @@ impl FaultDriver for GpuMemoryDriver {
         for gpu in chosen {
             let target = g.fill.target_used(gpu.total, gpu.used);
             let label = format!("GPU {} ({})", gpu.index, gpu.uuid);
-            if pct(target, gpu.total) > max + 1e-9 {
-                return Err(AgentError::Refused(format!(
-                    "fill {} would put {label} at {:.1}% in use: the policy allows at most {max}% (max_gpu_fill_percent)",
-                    g.fill,
-                    pct(target, gpu.total)
-                )));
-            }
             if target <= gpu.used {
                 return Err(AgentError::NoTargets(format!(
                     "{label} already uses {} ({:.1}%), at or above the target {}: nothing to hold",
@@ -498,6 +495,13 @@ impl FaultDriver for GpuMemoryDriver {
                     ByteSize(need),
                     ByteSize(gpu.free),
                     pct(gpu.used + gpu.free, gpu.total)
+                )));
+            }
+            if pct(target, gpu.total) > max + 1e-9 {
+                return Err(AgentError::Refused(format!(
+                    "fill {} would put {label} at {:.1}% in use: the policy allows at most {max}% (max_gpu_fill_percent)",
+                    g.fill,
+                    pct(target, gpu.total)
                 )));
             }
             goals.push(GpuGoal {

@@ -35,7 +35,9 @@ impl std::fmt::Display for CudaError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} failed: {} ({})", self.call, self.name, self.code)?;
         let hint = match self.code {
-            100 => ": no CUDA device is visible (driver not loaded, or CUDA_VISIBLE_DEVICES hides them)",
+            100 => {
+                ": no CUDA device is visible (driver not loaded, or CUDA_VISIBLE_DEVICES hides them)"
+            }
             101 => ": no such device",
             2 => ": not enough free memory on the device",
             3 => ": cuInit was not called",
@@ -148,7 +150,10 @@ impl Cuda {
     pub fn device_count(&self) -> Result<i32, CudaError> {
         let mut n: c_int = 0;
         // SAFETY: `n` outlives the call.
-        self.check(unsafe { (self.device_get_count)(&mut n) }, "cuDeviceGetCount")?;
+        self.check(
+            unsafe { (self.device_get_count)(&mut n) },
+            "cuDeviceGetCount",
+        )?;
         Ok(n)
     }
 
@@ -156,7 +161,10 @@ impl Cuda {
     pub fn device_uuid(&self, ordinal: i32) -> Result<String, CudaError> {
         let mut dev: c_int = 0;
         // SAFETY: `dev` outlives the call.
-        self.check(unsafe { (self.device_get)(&mut dev, ordinal) }, "cuDeviceGet")?;
+        self.check(
+            unsafe { (self.device_get)(&mut dev, ordinal) },
+            "cuDeviceGet",
+        )?;
         let mut b = [0u8; 16];
         // SAFETY: `b` has the 16 bytes the call writes.
         self.check(
@@ -178,10 +186,16 @@ impl Cuda {
     pub fn ctx_create(&self, ordinal: i32) -> Result<Context, CudaError> {
         let mut dev: c_int = 0;
         // SAFETY: `dev` outlives the call.
-        self.check(unsafe { (self.device_get)(&mut dev, ordinal) }, "cuDeviceGet")?;
+        self.check(
+            unsafe { (self.device_get)(&mut dev, ordinal) },
+            "cuDeviceGet",
+        )?;
         let mut ctx: *mut c_void = std::ptr::null_mut();
         // SAFETY: `ctx` outlives the call.
-        self.check(unsafe { (self.ctx_create)(&mut ctx, 0, dev) }, "cuCtxCreate")?;
+        self.check(
+            unsafe { (self.ctx_create)(&mut ctx, 0, dev) },
+            "cuCtxCreate",
+        )?;
         Ok(Context(ctx as usize))
     }
 
@@ -230,6 +244,9 @@ mod tests {
         let e = Cuda::open(Some(std::path::Path::new("/nonexistent/libcuda.so.1")))
             .err()
             .unwrap();
-        assert!(e.contains("no CUDA driver") && e.contains("--cuda-lib"), "{e}");
+        assert!(
+            e.contains("no CUDA driver") && e.contains("--cuda-lib"),
+            "{e}"
+        );
     }
 }

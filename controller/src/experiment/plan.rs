@@ -222,10 +222,7 @@ pub fn summary(spec: &FaultSpec) -> String {
                     .collect::<Vec<_>>()
                     .join(", "),
             };
-            let ramp = g
-                .ramp
-                .map(|r| format!(", ramp {r}"))
-                .unwrap_or_default();
+            let ramp = g.ramp.map(|r| format!(", ramp {r}")).unwrap_or_default();
             format!("gpu_memory fill {} on {gpus}{ramp}", g.fill)
         }
         FaultSpec::Network(n) => {

@@ -194,7 +194,9 @@ impl<'de> Deserialize<'de> for ByteSize {
                 Ok(ByteSize(v))
             }
             fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
-                Err(E::custom(format!("invalid size {v}: sizes cannot be negative")))
+                Err(E::custom(format!(
+                    "invalid size {v}: sizes cannot be negative"
+                )))
             }
         }
         d.deserialize_any(V)
@@ -295,7 +297,9 @@ mod tests {
         assert_eq!(g.fill, Fill::Percent(95.0));
         let spec = FaultSpec::GpuMemory(g);
         assert_eq!(FaultSpec::from_json(&spec.to_json()).unwrap(), spec);
-        let g = parse("kind: gpu_memory\nduration: 1m\ntarget: {gpus: all}\nfill: {bytes: 20GiB}\n").unwrap();
+        let g =
+            parse("kind: gpu_memory\nduration: 1m\ntarget: {gpus: all}\nfill: {bytes: 20GiB}\n")
+                .unwrap();
         assert_eq!(g.target.gpus, GpuSet::All);
         assert_eq!(g.fill, Fill::Bytes(ByteSize(20 << 30)));
         let g = parse("kind: gpu_memory\nduration: 1m\ntarget: {gpus: [\"GPU-1234\", 1]}\nfill: {leave_free: 2GiB}\n").unwrap();
@@ -320,7 +324,11 @@ mod tests {
             "kind: gpu_memory\nduration: 10s\ntarget: {gpus: [banana]}\nfill: {percent: 120}\nramp: 20s\n",
         )
         .unwrap_err();
-        for want in ["target.gpus[0]", "fill.percent: 120", "ramp: 20s is not shorter"] {
+        for want in [
+            "target.gpus[0]",
+            "fill.percent: 120",
+            "ramp: 20s is not shorter",
+        ] {
             assert!(e.contains(want), "missing {want:?} in {e}");
         }
         assert!(
