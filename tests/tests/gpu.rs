@@ -369,3 +369,35 @@ fn without_a_driver_gpu_memory_is_unsupported_with_the_reason() {
         "{cap}"
     );
 }
+
+/// "Processes using GPU n" (NVML's compute processes) as a process selector, on the
+/// fake driver: a worker holding memory on GPU 0 is paused, and resumed on revert.
+#[test]
+fn processes_using_a_gpu_are_selected_through_nvml() {
+    let n = Node::start();
+    // A worker with its own name (the agent's own name is always protected).
+    let worker = n.dir.path().join("fake-worker");
+    std::os::unix::fs::symlink(bin("gpuchaos-agent"), &worker).unwrap();
+    let mut child = Command::new(&worker)
+        .args(["__gpu-helper", "--uuid", UUID0, "--cuda-lib"])
+        .arg(fake_lib())
+        .envs(n.env.iter().cloned())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let f = n.inject("kind: process\nduration: 1m\ntarget: {gpu: 0}\naction: pause\n");
+    assert!(f["target"].as_str().unwrap().contains(&format!("pid {pid}")), "{f}");
+    assert!(is_stopped(pid));
+    let out = n.inject_err("kind: process\nduration: 1m\ntarget: {gpu: 1}\naction: pause\n");
+    assert!(out.stderr.contains("matched no process"), "{out:?}");
+    n.revert(f["id"].as_str().unwrap());
+    assert!(!is_stopped(pid));
+    let _ = child.kill();
+    let _ = child.wait();
+}
