@@ -1,5 +1,5 @@
 //! The GPU memory helper: `gpuchaos-agent __gpu-helper --cuda-lib PATH --uuid UUID
-//! --token TOKEN`, a child of the agent that holds memory on one GPU.
+//! --token TOKEN --parent PID`, a child of the agent that holds memory on one GPU.
 //!
 //! It dies with the agent (PR_SET_PDEATHSIG = SIGKILL, checked against a parent that
 //! died before the call), so the driver frees its memory even when the agent is
@@ -22,6 +22,8 @@ use crate::sys::cuda::{CUDA_ERROR_OUT_OF_MEMORY, Cuda};
 pub const ARG: &str = "__gpu-helper";
 /// Allocation chunk: big enough to be fast, small enough to land near a target.
 const CHUNK: u64 = 256 << 20;
+/// The smallest chunk tried before giving up: the driver's page size.
+const MIN_CHUNK: u64 = 2 << 20;
 
 fn flag(args: &[String], name: &str) -> Option<String> {
     args.iter()
@@ -37,13 +39,15 @@ fn say(line: &str) {
 }
 
 pub fn main(args: &[String]) -> ExitCode {
-    let parent = nix::unistd::getppid();
     if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
         say(&format!("fatal cannot tie the helper to the agent: {e}"));
         return ExitCode::from(70);
     }
-    if nix::unistd::getppid() != parent {
-        // The agent died before the death signal was armed.
+    // The agent may have died between fork and the line above: then the death
+    // signal will never come, and the parent is no longer the agent.
+    if let Some(parent) = flag(args, "--parent").and_then(|p| p.parse::<i32>().ok())
+        && nix::unistd::getppid().as_raw() != parent
+    {
         return ExitCode::from(70);
     }
     let (Some(uuid), lib) = (flag(args, "--uuid"), flag(args, "--cuda-lib")) else {
@@ -83,12 +87,18 @@ pub fn main(args: &[String]) -> ExitCode {
         ) {
             (Some("grow"), Some(mut want)) => {
                 let mut failed = None;
+                let mut chunk = CHUNK;
                 while want > 0 {
-                    let n = want.min(CHUNK);
+                    let n = want.min(chunk);
                     match cuda.mem_alloc(n as usize) {
                         Ok(p) => {
                             held.push((p, n));
                             want -= n;
+                        }
+                        // Near the top a real driver cannot hand out one more big
+                        // chunk (2 MiB pages, its own page tables): halve down to 2 MiB.
+                        Err(e) if e.code == CUDA_ERROR_OUT_OF_MEMORY && n > MIN_CHUNK => {
+                            chunk = (n / 2).max(MIN_CHUNK);
                         }
                         Err(e) => {
                             failed = Some(e);

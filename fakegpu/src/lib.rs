@@ -23,7 +23,7 @@
 
 use std::cell::Cell;
 use std::ffi::{CStr, c_char, c_int, c_uint, c_ulonglong, c_void};
-use std::io::{Read, Seek, Write};
+use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
 
@@ -119,32 +119,47 @@ fn me() -> (u32, u64) {
     (pid, process(pid).map(|p| p.0).unwrap_or(0))
 }
 
-/// Runs `f` on the shared state under an exclusive lock, and writes it back.
+fn fresh_state() -> State {
+    State {
+        devices: configured_devices(),
+        context_bytes: std::env::var("GPUCHAOS_FAKE_GPU_CONTEXT")
+            .ok()
+            .and_then(|v| parse_size(&v))
+            .unwrap_or(512 * MIB),
+        allocs: Vec::new(),
+        next_handle: 0x7f00_0000_0000,
+    }
+}
+
+/// Runs `f` on the shared state under an exclusive lock (on a separate lock file),
+/// and writes it back atomically (a temporary file renamed over the state), so that a
+/// process killed half way never leaves a torn state behind.
 fn with_state<T>(f: impl FnOnce(&mut State) -> T) -> Result<T, String> {
     let path = std::env::var("GPUCHAOS_FAKE_GPU_STATE").unwrap_or_else(|_| DEFAULT_STATE.into());
-    let file = std::fs::OpenOptions::new()
+    let lock_path = format!("{path}.lock");
+    let lock = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&path)
-        .map_err(|e| format!("{path}: {e}"))?;
-    let mut file = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| format!("lock {path}: {e}"))?;
+        .open(&lock_path)
+        .map_err(|e| format!("{lock_path}: {e}"))?;
+    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| format!("lock {lock_path}: {e}"))?;
     let mut text = String::new();
-    file.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    if let Ok(mut file) = std::fs::File::open(&path) {
+        file.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    }
     let mut state: State = if text.trim().is_empty() {
-        State {
-            devices: configured_devices(),
-            context_bytes: std::env::var("GPUCHAOS_FAKE_GPU_CONTEXT")
-                .ok()
-                .and_then(|v| parse_size(&v))
-                .unwrap_or(512 * MIB),
-            allocs: Vec::new(),
-            next_handle: 0x7f00_0000_0000,
-        }
+        fresh_state()
     } else {
-        serde_json::from_str(&text).map_err(|e| format!("{path}: {e}"))?
+        match serde_json::from_str(&text) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("gpuchaos fake GPU: {path} is unreadable ({e}): starting afresh");
+                fresh_state()
+            }
+        }
     };
     // The driver frees the memory of processes that have died.
     state.allocs.retain(|a| match process(a.pid) {
@@ -153,13 +168,22 @@ fn with_state<T>(f: impl FnOnce(&mut State) -> T) -> Result<T, String> {
     });
     let out = f(&mut state);
     let json = serde_json::to_string(&state).map_err(|e| e.to_string())?;
-    file.set_len(0).map_err(|e| e.to_string())?;
-    file.rewind().map_err(|e| e.to_string())?;
+    let tmp = format!("{path}.tmp.{}", std::process::id());
+    let mut file = std::fs::File::create(&tmp).map_err(|e| format!("{tmp}: {e}"))?;
     file.write_all(json.as_bytes()).map_err(|e| e.to_string())?;
+    drop(file);
+    std::fs::rename(&tmp, &path).map_err(|e| format!("{path}: {e}"))?;
     Ok(out)
 }
 
+/// The driver hands out memory in 2 MiB pages.
+const PAGE: u64 = 2 * MIB;
+
 impl State {
+    fn total(&self, dev: u32) -> u64 {
+        self.devices.get(dev as usize).map(|d| d.total).unwrap_or(0)
+    }
+
     fn used(&self, dev: u32) -> u64 {
         self.allocs
             .iter()
@@ -417,6 +441,51 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(
     }
 }
 
+/// # Safety
+/// `mode` must be a valid pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetComputeMode(device: *mut c_void, mode: *mut c_int) -> c_int {
+    if mode.is_null() {
+        return NVML_ERROR_INVALID_ARGUMENT;
+    }
+    // GPUCHAOS_FAKE_GPU_COMPUTE_MODE=exclusive: NVML_COMPUTEMODE_EXCLUSIVE_PROCESS.
+    let m = match std::env::var("GPUCHAOS_FAKE_GPU_COMPUTE_MODE").as_deref() {
+        Ok("exclusive") => 3,
+        Ok("prohibited") => 2,
+        _ => 0,
+    };
+    match nvml_device(device, |_, _, _| ()) {
+        // SAFETY: checked for null.
+        Ok(()) => unsafe {
+            *mode = m;
+            NVML_SUCCESS
+        },
+        Err(e) => e,
+    }
+}
+
+/// # Safety
+/// `current` and `pending` must be valid pointers.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMigMode(
+    device: *mut c_void,
+    current: *mut c_uint,
+    pending: *mut c_uint,
+) -> c_int {
+    if current.is_null() || pending.is_null() {
+        return NVML_ERROR_INVALID_ARGUMENT;
+    }
+    match nvml_device(device, |_, _, _| ()) {
+        // SAFETY: checked for null. MIG is always off on the fake.
+        Ok(()) => unsafe {
+            *current = 0;
+            *pending = 0;
+            NVML_SUCCESS
+        },
+        Err(e) => e,
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct NvmlProcessInfo {
@@ -574,7 +643,10 @@ pub unsafe extern "C" fn cuDeviceGetName(name: *mut c_char, len: c_int, dev: c_i
     if let Err(e) = cuda_device_exists(dev) {
         return e;
     }
-    let n = with_state(|s| s.devices[dev as usize].name.clone()).unwrap_or_default();
+    let n = with_state(|s| s.devices.get(dev as usize).map(|d| d.name.clone()))
+        .ok()
+        .flatten()
+        .unwrap_or_default();
     // SAFETY: as documented.
     if unsafe { write_str(name, len.max(0) as usize, &n) } {
         CUDA_SUCCESS
@@ -593,7 +665,7 @@ pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: c_int) -> c
     if let Err(e) = cuda_device_exists(dev) {
         return e;
     }
-    let total = with_state(|s| s.devices[dev as usize].total).unwrap_or(0);
+    let total = with_state(|s| s.total(dev as u32)).unwrap_or(0);
     // SAFETY: checked for null.
     unsafe { *bytes = total as usize };
     CUDA_SUCCESS
@@ -626,8 +698,11 @@ pub unsafe extern "C" fn cuDeviceGetUuid(uuid: *mut u8, dev: c_int) -> c_int {
     if let Err(e) = cuda_device_exists(dev) {
         return e;
     }
-    let bytes =
-        uuid_bytes(&with_state(|s| s.devices[dev as usize].uuid.clone()).unwrap_or_default());
+    let text = with_state(|s| s.devices.get(dev as usize).map(|d| d.uuid.clone()))
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let bytes = uuid_bytes(&text);
     // SAFETY: 16 writable bytes, as documented.
     unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), uuid, 16) };
     CUDA_SUCCESS
@@ -659,8 +734,7 @@ pub unsafe extern "C" fn cuCtxCreate_v2(
     let r = with_state(|s| {
         let dev = dev as u32;
         let cost = s.context_bytes;
-        let d = &s.devices[dev as usize];
-        if s.used(dev) + cost > d.total {
+        if s.used(dev) + cost > s.total(dev) {
             return Err(CUDA_ERROR_OUT_OF_MEMORY);
         }
         let h = s.handle();
@@ -745,16 +819,17 @@ pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut u64, bytesize: usize) -> c_int
     };
     let (pid, start) = me();
     let r = with_state(|s| {
-        if s.used(dev) + bytesize as u64 > s.devices[dev as usize].total {
+        let bytes = (bytesize as u64).next_multiple_of(PAGE);
+        if s.used(dev) + bytes > s.total(dev) {
             return Err(CUDA_ERROR_OUT_OF_MEMORY);
         }
-        let h = s.handle() + (bytesize as u64).next_multiple_of(0x1000);
+        let h = s.handle() + bytes;
         s.next_handle = h;
         s.allocs.push(Alloc {
             pid,
             start,
             dev,
-            bytes: bytesize as u64,
+            bytes,
             handle: h,
             context: false,
             ctx,
@@ -797,7 +872,7 @@ pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) ->
     let Some((_, dev)) = CURRENT.with(|c| c.get()) else {
         return CUDA_ERROR_INVALID_CONTEXT;
     };
-    match with_state(|s| (s.devices[dev as usize].total, s.used(dev))) {
+    match with_state(|s| (s.total(dev), s.used(dev))) {
         // SAFETY: checked for null.
         Ok((t, u)) => unsafe {
             *free = t.saturating_sub(u) as usize;

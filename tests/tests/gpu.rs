@@ -392,7 +392,13 @@ fn processes_using_a_gpu_are_selected_through_nvml() {
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "ready");
     let f = n.inject("kind: process\nduration: 1m\ntarget: {gpu: 0}\naction: pause\n");
-    assert!(f["target"].as_str().unwrap().contains(&format!("pid {pid}")), "{f}");
+    assert!(
+        f["target"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("pid {pid}")),
+        "{f}"
+    );
     assert!(is_stopped(pid));
     let out = n.inject_err("kind: process\nduration: 1m\ntarget: {gpu: 1}\naction: pause\n");
     assert!(out.stderr.contains("matched no process"), "{out:?}");
@@ -400,4 +406,28 @@ fn processes_using_a_gpu_are_selected_through_nvml() {
     assert!(!is_stopped(pid));
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[test]
+fn gpus_that_cannot_take_a_second_context_are_refused_up_front() {
+    let n = Node::start();
+    let out = n.inject_err(
+        "kind: gpu_memory\nduration: 1m\ntarget: {gpus: [\"MIG-0a1b2c3d-0000-4000-8000-000000000000\"]}\nfill: {percent: 50}\n",
+    );
+    assert_eq!(out.code, 64, "{out:?}");
+    assert!(out.stderr.contains("is a MIG instance"), "{}", out.stderr);
+
+    // EXCLUSIVE_PROCESS compute mode with a workload on the GPU.
+    let n = Node::start_with(&[("GPUCHAOS_FAKE_GPU_COMPUTE_MODE", "exclusive")], "");
+    let _workload = n.other_process();
+    let out =
+        n.inject_err("kind: gpu_memory\nduration: 1m\ntarget: {gpus: [0]}\nfill: {percent: 50}\n");
+    assert_eq!(out.code, 64, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("EXCLUSIVE_PROCESS compute mode and in use")
+            && out.stderr.contains("nvidia-smi -i 0 -c DEFAULT"),
+        "{}",
+        out.stderr
+    );
 }

@@ -7,9 +7,9 @@
 //! Apply: one helper per GPU (`gpuchaos-agent __gpu-helper`, see [`crate::gpu_helper`])
 //! creates a CUDA context, then the agent reads NVML again, so that the context's own
 //! cost counts towards the target, and asks the helper for the rest (at once, or in
-//! steps over `ramp`). The fault is active when NVML shows the memory. Revert tells the
-//! helpers to free and exit, kills any that do not, and checks NVML no longer lists
-//! them. A helper dies with the agent (PR_SET_PDEATHSIG), so the driver frees its
+//! steps over `ramp`). The fault is active when NVML shows the memory (the helper's
+//! process entry). Revert tells the helpers to free and exit, kills any that do not,
+//! and checks that no process carrying the fault's token is left. A helper dies with the agent (PR_SET_PDEATHSIG), so the driver frees its
 //! memory even after a SIGKILL; start-up recovery kills any helper still carrying
 //! the fault's token.
 
@@ -95,9 +95,10 @@ impl Helper {
         match word {
             "ok" => Ok(held),
             "oom" => Err(format!(
-                "out of memory after holding {} ({}): something else allocated on the GPU since the plan",
+                "out of memory ({}): the helper could hold {} of the {} asked for; that is the most possible now (something else allocated since the plan, or the driver keeps the rest for itself): use a smaller fill",
+                rest.join(" "),
                 ByteSize(held),
-                rest.join(" ")
+                ByteSize(bytes)
             )),
             _ => Err(format!("the helper failed: {}", rest.join(" "))),
         }
@@ -131,7 +132,7 @@ pub struct GpuMemoryDriver {
 }
 
 fn token() -> String {
-    format!("{:08x}", rand::random::<u32>())
+    format!("{:016x}", rand::random::<u64>())
 }
 
 impl GpuMemoryDriver {
@@ -155,11 +156,12 @@ impl GpuMemoryDriver {
     }
 
     async fn spawn_helper(&self, uuid: &str, token: &str) -> Result<Helper, String> {
-        let exe =
-            std::env::current_exe().map_err(|e| format!("cannot find the agent binary: {e}"))?;
-        let mut cmd = tokio::process::Command::new(exe);
+        // /proc/self/exe, not the path: it still runs after the binary was upgraded
+        // on disk.
+        let mut cmd = tokio::process::Command::new("/proc/self/exe");
         cmd.arg(crate::gpu_helper::ARG)
-            .args(["--uuid", uuid, "--token", token]);
+            .args(["--uuid", uuid, "--token", token])
+            .args(["--parent", &std::process::id().to_string()]);
         if let Some(lib) = &self.cuda_lib {
             cmd.arg("--cuda-lib").arg(lib);
         }
@@ -195,12 +197,16 @@ impl GpuMemoryDriver {
         goal: &GpuGoal,
         token: &str,
         steps: u64,
+        cancel: &tokio_util::sync::CancellationToken,
     ) -> Result<(Helper, serde_json::Value, u64), String> {
         let label = format!("GPU {} ({})", goal.index, goal.uuid);
-        let mut h = self
-            .spawn_helper(&goal.uuid, token)
-            .await
-            .map_err(|e| format!("{label}: {e}"))?;
+        // A revert, an expiry or a lapsed lease stops a slow start at once; the
+        // helper, dropped, is killed (kill_on_drop) and its memory goes with it.
+        let stopped = || format!("{label}: stopped before the memory was held");
+        let mut h = tokio::select! {
+            _ = cancel.cancelled() => return Err(stopped()),
+            h = self.spawn_helper(&goal.uuid, token) => h.map_err(|e| format!("{label}: {e}"))?,
+        };
         let after_ctx = self
             .used_of(&goal.uuid)
             .map_err(|e| format!("{label}: {e}"))?
@@ -218,7 +224,11 @@ impl GpuMemoryDriver {
         let need = goal.target_used.saturating_sub(after_ctx);
         let first = need / steps + need % steps;
         let held = if first > 0 {
-            match h.grow(first).await {
+            let grown = tokio::select! {
+                _ = cancel.cancelled() => return Err(stopped()),
+                g = h.grow(first) => g,
+            };
+            match grown {
                 Ok(held) => held,
                 Err(e) => {
                     h.stop().await;
@@ -236,6 +246,7 @@ impl GpuMemoryDriver {
             "target_used": goal.target_used,
             "target_percent": pct(goal.target_used, goal.total),
             "context": context,
+            "after_context": after_ctx,
             "held": held,
             "helper_pid": h.pid,
         });
@@ -262,7 +273,7 @@ impl GpuMemoryDriver {
             if cancel.is_cancelled() {
                 return Err("stopped before every GPU was filled".into());
             }
-            let (h, d, need) = self.start_gpu(goal, &plan.token, steps).await?;
+            let (h, d, need) = self.start_gpu(goal, &plan.token, steps, &cancel).await?;
             let slot = Arc::new(AsyncMutex::new(Some(h)));
             if let Ok(mut m) = self.helpers.lock()
                 && let Some(v) = m.get_mut(&plan.token)
@@ -273,7 +284,7 @@ impl GpuMemoryDriver {
             needs.push((slot, need));
         }
         // Read back: NVML shows what the helpers hold.
-        self.refresh(&plan, &mut per_gpu, ramp.is_some())?;
+        self.refresh(&plan, &mut per_gpu, false)?;
         let details = Arc::new(Mutex::new(serde_json::json!({
             "fill": format!("{} of {} GPU(s)", plan.gpus.len(), plan.gpus.len()),
             "ramp": ramp.map(|r| format!("{} steps over {}", steps, humantime::format_duration(r))),
@@ -295,6 +306,7 @@ impl GpuMemoryDriver {
                 }
                 if interval.is_some() && step < steps {
                     step += 1;
+                    let last = step == steps;
                     for (k, (slot, need)) in needs.iter().enumerate() {
                         let mut guard = slot.lock().await;
                         let Some(h) = guard.as_mut() else { continue };
@@ -308,6 +320,19 @@ impl GpuMemoryDriver {
                                 }
                             }
                             d["ramp_step"] = serde_json::json!(step);
+                        }
+                    }
+                    if last
+                        && let Ok(mut d) = d.lock()
+                        && let Some(gpus) = d["gpus"].as_array_mut()
+                    {
+                        // The ramp is done: the whole target must show now.
+                        let mut v = gpus.clone();
+                        let r = me.refresh(&plan, &mut v, false);
+                        *gpus = v;
+                        if let Err(e) = r {
+                            tracing::warn!(error = %e, "gpu_memory ramp ended short of its target");
+                            d["verify_error"] = serde_json::json!(e);
                         }
                     }
                 }
@@ -339,8 +364,11 @@ impl GpuMemoryDriver {
         })
     }
 
-    /// Reads NVML for each GPU into its details. Unless `lenient`, fails when the
-    /// memory the helper holds does not show (within 1%) or the target is missed.
+    /// Reads NVML for each GPU into its details: the card's use against the target,
+    /// and the helper's own memory. Unless `lenient`, fails when the memory the helper
+    /// holds does not show in NVML (its process entry, or, where NVML cannot give
+    /// per-process figures, the card's use). Another workload growing or shrinking
+    /// moves the card's use; that is reported (`target_reached`), not failed.
     fn refresh(
         &self,
         plan: &GpuPlan,
@@ -349,16 +377,38 @@ impl GpuMemoryDriver {
     ) -> Result<(), String> {
         for (goal, d) in plan.gpus.iter().zip(per_gpu.iter_mut()) {
             let now = self.used_of(&goal.uuid)?;
+            let held = d["held"].as_u64().unwrap_or(0);
+            let pid = d["helper_pid"].as_u64().unwrap_or(0) as u32;
             d["used"] = serde_json::json!(now.used);
             d["achieved_percent"] = serde_json::json!(pct(now.used, now.total));
             d["off_target"] = serde_json::json!(now.used as i64 - goal.target_used as i64);
-            if !lenient && now.used + tolerance(goal.target_used) < goal.target_used {
+            d["target_reached"] = serde_json::json!(
+                now.used.abs_diff(goal.target_used) <= tolerance(goal.target_used)
+            );
+            let mine = self
+                .gpus
+                .process_memory(&GpuRef::Uuid(goal.uuid.clone()))
+                .ok()
+                .map(|ps| ps.into_iter().find(|(p, _)| *p == pid).map(|(_, m)| m));
+            let shown = match mine {
+                // NVML lists the helper with its memory (its context included).
+                Some(Some(Some(m))) => {
+                    d["helper_used"] = serde_json::json!(m);
+                    m + tolerance(held) >= held
+                }
+                Some(None) if held > 0 => false,
+                // No per-process figure: the card's use must carry what is held.
+                _ => {
+                    let after_ctx = d["after_context"].as_u64().unwrap_or(0);
+                    now.used + tolerance(after_ctx + held) >= after_ctx + held
+                }
+            };
+            if !lenient && !shown {
                 return Err(format!(
-                    "GPU {}: NVML reports {} in use, the target is {} (held {}): the memory did not show",
+                    "GPU {}: the helper (pid {pid}) holds {} but NVML does not show it (card: {} in use): the memory is not where the agent put it",
                     goal.index,
-                    ByteSize(now.used),
-                    ByteSize(goal.target_used),
-                    ByteSize(d["held"].as_u64().unwrap_or(0))
+                    ByteSize(held),
+                    ByteSize(now.used)
                 ));
             }
         }
@@ -479,6 +529,25 @@ impl FaultDriver for GpuMemoryDriver {
         for gpu in chosen {
             let target = g.fill.target_used(gpu.total, gpu.used);
             let label = format!("GPU {} ({})", gpu.index, gpu.uuid);
+            if gpu.mig {
+                return Err(AgentError::Unsupported(format!(
+                    "{label} is in MIG mode: its memory belongs to MIG instances, and gpu_memory holds memory on whole GPUs only (not yet on MIG instances); pick a GPU without MIG"
+                )));
+            }
+            match gpu.compute_mode.as_str() {
+                "prohibited" => {
+                    return Err(AgentError::Unsupported(format!(
+                        "{label} is in PROHIBITED compute mode: no CUDA context can be made on it"
+                    )));
+                }
+                "exclusive-process" | "exclusive-thread" if gpu.used > 0 => {
+                    return Err(AgentError::Unsupported(format!(
+                        "{label} is in EXCLUSIVE_PROCESS compute mode and in use: a second CUDA context cannot be made; set the default mode (nvidia-smi -i {} -c DEFAULT) or pick another GPU",
+                        gpu.index
+                    )));
+                }
+                _ => {}
+            }
             if target <= gpu.used {
                 return Err(AgentError::NoTargets(format!(
                     "{label} already uses {} ({:.1}%), at or above the target {}: nothing to hold",

@@ -41,7 +41,19 @@ impl std::fmt::Display for CudaError {
             101 => ": no such device",
             2 => ": not enough free memory on the device",
             3 => ": cuInit was not called",
-            999 => ": unknown driver error; check dmesg for Xid errors",
+            34 => {
+                ": this libcuda is the CUDA toolkit's stub library, not the driver's: point --cuda-lib at the driver's libcuda.so.1"
+            }
+            46 => {
+                ": the device is busy or unavailable (EXCLUSIVE_PROCESS compute mode with a workload on it?): check nvidia-smi -q -d COMPUTE"
+            }
+            304 => {
+                ": an OS call failed (permissions on /dev/nvidia*, or /dev/nvidia-uvm missing): run the agent as root and load nvidia-uvm"
+            }
+            800 => ": not permitted: run the agent as root",
+            999 => {
+                ": unknown driver error (is the nvidia-uvm module loaded? any Xid errors in dmesg?)"
+            }
             _ => "",
         };
         f.write_str(hint)
@@ -99,7 +111,12 @@ impl Cuda {
         let init = sym!(b"cuInit\0", CuInit);
         let device_get_count = sym!(b"cuDeviceGetCount\0", CuDeviceGetCount);
         let device_get = sym!(b"cuDeviceGet\0", CuDeviceGet);
-        let device_get_uuid = sym!(b"cuDeviceGetUuid\0", CuDeviceGetUuid);
+        // The _v2 form also returns MIG instances' UUIDs; older drivers lack it.
+        // SAFETY: the CUDA driver API's signature for this symbol.
+        let device_get_uuid = match unsafe { lib.get::<CuDeviceGetUuid>(b"cuDeviceGetUuid_v2\0") } {
+            Ok(s) => *s,
+            Err(_) => sym!(b"cuDeviceGetUuid\0", CuDeviceGetUuid),
+        };
         let ctx_create = sym!(b"cuCtxCreate_v2\0", CuCtxCreate);
         let ctx_destroy = sym!(b"cuCtxDestroy_v2\0", CuCtxDestroy);
         let mem_alloc = sym!(b"cuMemAlloc_v2\0", CuMemAlloc);

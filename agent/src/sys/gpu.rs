@@ -7,6 +7,8 @@ use std::ffi::OsString;
 
 use gpuchaos_proto::spec::GpuRef;
 use nvml_wrapper::Nvml;
+use nvml_wrapper::enum_wrappers::device::ComputeMode;
+use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::error::NvmlError;
 
 /// One GPU as the inventory reports it.
@@ -18,6 +20,10 @@ pub struct GpuInfo {
     pub total: u64,
     pub used: u64,
     pub free: u64,
+    /// MIG mode is on (memory belongs to instances, not the whole GPU).
+    pub mig: bool,
+    /// `default`, `exclusive-process`, `prohibited`, or empty when NVML cannot say.
+    pub compute_mode: String,
 }
 
 /// Read access to the node's GPUs.
@@ -26,6 +32,12 @@ pub trait GpuQuery: Send + Sync + 'static {
     fn list(&self) -> Result<Vec<GpuInfo>, String>;
     /// Host pids of the compute processes on one GPU.
     fn processes_on(&self, gpu: &GpuRef) -> Result<Vec<u32>, String>;
+    /// Each compute process on one GPU with the memory NVML says it uses (None where
+    /// NVML cannot tell, as under some virtualisation).
+    fn process_memory(&self, gpu: &GpuRef) -> Result<Vec<(u32, Option<u64>)>, String> {
+        let _ = gpu;
+        Err("per-process memory is not available".into())
+    }
 }
 
 pub struct Gpus {
@@ -93,12 +105,32 @@ impl GpuQuery for Gpus {
                 total: mem.total,
                 used: mem.used,
                 free: mem.free,
+                mig: d.mig_mode().is_ok_and(|m| m.current == 1),
+                compute_mode: match d.compute_mode() {
+                    Ok(ComputeMode::Default) => "default",
+                    Ok(ComputeMode::ExclusiveProcess) => "exclusive-process",
+                    Ok(ComputeMode::ExclusiveThread) => "exclusive-thread",
+                    Ok(ComputeMode::Prohibited) => "prohibited",
+                    Err(_) => "",
+                }
+                .to_string(),
             });
         }
         Ok(out)
     }
 
     fn processes_on(&self, gpu: &GpuRef) -> Result<Vec<u32>, String> {
+        let mut pids: Vec<u32> = self
+            .process_memory(gpu)?
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        Ok(pids)
+    }
+
+    fn process_memory(&self, gpu: &GpuRef) -> Result<Vec<(u32, Option<u64>)>, String> {
         let nvml = self.nvml()?;
         let device = match gpu {
             GpuRef::Index(i) => nvml.device_by_index(*i),
@@ -113,10 +145,16 @@ impl GpuQuery for Gpus {
         let procs = device
             .running_compute_processes()
             .map_err(|e| explain(&e))?;
-        let mut pids: Vec<u32> = procs.into_iter().map(|p| p.pid).collect();
-        pids.sort_unstable();
-        pids.dedup();
-        Ok(pids)
+        Ok(procs
+            .into_iter()
+            .map(|p| {
+                let used = match p.used_gpu_memory {
+                    UsedGpuMemory::Used(b) => Some(b),
+                    UsedGpuMemory::Unavailable => None,
+                };
+                (p.pid, used)
+            })
+            .collect())
     }
 }
 

@@ -231,12 +231,18 @@ impl GpuMemorySpec {
             }
             for (i, g) in v.iter().enumerate() {
                 if let GpuRef::Uuid(u) = g
-                    && !u.starts_with("GPU-")
-                    && !u.starts_with("MIG-")
+                    && u.starts_with("MIG-")
                 {
                     errs.push(FieldError::new(
                         format!("target.gpus[{i}]"),
-                        format!("{u:?} is neither a GPU index nor a UUID (GPU-… or MIG-…)"),
+                        format!("{u:?} is a MIG instance: gpu_memory holds memory on whole GPUs only (not yet on MIG instances); name the GPU"),
+                    ));
+                } else if let GpuRef::Uuid(u) = g
+                    && !u.starts_with("GPU-")
+                {
+                    errs.push(FieldError::new(
+                        format!("target.gpus[{i}]"),
+                        format!("{u:?} is neither a GPU index nor a GPU UUID (GPU-…)"),
                     ));
                 }
             }
