@@ -734,6 +734,14 @@ fn validate_duration(d: HumanDuration, errs: &mut Vec<FieldError>) {
     }
 }
 
+/// One spec from YAML, errors as text: for the kinds' unit tests.
+#[cfg(test)]
+pub(crate) fn parse_for_test(yaml: &str) -> Result<FaultSpec, String> {
+    FaultSpec::from_yaml_multi(yaml)
+        .map(|mut v| v.remove(0))
+        .map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -284,13 +284,10 @@ mod tests {
     use super::*;
 
     fn parse(yaml: &str) -> Result<GpuMemorySpec, String> {
-        match FaultSpec::from_yaml_multi(yaml) {
-            Ok(mut v) => match v.remove(0) {
-                FaultSpec::GpuMemory(g) => Ok(g),
-                other => panic!("not a gpu_memory spec: {other:?}"),
-            },
-            Err(e) => Err(e.to_string()),
-        }
+        super::super::parse_for_test(yaml).map(|s| match s {
+            FaultSpec::GpuMemory(g) => g,
+            other => panic!("another kind: {other:?}"),
+        })
     }
 
     #[test]

@@ -497,13 +497,10 @@ mod tests {
     use super::*;
 
     fn parse(yaml: &str) -> Result<NetworkSpec, String> {
-        match FaultSpec::from_yaml_multi(yaml) {
-            Ok(mut v) => match v.remove(0) {
-                FaultSpec::Network(n) => Ok(n),
-                other => panic!("not a network spec: {other:?}"),
-            },
-            Err(e) => Err(e.to_string()),
-        }
+        super::super::parse_for_test(yaml).map(|s| match s {
+            FaultSpec::Network(n) => n,
+            other => panic!("another kind: {other:?}"),
+        })
     }
 
     #[test]
