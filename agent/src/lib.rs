@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::faults::FaultDriver;
 use crate::faults::gpu_memory::GpuMemoryDriver;
+use crate::faults::guardrail::GuardrailDriver;
 use crate::faults::network::{NetCaps, NetworkDriver};
 use crate::faults::process::ProcessDriver;
 use crate::manager::{Command, Manager};
@@ -53,6 +54,8 @@ pub struct AgentConfig {
     pub tls: tls::TlsFiles,
     pub nvml_lib: Option<PathBuf>,
     pub cuda_lib: Option<PathBuf>,
+    /// Standing guardrail proxies: (listen, upstream URL).
+    pub guardrail_proxies: Vec<(SocketAddr, String)>,
     /// How long SIGTERM/SIGINT may spend reverting before the agent exits anyway.
     pub shutdown_grace: Duration,
 }
@@ -129,8 +132,13 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         Arc::clone(&policy),
         cfg.cuda_lib.clone(),
     ));
-    let drivers: Vec<Arc<dyn FaultDriver>> = vec![process, gpu_memory, network];
     let metrics = Arc::new(metrics::Metrics::new());
+    let guardrail = Arc::new(GuardrailDriver::new(Arc::clone(&metrics)));
+    guardrail
+        .start_standing(&cfg.guardrail_proxies)
+        .await
+        .map_err(ConfigError)?;
+    let drivers: Vec<Arc<dyn FaultDriver>> = vec![process, gpu_memory, network, guardrail];
     let inventory = Arc::new(inventory::Inventory::new(
         gpus,
         drivers.clone(),

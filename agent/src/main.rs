@@ -47,9 +47,26 @@ struct Args {
     /// Path of libcuda (default: libcuda.so.1 from the loader path), for gpu_memory.
     #[arg(long, env = "GPUCHAOS_CUDA_LIB")]
     cuda_lib: Option<PathBuf>,
+    /// A standing guardrail proxy, LISTEN=UPSTREAM (e.g. 127.0.0.1:9001=http://127.0.0.1:9000):
+    /// it passes answers untouched until a guardrail fault attaches. Repeatable.
+    #[arg(long, value_parser = guardrail_proxy_arg)]
+    guardrail_proxy: Vec<(SocketAddr, String)>,
     /// How long SIGTERM/SIGINT may spend reverting faults before exiting.
     #[arg(long, default_value = "30s", value_parser = humantime_arg)]
     shutdown_grace: Duration,
+}
+
+fn guardrail_proxy_arg(s: &str) -> Result<(SocketAddr, String), String> {
+    let (l, u) = s
+        .split_once('=')
+        .ok_or("write it as LISTEN=UPSTREAM, e.g. 127.0.0.1:9001=http://127.0.0.1:9000")?;
+    let listen = l
+        .parse()
+        .map_err(|e| format!("{l:?} is not an address ({e}): write IP:PORT"))?;
+    if !u.starts_with("http://") {
+        return Err(format!("{u:?}: the upstream must be an http:// URL"));
+    }
+    Ok((listen, u.to_string()))
 }
 
 fn humantime_arg(s: &str) -> Result<Duration, String> {
@@ -98,6 +115,7 @@ fn main() -> std::process::ExitCode {
         },
         nvml_lib: args.nvml_lib,
         cuda_lib: args.cuda_lib,
+        guardrail_proxies: args.guardrail_proxy,
         shutdown_grace: args.shutdown_grace,
     };
     let result = rt.block_on(async {

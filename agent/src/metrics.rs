@@ -7,6 +7,8 @@
 //! - `gpuchaos_agent_inject_seconds{kind}`: request to verified-active
 //! - `gpuchaos_agent_revert_seconds{kind}`: revert start to verified-undone
 //! - `gpuchaos_agent_lease_expiries_total`, `gpuchaos_agent_sessions`
+//! - `gpuchaos_agent_guardrail_answers_total{outcome}`: answers through the guardrail
+//!   proxy while a fault is attached: `passed`, `upstream_error`, or the corruption
 
 use std::sync::Arc;
 
@@ -46,6 +48,7 @@ pub struct Metrics {
     revert_seconds: Family<Labels, Histogram>,
     lease_expiries: Counter,
     sessions: Gauge,
+    guardrail: Family<Labels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -99,6 +102,12 @@ impl Metrics {
             lease_expiries.clone(),
         );
         registry.register("sessions", "Open sessions", sessions.clone());
+        let guardrail = Family::<Labels, Counter>::default();
+        registry.register(
+            "guardrail_answers",
+            "Answers through the guardrail proxy, by what was done to them",
+            guardrail.clone(),
+        );
         for k in crate::policy::ALL_KINDS {
             active.get_or_create(&labels(&[("kind", k)])).set(0);
         }
@@ -112,6 +121,7 @@ impl Metrics {
             revert_seconds,
             lease_expiries,
             sessions,
+            guardrail,
         }
     }
 
@@ -144,6 +154,14 @@ impl Metrics {
     }
     pub fn set_sessions(&self, n: i64) {
         self.sessions.set(n);
+    }
+
+    /// One answer through a guardrail proxy: `passed`, `upstream_error`, or the
+    /// corruption applied (`flip_verdict`, `delay`, ...).
+    pub fn guardrail(&self, outcome: &str) {
+        self.guardrail
+            .get_or_create(&labels(&[("outcome", outcome)]))
+            .inc();
     }
 
     pub fn render(&self) -> String {

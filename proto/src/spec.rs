@@ -12,8 +12,10 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 mod gpu;
+mod guardrail;
 mod network;
 pub use gpu::*;
+pub use guardrail::*;
 pub use network::*;
 
 /// A problem with one field of a spec.
@@ -154,10 +156,11 @@ pub enum FaultSpec {
     Process(ProcessSpec),
     GpuMemory(GpuMemorySpec),
     Network(NetworkSpec),
+    Guardrail(GuardrailSpec),
 }
 
 /// Every fault kind a spec may name.
-pub const KINDS: &[&str] = &["process", "gpu_memory", "network"];
+pub const KINDS: &[&str] = &["process", "gpu_memory", "network", "guardrail"];
 
 /// Deserializes without buffering when `kind` comes first (the usual way to write a
 /// spec), so errors keep their YAML line and column and their field path: the rest
@@ -200,6 +203,8 @@ impl<'de> serde::de::Visitor<'de> for FaultVisitor {
                     .map(FaultSpec::Network),
                 "gpu_memory" => GpuMemorySpec::deserialize(MapAccessDeserializer::new(map))
                     .map(FaultSpec::GpuMemory),
+                "guardrail" => GuardrailSpec::deserialize(MapAccessDeserializer::new(map))
+                    .map(FaultSpec::Guardrail),
                 other => Err(unknown_kind(other)),
             };
         }
@@ -233,6 +238,9 @@ impl<'de> serde::de::Visitor<'de> for FaultVisitor {
             "gpu_memory" => serde_path_to_error::deserialize(rest)
                 .map(FaultSpec::GpuMemory)
                 .map_err(located),
+            "guardrail" => serde_path_to_error::deserialize(rest)
+                .map(FaultSpec::Guardrail)
+                .map_err(located),
             other => Err(unknown_kind(other)),
         }
     }
@@ -244,6 +252,7 @@ impl FaultSpec {
             FaultSpec::Process(_) => "process",
             FaultSpec::Network(_) => "network",
             FaultSpec::GpuMemory(_) => "gpu_memory",
+            FaultSpec::Guardrail(_) => "guardrail",
         }
     }
 
@@ -252,6 +261,7 @@ impl FaultSpec {
             FaultSpec::Process(p) => p.duration.0,
             FaultSpec::Network(n) => n.duration.0,
             FaultSpec::GpuMemory(g) => g.duration.0,
+            FaultSpec::Guardrail(g) => g.duration.0,
         }
     }
 
@@ -260,6 +270,7 @@ impl FaultSpec {
             FaultSpec::Process(p) => p.seed,
             FaultSpec::Network(n) => n.seed,
             FaultSpec::GpuMemory(g) => g.seed,
+            FaultSpec::Guardrail(g) => g.seed,
         }
     }
 
@@ -270,6 +281,7 @@ impl FaultSpec {
             FaultSpec::Process(p) => p.validate(&mut errs),
             FaultSpec::Network(n) => n.validate(&mut errs),
             FaultSpec::GpuMemory(g) => g.validate(&mut errs),
+            FaultSpec::Guardrail(g) => g.validate(&mut errs),
         }
         if errs.is_empty() {
             Ok(())

@@ -3,6 +3,7 @@
 //! reverts from the plan alone (what the journal holds), idempotently.
 
 pub mod gpu_memory;
+pub mod guardrail;
 pub mod network;
 pub mod process;
 

@@ -225,6 +225,11 @@ pub fn summary(spec: &FaultSpec) -> String {
             let ramp = g.ramp.map(|r| format!(", ramp {r}")).unwrap_or_default();
             format!("gpu_memory fill {} on {gpus}{ramp}", g.fill)
         }
+        FaultSpec::Guardrail(g) => format!(
+            "guardrail {} at {}",
+            g.effect(),
+            g.listen.as_deref().unwrap_or("?")
+        ),
         FaultSpec::Network(n) => {
             let mut parts = vec![format!("network {}", n.effect())];
             if let Some(t) = &n.target {

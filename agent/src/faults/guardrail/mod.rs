@@ -1,0 +1,266 @@
+//! The `guardrail` kind: a proxy in front of a safety filter that corrupts its answers.
+//!
+//! Explicit mode: the proxy listens on an address and forwards to the guardrail; the
+//! inference service's guardrail URL points at the proxy. A proxy the agent was
+//! started with (`--guardrail-proxy LISTEN=UPSTREAM`) stays up between faults and
+//! passes answers untouched while none is attached, so the inference service can be
+//! pointed at it for good; a fault on any other address starts a proxy for its own
+//! duration. Nothing is put in the kernel: revert detaches the fault (and stops a
+//! proxy started for it), and a proxy dies with the agent.
+
+pub mod proxy;
+pub mod verdict;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gpuchaos_proto::spec::FaultSpec;
+use serde::{Deserialize, Serialize};
+
+use self::proxy::{Active, GuardrailProxy, Upstream};
+use super::{Applied, ApplyCtx, BoxFut, Capability, FaultDriver, Plan, RevertError};
+use crate::error::AgentError;
+use crate::metrics::Metrics;
+
+/// The journaled plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuardrailPlan {
+    pub listen: SocketAddr,
+    pub upstream: String,
+    /// A proxy the agent runs anyway (true), or one started for this fault.
+    pub standing: bool,
+    pub seed: u64,
+    /// Names the attachment, so that a revert detaches this fault and no other.
+    pub token: String,
+}
+
+struct Entry {
+    proxy: Arc<GuardrailProxy>,
+    standing: bool,
+}
+
+pub struct GuardrailDriver {
+    metrics: Arc<Metrics>,
+    proxies: Mutex<HashMap<SocketAddr, Entry>>,
+}
+
+impl GuardrailDriver {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        GuardrailDriver {
+            metrics,
+            proxies: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Starts the standing proxies (`--guardrail-proxy`), which pass answers
+    /// untouched until a fault attaches.
+    pub async fn start_standing(&self, proxies: &[(SocketAddr, String)]) -> Result<(), String> {
+        for (listen, url) in proxies {
+            let upstream = Upstream::parse(url).map_err(|e| format!("--guardrail-proxy: {e}"))?;
+            let p = GuardrailProxy::start(*listen, upstream, Arc::clone(&self.metrics))
+                .await
+                .map_err(|e| format!("--guardrail-proxy: cannot listen on {listen}: {e}"))?;
+            tracing::info!(listen = %p.listen, upstream = %url, "guardrail proxy serving (pass-through)");
+            self.proxies
+                .lock()
+                .map_err(|_| "proxy table poisoned")?
+                .insert(
+                    *listen,
+                    Entry {
+                        proxy: p,
+                        standing: true,
+                    },
+                );
+        }
+        Ok(())
+    }
+
+    fn find(&self, listen: &SocketAddr) -> Option<(Arc<GuardrailProxy>, bool)> {
+        self.proxies
+            .lock()
+            .ok()?
+            .get(listen)
+            .map(|e| (Arc::clone(&e.proxy), e.standing))
+    }
+}
+
+impl FaultDriver for GuardrailDriver {
+    fn kind(&self) -> &'static str {
+        "guardrail"
+    }
+
+    fn capability(&self) -> Capability {
+        Capability {
+            kind: "guardrail",
+            supported: true,
+            reason: "explicit mode (listen:) only; transparent interception is not built yet"
+                .into(),
+            backends: vec!["explicit".into()],
+        }
+    }
+
+    fn plan(&self, spec: &FaultSpec) -> Result<Plan, AgentError> {
+        let FaultSpec::Guardrail(g) = spec else {
+            return Err(AgentError::Internal(
+                "guardrail driver given another kind".into(),
+            ));
+        };
+        let listen: SocketAddr = g
+            .listen
+            .as_deref()
+            .unwrap_or_default()
+            .parse()
+            .map_err(|e| AgentError::Internal(format!("listen: {e}")))?;
+        let (upstream, standing) = match self.find(&listen) {
+            Some((p, standing)) => {
+                if let Some(u) = &g.upstream
+                    && *u != p.upstream.url
+                {
+                    return Err(AgentError::Refused(format!(
+                        "the guardrail proxy at {listen} forwards to {}, not {u}: leave upstream out, or use another listen address",
+                        p.upstream.url
+                    )));
+                }
+                if p.active().is_some() {
+                    return Err(AgentError::Refused(format!(
+                        "the guardrail proxy at {listen} already carries another fault: one at a time"
+                    )));
+                }
+                (p.upstream.url.clone(), standing)
+            }
+            None => {
+                let u = g.upstream.clone().ok_or_else(|| {
+                    AgentError::Refused(format!(
+                        "no guardrail proxy runs at {listen} on this node: give upstream: so the agent starts one for the fault, or start the agent with --guardrail-proxy {listen}=http://GUARDRAIL"
+                    ))
+                })?;
+                Upstream::parse(&u).map_err(AgentError::Refused)?;
+                (u, false)
+            }
+        };
+        let plan = GuardrailPlan {
+            listen,
+            upstream: upstream.clone(),
+            standing,
+            seed: g.seed.unwrap_or_else(rand::random),
+            token: format!("{:016x}", rand::random::<u64>()),
+        };
+        Ok(Plan {
+            target: format!("guardrail proxy {listen} → {upstream}: {}", g.effect()),
+            revert: serde_json::to_value(&plan).map_err(|e| AgentError::Internal(e.to_string()))?,
+        })
+    }
+
+    fn apply(self: Arc<Self>, ctx: ApplyCtx) -> BoxFut<Result<Applied, String>> {
+        Box::pin(async move {
+            let FaultSpec::Guardrail(spec) = ctx.spec else {
+                return Err("guardrail driver given another kind".into());
+            };
+            let plan: GuardrailPlan =
+                serde_json::from_value(ctx.plan).map_err(|e| format!("bad plan: {e}"))?;
+            let proxy = match self.find(&plan.listen) {
+                Some((p, _)) => p,
+                None => {
+                    let upstream = Upstream::parse(&plan.upstream)?;
+                    let p = GuardrailProxy::start(plan.listen, upstream, Arc::clone(&self.metrics))
+                        .await
+                        .map_err(|e| {
+                            format!(
+                                "cannot listen on {}: {e} (is something else there? pick a free address)",
+                                plan.listen
+                            )
+                        })?;
+                    self.proxies
+                        .lock()
+                        .map_err(|_| "proxy table poisoned")?
+                        .insert(
+                            plan.listen,
+                            Entry {
+                                proxy: Arc::clone(&p),
+                                standing: false,
+                            },
+                        );
+                    p
+                }
+            };
+            let active = Arc::new(Active::new(spec.clone(), plan.seed, plan.token.clone()));
+            proxy.attach(Arc::clone(&active))?;
+            // Whether the guardrail answers at all: not a reason to refuse the fault
+            // (a dead guardrail is a fault too), but the status must say so.
+            let reach = match tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::net::TcpStream::connect(&proxy.upstream.host_port),
+            )
+            .await
+            {
+                Ok(Ok(_)) => String::new(),
+                Ok(Err(e)) => format!(
+                    "cannot connect to the guardrail at {} ({e}): the proxy answers 502 until it comes back",
+                    plan.upstream
+                ),
+                Err(_) => format!(
+                    "the guardrail at {} did not accept a connection within 2s",
+                    plan.upstream
+                ),
+            };
+            let details = Arc::new(Mutex::new(serde_json::json!({
+                "mode": "explicit",
+                "listen": proxy.listen.to_string(),
+                "upstream": plan.upstream,
+                "preset": spec.preset.name(),
+                "proxy": if plan.standing { "standing (stays, passing answers untouched, after the fault)" } else { "started for this fault (stops with it)" },
+                "seed": plan.seed,
+                "upstream_error": reach,
+                "answers": active.stats.json(),
+            })));
+            let d = Arc::clone(&details);
+            let stats = Arc::clone(&active.stats);
+            let cancel = ctx.cancel.clone();
+            let background = tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    }
+                    if let Ok(mut d) = d.lock() {
+                        let s = stats.json();
+                        if let Some(e) = s["last_upstream_error"].as_str()
+                            && !e.is_empty()
+                        {
+                            d["upstream_error"] = serde_json::json!(e);
+                        }
+                        d["answers"] = s;
+                    }
+                }
+            });
+            Ok(Applied {
+                details,
+                background: Some(background),
+            })
+        })
+    }
+
+    fn revert(self: Arc<Self>, plan: serde_json::Value) -> BoxFut<Result<(), RevertError>> {
+        Box::pin(async move {
+            let plan: GuardrailPlan =
+                serde_json::from_value(plan.clone()).map_err(|e| RevertError {
+                    message: format!("unreadable guardrail plan in the journal: {e}"),
+                    leftover: "nothing in the kernel: a guardrail proxy dies with the agent".into(),
+                })?;
+            let mut proxies = match self.proxies.lock() {
+                Ok(p) => p,
+                Err(p) => p.into_inner(),
+            };
+            if let Some(e) = proxies.get(&plan.listen) {
+                e.proxy.detach(&plan.token);
+                if !e.standing && e.proxy.active().is_none() {
+                    e.proxy.stop();
+                    proxies.remove(&plan.listen);
+                }
+            }
+            Ok(())
+        })
+    }
+}
