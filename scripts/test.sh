@@ -17,6 +17,8 @@ command -v sleep >/dev/null || need_pkgs+=(coreutils)
 command -v nft >/dev/null || need_pkgs+=(nftables)
 command -v tc >/dev/null || need_pkgs+=(iproute2)
 command -v nsenter >/dev/null || need_pkgs+=(util-linux)
+# HTTP/2 and metrics checks in the guardrail tests.
+command -v curl >/dev/null || need_pkgs+=(curl)
 if ((${#need_pkgs[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "missing ${need_pkgs[*]}: install them (as root: apt-get install ${need_pkgs[*]})" >&2

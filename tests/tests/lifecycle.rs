@@ -315,7 +315,7 @@ async fn metrics_and_status_report_the_node() {
     assert_eq!(out.code, 0, "{out:?}");
     let v: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
     assert_eq!(v["capabilities"]["process"]["supported"], true);
-    // No GPU on the test machine: gpu_memory says why; guardrail is not built yet.
+    // No GPU on the test machine: gpu_memory says why.
     assert_eq!(v["capabilities"]["gpu_memory"]["supported"], false);
     assert!(
         v["capabilities"]["gpu_memory"]["reason"]
@@ -323,12 +323,8 @@ async fn metrics_and_status_report_the_node() {
             .unwrap()
             .contains("no NVIDIA driver")
     );
-    assert!(
-        v["capabilities"]["guardrail"]["reason"]
-            .as_str()
-            .unwrap()
-            .contains("not implemented")
-    );
+    assert_eq!(v["capabilities"]["guardrail"]["supported"], true);
+    assert_eq!(v["capabilities"]["network"]["supported"], nix::unistd::geteuid().is_root());
     assert!(v["gpu_error"].as_str().unwrap().contains("NVIDIA"), "{v}");
     assert_eq!(v["faults"].as_array().unwrap().len(), 1);
     let out = gpuchaos(&["--agent", &agent.grpc, "halt"]);

@@ -215,29 +215,12 @@ impl FaultDriver for GuardrailDriver {
                 "upstream_error": reach,
                 "answers": active.stats.json(),
             })));
-            let d = Arc::clone(&details);
-            let stats = Arc::clone(&active.stats);
-            let cancel = ctx.cancel.clone();
-            let background = tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                    }
-                    if let Ok(mut d) = d.lock() {
-                        let s = stats.json();
-                        if let Some(e) = s["last_upstream_error"].as_str()
-                            && !e.is_empty()
-                        {
-                            d["upstream_error"] = serde_json::json!(e);
-                        }
-                        d["answers"] = s;
-                    }
-                }
-            });
+            if let Ok(mut slot) = active.details.lock() {
+                *slot = Some(Arc::clone(&details));
+            }
             Ok(Applied {
                 details,
-                background: Some(background),
+                background: None,
             })
         })
     }

@@ -84,6 +84,28 @@ pub struct Active {
     /// Cancelled when the fault ends: stalled answers give up then.
     pub ended: CancellationToken,
     pub token: String,
+    /// The fault's status details, where every answer's counts land at once.
+    pub details: Mutex<Option<Arc<Mutex<serde_json::Value>>>>,
+}
+
+/// Publishes the counts into the fault's status when an answer is done.
+struct Publish(Arc<Active>);
+
+impl Drop for Publish {
+    fn drop(&mut self) {
+        let s = self.0.stats.json();
+        if let Ok(slot) = self.0.details.lock()
+            && let Some(d) = slot.as_ref()
+            && let Ok(mut d) = d.lock()
+        {
+            if let Some(e) = s["last_upstream_error"].as_str()
+                && !e.is_empty()
+            {
+                d["upstream_error"] = serde_json::json!(e);
+            }
+            d["answers"] = s;
+        }
+    }
 }
 
 impl Active {
@@ -94,6 +116,7 @@ impl Active {
             rng: Mutex::new(StdRng::seed_from_u64(seed)),
             ended: CancellationToken::new(),
             token,
+            details: Mutex::new(None),
         }
     }
 
@@ -295,6 +318,7 @@ impl GuardrailProxy {
         dup: Arc<std::net::TcpStream>,
     ) -> Result<Response<Body>, std::io::Error> {
         let active = self.active();
+        let _publish = active.as_ref().map(|a| Publish(Arc::clone(a)));
         let draw = active.as_ref().map(|a| a.draw()).unwrap_or_default();
         if let Some(a) = &active {
             a.stats.requests.fetch_add(1, Ordering::Relaxed);
