@@ -121,6 +121,13 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     let net_caps = tokio::task::spawn_blocking(NetCaps::detect)
         .await
         .context("probing the network tools")?;
+    let transparent_ok = if !net_caps.privileged {
+        Err("not root (nftables needs CAP_NET_ADMIN)".to_string())
+    } else if !net_caps.nft {
+        Err(crate::sys::netns::Tool::Nft.missing())
+    } else {
+        Ok(())
+    };
     let network = Arc::new(NetworkDriver::new(
         Arc::clone(&process),
         Arc::clone(&policy),
@@ -133,7 +140,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         cfg.cuda_lib.clone(),
     ));
     let metrics = Arc::new(metrics::Metrics::new());
-    let guardrail = Arc::new(GuardrailDriver::new(Arc::clone(&metrics)));
+    let guardrail = Arc::new(GuardrailDriver::new(
+        Arc::clone(&metrics),
+        transparent_ok,
+        vec![grpc_addr.port(), metrics_addr.port()],
+    ));
     guardrail
         .start_standing(&cfg.guardrail_proxies)
         .await

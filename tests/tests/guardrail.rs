@@ -568,3 +568,59 @@ fn bad_input_and_broken_upstreams_are_reported() {
         "the fault's own proxy must stop"
     );
 }
+
+/// Transparent mode in test namespaces: the agent in A intercepts A's connections to
+/// the guardrail's real address in B; corrupted answers while the fault is active,
+/// clean ones after; after a SIGKILL and restart no redirect remains.
+#[test]
+fn transparent_mode_intercepts_the_real_address_and_leaves_nothing() {
+    use gpuchaos_tests::netns::*;
+    if !nix::unistd::geteuid().is_root() {
+        if std::env::var_os("GPUCHAOS_SKIP_PRIVILEGED").is_some() {
+            return;
+        }
+        panic!("transparent mode needs root: run scripts/test.sh as root");
+    }
+    let Node { hosts, dir, agent } = Node::start();
+    let mut agent = agent;
+    let l = in_ns(&hosts.b, || TcpListener::bind(format!("{B}:9000")).unwrap());
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            std::thread::spawn(move || serve(c));
+        }
+    });
+    let ask = |ns: &str| {
+        in_ns(ns, || {
+            post(&format!("{B}:9000"), "/openai", Duration::from_secs(3))
+        })
+    };
+    assert_eq!(ask(&hosts.a).unwrap().body, OPENAI.as_bytes());
+    let yaml = format!(
+        "kind: guardrail\nduration: 5m\nintercept: {B}:9000\npreset: openai-moderation\ncorrupt: {{flip_verdict: 1.0}}\n"
+    );
+    let f = inject_in(&hosts.a, &agent, dir.path(), &yaml);
+    assert_eq!(f["details"]["mode"], "transparent", "{f}");
+    let a = ask(&hosts.a).unwrap();
+    assert_eq!(
+        json(&a.body)["results"][0]["flagged"],
+        false,
+        "{}",
+        String::from_utf8_lossy(&a.body)
+    );
+    // C is not redirected (it never passes A's output hook for B).
+    revert_in(&hosts.a, &agent, f["id"].as_str().unwrap());
+    assert_eq!(ask(&hosts.a).unwrap().body, OPENAI.as_bytes());
+    assert_eq!(hosts.gpuchaos_state(&hosts.a), Vec::<String>::new());
+
+    // Killed with the redirect in place: the next start removes it.
+    inject_in(&hosts.a, &agent, dir.path(), &yaml);
+    agent.kill9();
+    assert!(
+        !hosts.gpuchaos_state(&hosts.a).is_empty(),
+        "the table outlives the agent"
+    );
+    let agent = Agent::start_in(&hosts.a, &agent.state_dir);
+    assert_eq!(hosts.gpuchaos_state(&hosts.a), Vec::<String>::new());
+    assert_eq!(ask(&hosts.a).unwrap().body, OPENAI.as_bytes());
+    assert_eq!(agent.open_intents(), 0);
+}

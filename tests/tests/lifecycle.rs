@@ -324,7 +324,10 @@ async fn metrics_and_status_report_the_node() {
             .contains("no NVIDIA driver")
     );
     assert_eq!(v["capabilities"]["guardrail"]["supported"], true);
-    assert_eq!(v["capabilities"]["network"]["supported"], nix::unistd::geteuid().is_root());
+    assert_eq!(
+        v["capabilities"]["network"]["supported"],
+        nix::unistd::geteuid().is_root()
+    );
     assert!(v["gpu_error"].as_str().unwrap().contains("NVIDIA"), "{v}");
     assert_eq!(v["faults"].as_array().unwrap().len(), 1);
     let out = gpuchaos(&["--agent", &agent.grpc, "halt"]);

@@ -19,7 +19,12 @@ pub struct GuardrailSpec {
     /// is started for the fault's duration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
-    /// Where the guardrail service answers: `http://host:port`.
+    /// Transparent mode: the guardrail's own address (IP:PORT). Connections to it from
+    /// the agent's network namespace, or routed through it, are redirected (nftables)
+    /// into the proxy, which forwards them to that same address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intercept: Option<String>,
+    /// Where the guardrail service answers, for explicit mode: `http://host:port`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<String>,
     /// Where the verdict lives in the answers.
@@ -198,16 +203,32 @@ impl GuardrailSpec {
 
     pub(super) fn validate(&self, errs: &mut Vec<FieldError>) {
         validate_duration(self.duration, errs);
-        match &self.listen {
-            None => errs.push(FieldError::new(
+        match (&self.listen, &self.intercept) {
+            (None, None) => errs.push(FieldError::new(
                 "listen",
-                "missing: the proxy's address, e.g. 127.0.0.1:9001 (point the inference service's guardrail URL at it)",
+                "missing: give listen (the proxy's address, e.g. 127.0.0.1:9001, for the inference service to point at) or intercept (the guardrail's own IP:PORT, redirected transparently)",
             )),
-            Some(l) if l.parse::<std::net::SocketAddr>().is_err() => errs.push(FieldError::new(
-                "listen",
-                format!("{l:?} is not an address: write it as IP:PORT, e.g. 127.0.0.1:9001"),
+            (Some(_), Some(_)) => errs.push(FieldError::new(
+                "intercept",
+                "listen and intercept are two modes: give one",
             )),
             _ => {}
+        }
+        for (field, v) in [("listen", &self.listen), ("intercept", &self.intercept)] {
+            if let Some(l) = v
+                && l.parse::<std::net::SocketAddr>().is_err()
+            {
+                errs.push(FieldError::new(
+                    field,
+                    format!("{l:?} is not an address: write it as IP:PORT, e.g. 10.0.0.7:8080"),
+                ));
+            }
+        }
+        if self.intercept.is_some() && self.upstream.is_some() {
+            errs.push(FieldError::new(
+                "upstream",
+                "not with intercept: the intercepted address is the upstream; remove it",
+            ));
         }
         if let Some(u) = &self.upstream {
             match u.strip_prefix("http://") {

@@ -24,10 +24,17 @@ use super::{Applied, ApplyCtx, BoxFut, Capability, FaultDriver, Plan, RevertErro
 use crate::error::AgentError;
 use crate::metrics::Metrics;
 
+/// The mark on transparent-mode upstream connections, which the redirect skips.
+pub const GUARDRAIL_MARK: u32 = 0x4743_0002;
+
 /// The journaled plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuardrailPlan {
+    /// Explicit mode: the proxy's address. Transparent mode: the intercepted one.
     pub listen: SocketAddr,
+    /// Transparent mode: the nftables table that redirects to the proxy.
+    #[serde(default)]
+    pub table: Option<String>,
     pub upstream: String,
     /// A proxy the agent runs anyway (true), or one started for this fault.
     pub standing: bool,
@@ -44,13 +51,83 @@ struct Entry {
 pub struct GuardrailDriver {
     metrics: Arc<Metrics>,
     proxies: Mutex<HashMap<SocketAddr, Entry>>,
+    /// Transparent-mode proxies, by the fault's token.
+    transparent: Mutex<HashMap<String, Arc<GuardrailProxy>>>,
+    /// Whether transparent mode can work here (nftables, root), and why not.
+    transparent_ok: Result<(), String>,
+    /// The agent's own ports: intercepting them would cut the controller off.
+    keep_ports: Vec<u16>,
 }
 
 impl GuardrailDriver {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        transparent_ok: Result<(), String>,
+        keep_ports: Vec<u16>,
+    ) -> Self {
         GuardrailDriver {
             metrics,
             proxies: Mutex::new(HashMap::new()),
+            transparent: Mutex::new(HashMap::new()),
+            transparent_ok,
+            keep_ports,
+        }
+    }
+
+    /// The redirect: connections to `intercept`, made here or routed through here,
+    /// go to the proxy's port; the proxy's own (marked) connections go through.
+    fn redirect_script(table: &str, intercept: SocketAddr, port: u16) -> String {
+        let fam = if intercept.is_ipv4() { "ip" } else { "ip6" };
+        let m = format!(
+            "{fam} daddr {} tcp dport {} redirect to :{port}",
+            intercept.ip(),
+            intercept.port()
+        );
+        format!(
+            "table inet {table} {{\n  chain out {{\n    type nat hook output priority -100; policy accept;\n    meta mark {GUARDRAIL_MARK:#x} return\n    {m}\n  }}\n  chain pre {{\n    type nat hook prerouting priority -100; policy accept;\n    {m}\n  }}\n}}\n"
+        )
+    }
+
+    async fn apply_transparent(
+        &self,
+        plan: &GuardrailPlan,
+        active: &Arc<Active>,
+        table: &str,
+    ) -> Result<Arc<GuardrailProxy>, String> {
+        let intercept = plan.listen;
+        let any: SocketAddr = if intercept.is_ipv4() {
+            "0.0.0.0:0".parse().expect("literal")
+        } else {
+            "[::]:0".parse().expect("literal")
+        };
+        let upstream = Upstream {
+            url: format!("http://{intercept}"),
+            host_port: intercept.to_string(),
+            mark: Some(GUARDRAIL_MARK),
+        };
+        let proxy = GuardrailProxy::start(any, upstream, Arc::clone(&self.metrics))
+            .await
+            .map_err(|e| format!("cannot start the transparent proxy: {e}"))?;
+        if let Ok(mut m) = self.transparent.lock() {
+            m.insert(plan.token.clone(), Arc::clone(&proxy));
+        }
+        proxy.attach(Arc::clone(active))?;
+        let script = Self::redirect_script(table, intercept, proxy.listen.port());
+        crate::sys::netns::run_tool(
+            None,
+            crate::sys::netns::Tool::Nft,
+            &["-f".into(), "-".into()],
+            Some(&script),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        // Read back before calling it active: three rules.
+        match crate::faults::network::nft::count_rules(None, table).await {
+            Ok(Some(3)) => Ok(proxy),
+            Ok(n) => Err(format!(
+                "verify: table inet {table} holds {n:?} rules, 3 expected: something else is rewriting nftables; retry"
+            )),
+            Err(e) => Err(format!("verify: {e}")),
         }
     }
 
@@ -92,12 +169,19 @@ impl FaultDriver for GuardrailDriver {
     }
 
     fn capability(&self) -> Capability {
+        let mut backends = vec!["explicit".to_string()];
+        let reason = match &self.transparent_ok {
+            Ok(()) => {
+                backends.push("transparent".into());
+                String::new()
+            }
+            Err(e) => format!("transparent mode (intercept:) unavailable: {e}"),
+        };
         Capability {
             kind: "guardrail",
             supported: true,
-            reason: "explicit mode (listen:) only; transparent interception is not built yet"
-                .into(),
-            backends: vec!["explicit".into()],
+            reason,
+            backends,
         }
     }
 
@@ -107,6 +191,35 @@ impl FaultDriver for GuardrailDriver {
                 "guardrail driver given another kind".into(),
             ));
         };
+        if let Some(i) = &g.intercept {
+            if let Err(e) = &self.transparent_ok {
+                return Err(AgentError::Unsupported(format!(
+                    "transparent mode is not available on this node: {e}; use listen: (explicit mode)"
+                )));
+            }
+            let intercept: SocketAddr = i
+                .parse()
+                .map_err(|e| AgentError::Internal(format!("intercept: {e}")))?;
+            if intercept.ip().is_loopback() || self.keep_ports.contains(&intercept.port()) {
+                return Err(AgentError::Refused(format!(
+                    "intercept {intercept}: loopback addresses and the agent's own ports cannot be intercepted (the redirect would catch the proxy's own traffic or the controller's)"
+                )));
+            }
+            let token = format!("{:016x}", rand::random::<u64>());
+            let plan = GuardrailPlan {
+                listen: intercept,
+                table: Some(format!("gpuchaos_{}", &token[..8])),
+                upstream: format!("http://{intercept}"),
+                standing: false,
+                seed: g.seed.unwrap_or_else(rand::random),
+                token,
+            };
+            return Ok(Plan {
+                target: format!("guardrail at {intercept} (intercepted): {}", g.effect()),
+                revert: serde_json::to_value(&plan)
+                    .map_err(|e| AgentError::Internal(e.to_string()))?,
+            });
+        }
         let listen: SocketAddr = g
             .listen
             .as_deref()
@@ -142,6 +255,7 @@ impl FaultDriver for GuardrailDriver {
         };
         let plan = GuardrailPlan {
             listen,
+            table: None,
             upstream: upstream.clone(),
             standing,
             seed: g.seed.unwrap_or_else(rand::random),
@@ -160,6 +274,27 @@ impl FaultDriver for GuardrailDriver {
             };
             let plan: GuardrailPlan =
                 serde_json::from_value(ctx.plan).map_err(|e| format!("bad plan: {e}"))?;
+            if let Some(table) = &plan.table {
+                let active = Arc::new(Active::new(spec.clone(), plan.seed, plan.token.clone()));
+                let proxy = self.apply_transparent(&plan, &active, table).await?;
+                let details = Arc::new(Mutex::new(serde_json::json!({
+                    "mode": "transparent",
+                    "intercept": plan.listen.to_string(),
+                    "proxy_port": proxy.listen.port(),
+                    "nft_table": format!("inet {table}"),
+                    "preset": spec.preset.name(),
+                    "seed": plan.seed,
+                    "upstream_error": "",
+                    "answers": active.stats.json(),
+                })));
+                if let Ok(mut slot) = active.details.lock() {
+                    *slot = Some(Arc::clone(&details));
+                }
+                return Ok(Applied {
+                    details,
+                    background: None,
+                });
+            }
             let proxy = match self.find(&plan.listen) {
                 Some((p, _)) => p,
                 None => {
@@ -232,6 +367,23 @@ impl FaultDriver for GuardrailDriver {
                     message: format!("unreadable guardrail plan in the journal: {e}"),
                     leftover: "nothing in the kernel: a guardrail proxy dies with the agent".into(),
                 })?;
+            if let Some(table) = &plan.table {
+                // The redirect first (new connections go straight to the guardrail
+                // again), then the proxy.
+                let r = crate::faults::network::nft::delete(None, table).await;
+                if let Some(p) = self
+                    .transparent
+                    .lock()
+                    .ok()
+                    .and_then(|mut m| m.remove(&plan.token))
+                {
+                    p.stop();
+                }
+                return r.map_err(|e| RevertError {
+                    message: e.to_string(),
+                    leftover: format!("nft delete table inet {table}"),
+                });
+            }
             let mut proxies = match self.proxies.lock() {
                 Ok(p) => p,
                 Err(p) => p.into_inner(),

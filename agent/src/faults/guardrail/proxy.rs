@@ -178,6 +178,8 @@ struct Draw {
 pub struct Upstream {
     pub url: String,
     pub host_port: String,
+    /// SO_MARK on connections to it (transparent mode: the redirect skips them).
+    pub mark: Option<u32>,
 }
 
 impl Upstream {
@@ -197,6 +199,7 @@ impl Upstream {
         Ok(Upstream {
             url: url.to_string(),
             host_port,
+            mark: None,
         })
     }
 }
@@ -513,14 +516,33 @@ impl GuardrailProxy {
         if let Some(s) = reusable {
             return Ok(s);
         }
-        let tcp = TcpStream::connect(&self.upstream.host_port)
-            .await
-            .map_err(|e| {
-                format!(
-                    "cannot connect to the guardrail at {} ({e}): is it running?",
-                    self.upstream.url
-                )
-            })?;
+        let refused = |e: std::io::Error| {
+            format!(
+                "cannot connect to the guardrail at {} ({e}): is it running?",
+                self.upstream.url
+            )
+        };
+        let tcp = match self.upstream.mark {
+            None => TcpStream::connect(&self.upstream.host_port)
+                .await
+                .map_err(refused)?,
+            Some(mark) => {
+                let addr: SocketAddr = self
+                    .upstream
+                    .host_port
+                    .parse()
+                    .map_err(|e| format!("{}: {e}", self.upstream.host_port))?;
+                let sock = if addr.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()
+                } else {
+                    tokio::net::TcpSocket::new_v6()
+                }
+                .map_err(refused)?;
+                nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::Mark, &mark)
+                    .map_err(|e| format!("SO_MARK: {e}"))?;
+                sock.connect(addr).await.map_err(refused)?
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let (sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
