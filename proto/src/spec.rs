@@ -156,7 +156,7 @@ pub enum FaultSpec {
     Process(ProcessSpec),
     GpuMemory(GpuMemorySpec),
     Network(NetworkSpec),
-    Guardrail(GuardrailSpec),
+    Guardrail(Box<GuardrailSpec>),
 }
 
 /// Every fault kind a spec may name.
@@ -204,7 +204,7 @@ impl<'de> serde::de::Visitor<'de> for FaultVisitor {
                 "gpu_memory" => GpuMemorySpec::deserialize(MapAccessDeserializer::new(map))
                     .map(FaultSpec::GpuMemory),
                 "guardrail" => GuardrailSpec::deserialize(MapAccessDeserializer::new(map))
-                    .map(FaultSpec::Guardrail),
+                    .map(|g| FaultSpec::Guardrail(Box::new(g))),
                 other => Err(unknown_kind(other)),
             };
         }
@@ -239,7 +239,7 @@ impl<'de> serde::de::Visitor<'de> for FaultVisitor {
                 .map(FaultSpec::GpuMemory)
                 .map_err(located),
             "guardrail" => serde_path_to_error::deserialize(rest)
-                .map(FaultSpec::Guardrail)
+                .map(|g| FaultSpec::Guardrail(Box::new(g)))
                 .map_err(located),
             other => Err(unknown_kind(other)),
         }

@@ -313,7 +313,7 @@ mod tests {
 
     fn parse(yaml: &str) -> Result<GuardrailSpec, String> {
         super::super::parse_for_test(yaml).map(|s| match s {
-            FaultSpec::Guardrail(g) => g,
+            FaultSpec::Guardrail(g) => *g,
             other => panic!("another kind: {other:?}"),
         })
     }
@@ -329,7 +329,7 @@ mod tests {
             g.effect(),
             "flip_verdict 100%, delay 50% (openai-moderation)"
         );
-        let spec = FaultSpec::Guardrail(g);
+        let spec = FaultSpec::Guardrail(Box::new(g));
         assert_eq!(FaultSpec::from_json(&spec.to_json()).unwrap(), spec);
     }
 
