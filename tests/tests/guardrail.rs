@@ -258,8 +258,21 @@ fn answers_pass_byte_identical_while_no_fault_is_attached() {
         .expect("curl (scripts/test.sh installs it)");
     let out = String::from_utf8_lossy(&h2.stdout).to_string();
     assert_eq!(out, format!("{OPENAI}\n2"), "over HTTP/2");
+    // A keep-alive connection from before the fault is closed when the fault attaches
+    // (so that no answer slips past it); a new one gets the fault.
+    let mut kept = TcpStream::connect(&s.proxy).unwrap();
+    kept.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let req = "GET /openai HTTP/1.1\r\nhost: g\r\n\r\n";
+    kept.write_all(req.as_bytes()).unwrap();
+    let mut buf = [0u8; 4096];
+    assert!(kept.read(&mut buf).unwrap() > 0);
     // And again after a fault came and went.
     let f = s.inject("openai-moderation", "{flip_verdict: 1.0}", "");
+    let _ = kept.write_all(req.as_bytes());
+    assert!(
+        matches!(kept.read(&mut buf), Ok(0) | Err(_)),
+        "a connection from before the fault must be closed"
+    );
     assert_eq!(json(&s.via("/openai").body)["results"][0]["flagged"], false);
     s.revert(&f);
     for path in PATHS {

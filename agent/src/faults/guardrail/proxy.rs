@@ -212,6 +212,9 @@ pub struct GuardrailProxy {
     active: RwLock<Option<Arc<Active>>>,
     pool: Mutex<Vec<Sender>>,
     stop: CancellationToken,
+    /// Cancels the connections passed through as raw bytes (no fault when they
+    /// came); replaced by a fresh one at each attach.
+    raw: Mutex<CancellationToken>,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -229,6 +232,7 @@ impl GuardrailProxy {
             active: RwLock::new(None),
             pool: Mutex::new(Vec::new()),
             stop: CancellationToken::new(),
+            raw: Mutex::new(CancellationToken::new()),
             metrics,
         });
         tokio::spawn(Arc::clone(&proxy).accept_loop(listener));
@@ -250,6 +254,14 @@ impl GuardrailProxy {
             ));
         }
         *slot = Some(a);
+        drop(slot);
+        // Connections that came while no fault was attached carry bytes, not
+        // answers: close them, so that from now on every answer passes the fault
+        // (clients reconnect, as after any idle close).
+        if let Ok(mut raw) = self.raw.lock() {
+            raw.cancel();
+            *raw = CancellationToken::new();
+        }
         Ok(())
     }
 
@@ -296,22 +308,63 @@ impl GuardrailProxy {
                 .and_then(|(dup, s)| Ok((Arc::new(dup), TcpStream::from_std(s)?)));
             let Ok((dup, stream)) = dup else { continue };
             let me = Arc::clone(&self);
-            let stop = self.stop.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let me = Arc::clone(&me);
-                    let dup = Arc::clone(&dup);
-                    async move { me.handle(req, dup).await }
-                });
-                let builder = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                );
-                let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                tokio::select! {
-                    _ = conn => {}
-                    _ = stop.cancelled() => {}
+                // No fault, and an HTTP/1 client: bytes both ways, untouched, at the
+                // speed of a splice. HTTP/2 (whose preface starts "PRI ") goes through
+                // the HTTP path, which speaks HTTP/1.1 to the guardrail.
+                let mut first = [0u8; 4];
+                let h2 = matches!(stream.peek(&mut first).await, Ok(4) if &first == b"PRI ");
+                if me.active().is_none() && !h2 {
+                    me.splice(stream).await;
+                } else {
+                    me.serve_http(stream, dup).await;
                 }
             });
+        }
+    }
+
+    async fn splice(self: Arc<Self>, mut client: TcpStream) {
+        let raw = self.raw.lock().map(|r| r.clone()).unwrap_or_default();
+        let mut upstream = match self.connect().await {
+            Ok(u) => u,
+            Err(e) => {
+                // As the guardrail itself would: refused, with a reset.
+                tracing::debug!(error = %e, "guardrail upstream unreachable");
+                let _ = nix::sys::socket::setsockopt(
+                    &client,
+                    nix::sys::socket::sockopt::Linger,
+                    &nix::libc::linger {
+                        l_onoff: 1,
+                        l_linger: 0,
+                    },
+                );
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+            _ = raw.cancelled() => {}
+            _ = self.stop.cancelled() => {}
+        }
+    }
+
+    async fn serve_http(self: Arc<Self>, stream: TcpStream, dup: Arc<std::net::TcpStream>) {
+        let stop = self.stop.clone();
+        // An HTTP/1.1 client sends one request at a time: its connection keeps one
+        // upstream connection of its own (no pool, no lock contention).
+        let own: Arc<Mutex<Option<Sender>>> = Arc::new(Mutex::new(None));
+        let service = hyper::service::service_fn(move |req| {
+            let me = Arc::clone(&self);
+            let dup = Arc::clone(&dup);
+            let own = Arc::clone(&own);
+            async move { me.handle(req, dup, own).await }
+        });
+        let builder =
+            hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+        let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        tokio::select! {
+            _ = conn => {}
+            _ = stop.cancelled() => {}
         }
     }
 
@@ -319,6 +372,7 @@ impl GuardrailProxy {
         self: Arc<Self>,
         req: Request<Incoming>,
         dup: Arc<std::net::TcpStream>,
+        own: Arc<Mutex<Option<Sender>>>,
     ) -> Result<Response<Body>, std::io::Error> {
         let active = self.active();
         let _publish = active.as_ref().map(|a| Publish(Arc::clone(a)));
@@ -374,7 +428,7 @@ impl GuardrailProxy {
             *r.status_mut() = StatusCode::OK;
             return Ok(r);
         }
-        let upstream = match self.forward(req).await {
+        let upstream = match self.forward(req, &own).await {
             Ok(r) => r,
             Err(e) => {
                 if let Some(a) = &active {
@@ -474,12 +528,21 @@ impl GuardrailProxy {
         BodyExt::boxed(StreamBody::new(stream))
     }
 
-    /// Sends the request to the guardrail over a pooled HTTP/1.1 connection.
-    async fn forward(&self, req: Request<Incoming>) -> Result<Response<Incoming>, String> {
+    /// Sends the request to the guardrail over HTTP/1.1: on the client connection's
+    /// own upstream connection when it is free, else a pooled one.
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        own: &Mutex<Option<Sender>>,
+    ) -> Result<Response<Incoming>, String> {
         let (mut parts, body) = req.into_parts();
-        let body = collect(body)
-            .await
-            .map_err(|e| format!("reading the request: {e}"))?;
+        let body = if hyper::body::Body::is_end_stream(&body) {
+            Bytes::new()
+        } else {
+            collect(body)
+                .await
+                .map_err(|e| format!("reading the request: {e}"))?
+        };
         strip_hop_by_hop(&mut parts.headers);
         let path = parts
             .uri
@@ -494,28 +557,32 @@ impl GuardrailProxy {
             parts.headers.insert(hyper::header::HOST, h);
         }
         let req = Request::from_parts(parts, Full::new(body));
-        let mut sender = self.sender().await?;
+        let mine = own
+            .lock()
+            .ok()
+            .and_then(|mut o| o.take())
+            .filter(|s| s.is_ready());
+        let mut sender = match mine {
+            Some(s) => s,
+            None => self.sender().await?,
+        };
         let resp = sender
             .send_request(req)
             .await
             .map_err(|e| format!("the guardrail at {} failed: {e}", self.upstream.url))?;
-        if let Ok(mut pool) = self.pool.lock()
+        // Back to this client connection; one it already had goes to the pool.
+        let spare = own.lock().ok().and_then(|mut o| o.replace(sender));
+        if let Some(spare) = spare
+            && let Ok(mut pool) = self.pool.lock()
             && pool.len() < POOL
         {
-            pool.push(sender);
+            pool.push(spare);
         }
         Ok(resp)
     }
 
-    async fn sender(&self) -> Result<Sender, String> {
-        let reusable = self.pool.lock().ok().and_then(|mut pool| {
-            pool.retain(|s| !s.is_closed());
-            let i = pool.iter().position(|s| s.is_ready())?;
-            Some(pool.swap_remove(i))
-        });
-        if let Some(s) = reusable {
-            return Ok(s);
-        }
+    /// A TCP connection to the guardrail (marked in transparent mode).
+    async fn connect(&self) -> Result<TcpStream, String> {
         let refused = |e: std::io::Error| {
             format!(
                 "cannot connect to the guardrail at {} ({e}): is it running?",
@@ -543,6 +610,20 @@ impl GuardrailProxy {
                 sock.connect(addr).await.map_err(refused)?
             }
         };
+        let _ = tcp.set_nodelay(true);
+        Ok(tcp)
+    }
+
+    async fn sender(&self) -> Result<Sender, String> {
+        let reusable = self.pool.lock().ok().and_then(|mut pool| {
+            pool.retain(|s| !s.is_closed());
+            let i = pool.iter().position(|s| s.is_ready())?;
+            Some(pool.swap_remove(i))
+        });
+        if let Some(s) = reusable {
+            return Ok(s);
+        }
+        let tcp = self.connect().await?;
         let _ = tcp.set_nodelay(true);
         let (sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
