@@ -53,6 +53,15 @@ fn serve(c: TcpStream) {
         if r.read_exact(&mut body).is_err() {
             return;
         }
+        if path == "/chunked" {
+            // JSON without a length, as Go and Node servers answer bigger bodies.
+            let _ = write!(
+                w,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{OPENAI}\r\n0\r\n\r\n",
+                OPENAI.len()
+            );
+            continue;
+        }
         if path == "/stream" {
             let _ = w.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n");
             for i in 0..5 {
@@ -287,6 +296,13 @@ fn every_verdict_edit_does_exactly_what_it_says_in_every_preset() {
     let custom = "json_pointer: {pointer: /verdict/label, unsafe_value: unsafe, safe_value: ok}\n";
     type Check = fn(&[u8]) -> bool;
     let cases: Vec<(&str, &str, &str, &str, Check)> = vec![
+        (
+            "openai-moderation",
+            "/chunked",
+            "{flip_verdict: 1.0}",
+            "",
+            |b| json(b)["results"][0]["flagged"] == false,
+        ),
         (
             "openai-moderation",
             "/openai",
@@ -608,6 +624,16 @@ fn transparent_mode_intercepts_the_real_address_and_leaves_nothing() {
         })
     };
     assert_eq!(ask(&hosts.a).unwrap().body, OPENAI.as_bytes());
+    // A keep-alive connection opened before the fault: aborted when the redirect goes
+    // in, so that the client reconnects through the proxy.
+    let mut kept = in_ns(&hosts.a, || {
+        TcpStream::connect(format!("{B}:9000")).unwrap()
+    });
+    kept.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let get = "GET /openai HTTP/1.1\r\nhost: g\r\n\r\n";
+    kept.write_all(get.as_bytes()).unwrap();
+    let mut buf = [0u8; 4096];
+    assert!(kept.read(&mut buf).unwrap() > 0);
     let yaml = format!(
         "kind: guardrail\nduration: 5m\nintercept: {B}:9000\npreset: openai-moderation\ncorrupt: {{flip_verdict: 1.0}}\n"
     );
@@ -619,6 +645,11 @@ fn transparent_mode_intercepts_the_real_address_and_leaves_nothing() {
         false,
         "{}",
         String::from_utf8_lossy(&a.body)
+    );
+    let _ = kept.write_all(get.as_bytes());
+    assert!(
+        matches!(kept.read(&mut buf), Ok(0) | Err(_)),
+        "a connection from before the fault must be aborted"
     );
     // C is not redirected (it never passes A's output hook for B).
     revert_in(&hosts.a, &agent, f["id"].as_str().unwrap());

@@ -92,6 +92,7 @@ pub enum Tool {
     Ip,
     Nsenter,
     Unshare,
+    Ss,
 }
 
 impl Tool {
@@ -102,13 +103,14 @@ impl Tool {
             Tool::Ip => "ip",
             Tool::Nsenter => "nsenter",
             Tool::Unshare => "unshare",
+            Tool::Ss => "ss",
         }
     }
 
     pub fn package(self) -> &'static str {
         match self {
             Tool::Nft => "nftables",
-            Tool::Tc | Tool::Ip => "iproute2",
+            Tool::Tc | Tool::Ip | Tool::Ss => "iproute2",
             Tool::Nsenter | Tool::Unshare => "util-linux",
         }
     }

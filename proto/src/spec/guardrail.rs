@@ -288,12 +288,65 @@ impl GuardrailSpec {
             ));
         }
         if let Some(s) = self.corrupt.status
-            && !(100..=599).contains(&s.code)
+            && !(200..=599).contains(&s.code)
         {
             errs.push(FieldError::new(
                 "corrupt.status.code",
-                format!("{} is not an HTTP status: use 100 to 599, e.g. 503", s.code),
+                format!(
+                    "{} cannot replace an answer: use a final status, 200 to 599, e.g. 503",
+                    s.code
+                ),
             ));
+        }
+        for (field, v) in [("listen", &self.listen), ("intercept", &self.intercept)] {
+            if let Some(a) = v
+                .as_deref()
+                .and_then(|l| l.parse::<std::net::SocketAddr>().ok())
+                && a.port() == 0
+            {
+                errs.push(FieldError::new(
+                    field,
+                    "port 0 is not an address clients can use: give the port",
+                ));
+            }
+        }
+        if let (Some(l), Some(u)) = (&self.listen, &self.upstream)
+            && u.trim_start_matches("http://").trim_end_matches('/') == l
+        {
+            errs.push(FieldError::new(
+                "upstream",
+                "is the proxy's own address: the proxy would forward to itself",
+            ));
+        }
+        if let Some(u) = &self.upstream
+            && let Some(rest) = u.strip_prefix("http://")
+            && rest.trim_end_matches('/').contains('/')
+        {
+            errs.push(FieldError::new(
+                "upstream",
+                format!(
+                    "{u:?}: the proxy forwards each request's own path; give only http://host:port"
+                ),
+            ));
+        }
+        // Edits the preset's answers have nothing for: refused now, not found out later.
+        let none_for = |preset: Preset| -> &'static [&'static str] {
+            match preset {
+                Preset::LlamaGuard | Preset::Nemo => &["shift_scores"],
+                Preset::JsonPointer => &["shift_scores", "drop_categories"],
+                _ => &[],
+            }
+        };
+        for (name, _) in &all {
+            if none_for(self.preset).contains(name) {
+                errs.push(FieldError::new(
+                    format!("corrupt.{name}"),
+                    format!(
+                        "{} answers have nothing for {name} to change: remove it",
+                        self.preset.name()
+                    ),
+                ));
+            }
         }
         if let Some(d) = self.corrupt.delay
             && d.by.0.is_zero()
@@ -345,7 +398,7 @@ mod tests {
             "json_pointer: preset json-pointer needs",
             "corrupt.flip_verdict: probability 1.5 is out of range",
             "force_allow and force_block contradict",
-            "corrupt.status.code: 999",
+            "corrupt.status.code: 999 cannot replace",
         ] {
             assert!(e.contains(want), "missing {want:?} in {e}");
         }

@@ -84,7 +84,7 @@ impl GuardrailDriver {
             intercept.port()
         );
         format!(
-            "table inet {table} {{\n  chain out {{\n    type nat hook output priority -100; policy accept;\n    meta mark {GUARDRAIL_MARK:#x} return\n    {m}\n  }}\n  chain pre {{\n    type nat hook prerouting priority -100; policy accept;\n    {m}\n  }}\n}}\n"
+            "table inet {table} {{\n  chain out {{\n    type nat hook output priority -110; policy accept;\n    meta mark {GUARDRAIL_MARK:#x} return\n    {m}\n  }}\n  chain pre {{\n    type nat hook prerouting priority -110; policy accept;\n    {m}\n  }}\n}}\n"
         )
     }
 
@@ -121,6 +121,25 @@ impl GuardrailDriver {
         )
         .await
         .map_err(|e| e.to_string())?;
+        // A redirect catches new connections only: abort this namespace's open ones to
+        // the guardrail (keep-alive pools), so that they reconnect through the proxy.
+        let killed = crate::sys::netns::run_tool(
+            None,
+            crate::sys::netns::Tool::Ss,
+            &[
+                "-K".into(),
+                "dst".into(),
+                intercept.ip().to_string(),
+                "dport".into(),
+                "=".into(),
+                intercept.port().to_string(),
+            ],
+            None,
+        )
+        .await;
+        if let Err(e) = killed {
+            tracing::warn!(error = %e, "could not close the open connections to the guardrail; they keep their direct path");
+        }
         // Read back before calling it active: three rules.
         match crate::faults::network::nft::count_rules(None, table).await {
             Ok(Some(3)) => Ok(proxy),
@@ -203,6 +222,14 @@ impl FaultDriver for GuardrailDriver {
             if intercept.ip().is_loopback() || self.keep_ports.contains(&intercept.port()) {
                 return Err(AgentError::Refused(format!(
                     "intercept {intercept}: loopback addresses and the agent's own ports cannot be intercepted (the redirect would catch the proxy's own traffic or the controller's)"
+                )));
+            }
+            if self.transparent.lock().is_ok_and(|m| {
+                m.values()
+                    .any(|p| p.upstream.host_port == intercept.to_string())
+            }) {
+                return Err(AgentError::Refused(format!(
+                    "{intercept} is already intercepted by another guardrail fault: one at a time"
                 )));
             }
             let token = format!("{:016x}", rand::random::<u64>());
@@ -371,13 +398,21 @@ impl FaultDriver for GuardrailDriver {
                 // The redirect first (new connections go straight to the guardrail
                 // again), then the proxy.
                 let r = crate::faults::network::nft::delete(None, table).await;
-                if let Some(p) = self
-                    .transparent
-                    .lock()
-                    .ok()
-                    .and_then(|mut m| m.remove(&plan.token))
-                {
-                    p.stop();
+                // While the redirect stands, the proxy must keep serving it (detached:
+                // untouched answers), or the guardrail would be unreachable.
+                let proxy = self.transparent.lock().ok().and_then(|mut m| {
+                    if r.is_ok() {
+                        m.remove(&plan.token)
+                    } else {
+                        m.get(&plan.token).cloned()
+                    }
+                });
+                if let Some(p) = proxy {
+                    if r.is_ok() {
+                        p.stop();
+                    } else {
+                        p.detach(&plan.token);
+                    }
                 }
                 return r.map_err(|e| RevertError {
                     message: e.to_string(),

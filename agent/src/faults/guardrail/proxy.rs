@@ -30,6 +30,8 @@ type Body = BoxBody<Bytes, std::io::Error>;
 const MAX_BODY: usize = 16 << 20;
 /// Idle upstream connections kept per proxy.
 const POOL: usize = 64;
+/// How long a client may stay connected without sending anything.
+const IDLE: Duration = Duration::from_secs(60);
 
 /// What one fault has done so far, for its status and the controller.
 #[derive(Debug, Default)]
@@ -312,10 +314,21 @@ impl GuardrailProxy {
                 // No fault, and an HTTP/1 client: bytes both ways, untouched, at the
                 // speed of a splice. HTTP/2 (whose preface starts "PRI ") goes through
                 // the HTTP path, which speaks HTTP/1.1 to the guardrail.
+                // The token first: an attach after this point cancels this splice.
+                let raw = me.raw.lock().map(|r| r.clone()).unwrap_or_default();
                 let mut first = [0u8; 4];
-                let h2 = matches!(stream.peek(&mut first).await, Ok(4) if &first == b"PRI ");
+                // A client that never speaks is closed after a while, and when the
+                // proxy stops.
+                let peeked = tokio::select! {
+                    p = tokio::time::timeout(IDLE, stream.peek(&mut first)) => p,
+                    _ = me.stop.cancelled() => return,
+                };
+                let h2 = matches!(peeked, Ok(Ok(4)) if &first == b"PRI ");
+                if matches!(peeked, Err(_) | Ok(Err(_)) | Ok(Ok(0))) {
+                    return;
+                }
                 if me.active().is_none() && !h2 {
-                    me.splice(stream).await;
+                    me.splice(stream, raw).await;
                 } else {
                     me.serve_http(stream, dup).await;
                 }
@@ -323,8 +336,7 @@ impl GuardrailProxy {
         }
     }
 
-    async fn splice(self: Arc<Self>, mut client: TcpStream) {
-        let raw = self.raw.lock().map(|r| r.clone()).unwrap_or_default();
+    async fn splice(self: Arc<Self>, mut client: TcpStream, raw: CancellationToken) {
         let mut upstream = match self.connect().await {
             Ok(u) => u,
             Err(e) => {
@@ -458,6 +470,26 @@ impl GuardrailProxy {
             ));
         };
         if streamed {
+            // Verdict edits and body damage need a whole answer: say so, never skip
+            // them silently.
+            for (fired, name) in [
+                (draw.flip, "flip_verdict"),
+                (draw.allow, "force_allow"),
+                (draw.block, "force_block"),
+                (draw.shift, "shift_scores"),
+                (draw.drop, "drop_categories"),
+                (draw.malformed, "malformed_json"),
+                (draw.truncate, "truncate"),
+            ] {
+                if fired {
+                    a.stats.miss(
+                        name,
+                        &Miss::Unrecognised(
+                            "a streamed answer (use stream_cut / stream_corrupt)".into(),
+                        ),
+                    );
+                }
+            }
             return Ok(Response::from_parts(
                 parts,
                 self.stream_body(body, &draw, &a),
@@ -544,6 +576,11 @@ impl GuardrailProxy {
                 .map_err(|e| format!("reading the request: {e}"))?
         };
         strip_hop_by_hop(&mut parts.headers);
+        // The answers are read and edited: ask for them uncompressed.
+        parts.headers.insert(
+            hyper::header::ACCEPT_ENCODING,
+            hyper::header::HeaderValue::from_static("identity"),
+        );
         let path = parts
             .uri
             .path_and_query()
@@ -551,9 +588,18 @@ impl GuardrailProxy {
             .unwrap_or_else(|| "/".into());
         parts.uri = path.parse().map_err(|e| format!("bad path: {e}"))?;
         parts.version = hyper::Version::HTTP_11;
-        if !parts.headers.contains_key(hyper::header::HOST)
-            && let Ok(h) = self.upstream.host_port.parse()
-        {
+        // Explicit mode: the client addressed the proxy, so the guardrail gets its own
+        // host (as a reverse proxy does). Transparent mode: the client addressed the
+        // guardrail itself; its Host stands (HTTP/2's :authority becomes it).
+        let authority = parts.uri.authority().map(|a| a.to_string());
+        let host = if self.upstream.mark.is_none() {
+            Some(self.upstream.host_port.clone())
+        } else if !parts.headers.contains_key(hyper::header::HOST) {
+            Some(authority.unwrap_or_else(|| self.upstream.host_port.clone()))
+        } else {
+            None
+        };
+        if let Some(h) = host.and_then(|h| h.parse().ok()) {
             parts.headers.insert(hyper::header::HOST, h);
         }
         let req = Request::from_parts(parts, Full::new(body));
@@ -661,15 +707,30 @@ async fn collect(body: Incoming) -> Result<Bytes, std::io::Error> {
         .map_err(|e| std::io::Error::other(format!("body: {e}")))
 }
 
+/// Streamed answers (server-sent events, newline-delimited JSON) are passed chunk by
+/// chunk; every other answer, chunked or not, is read whole and can be edited.
 fn is_stream(h: &hyper::HeaderMap) -> bool {
-    let sse = h
-        .get(hyper::header::CONTENT_TYPE)
+    h.get(hyper::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
-    sse || !h.contains_key(hyper::header::CONTENT_LENGTH)
+        .is_some_and(|v| {
+            v.starts_with("text/event-stream")
+                || v.starts_with("application/x-ndjson")
+                || v.starts_with("application/jsonl")
+        })
 }
 
 fn strip_hop_by_hop(h: &mut hyper::HeaderMap) {
+    // Headers the Connection header names are hop-by-hop too.
+    let named: Vec<String> = h
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
+        .filter(|t| !t.is_empty())
+        .collect();
+    for name in named {
+        h.remove(name.as_str());
+    }
     for name in [
         "connection",
         "keep-alive",

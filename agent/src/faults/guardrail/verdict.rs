@@ -189,9 +189,12 @@ fn nemo(edit: Edit, v: &mut Value) -> Result<(), Miss> {
 }
 
 fn azure(edit: Edit, v: &mut Value) -> Result<(), Miss> {
-    let cats = v["categoriesAnalysis"].as_array_mut().ok_or_else(|| {
-        Miss::Unrecognised("no categoriesAnalysis[] in an Azure Content Safety answer".into())
-    })?;
+    let cats = v["categoriesAnalysis"]
+        .as_array_mut()
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| {
+            Miss::Unrecognised("no categoriesAnalysis[] in an Azure Content Safety answer".into())
+        })?;
     let harmful = cats
         .iter()
         .any(|c| c["severity"].as_u64().unwrap_or(0) >= AZURE_THRESHOLD);
