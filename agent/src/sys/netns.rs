@@ -319,6 +319,19 @@ fn new_socket(v6: bool, mark: u32) -> SocketResult {
     Ok(fd)
 }
 
+/// Makes closing this socket send RST instead of FIN (SO_LINGER 0): a client then
+/// sees "connection reset", as from a refused or broken peer.
+pub fn reset_on_close(sock: &impl std::os::fd::AsFd) {
+    let _ = nix::sys::socket::setsockopt(
+        sock,
+        nix::sys::socket::sockopt::Linger,
+        &nix::libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    );
+}
+
 /// The destination a connection had before nftables redirected it to us.
 pub fn original_dst(stream: &tokio::net::TcpStream) -> io::Result<std::net::SocketAddr> {
     use nix::sys::socket::{getsockopt, sockopt};

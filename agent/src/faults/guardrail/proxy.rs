@@ -342,14 +342,7 @@ impl GuardrailProxy {
             Err(e) => {
                 // As the guardrail itself would: refused, with a reset.
                 tracing::debug!(error = %e, "guardrail upstream unreachable");
-                let _ = nix::sys::socket::setsockopt(
-                    &client,
-                    nix::sys::socket::sockopt::Linger,
-                    &nix::libc::linger {
-                        l_onoff: 1,
-                        l_linger: 0,
-                    },
-                );
+                crate::sys::netns::reset_on_close(&client);
                 return;
             }
         };
@@ -411,14 +404,7 @@ impl GuardrailProxy {
         }
         if draw.reset {
             count("reset");
-            let _ = nix::sys::socket::setsockopt(
-                &*dup,
-                nix::sys::socket::sockopt::Linger,
-                &nix::libc::linger {
-                    l_onoff: 1,
-                    l_linger: 0,
-                },
-            );
+            crate::sys::netns::reset_on_close(&*dup);
             return Err(std::io::Error::other(
                 "connection reset by the guardrail fault",
             ));

@@ -211,14 +211,7 @@ async fn serve(client: TcpStream, role: Role, shared: &Shared) -> std::io::Resul
             shared.counters.failed.fetch_add(1, Ordering::Relaxed);
             // The client sees a reset, as it would have seen a refused connect. A
             // zero linger makes close send RST and return at once.
-            let _ = nix::sys::socket::setsockopt(
-                &client,
-                nix::sys::socket::sockopt::Linger,
-                &nix::libc::linger {
-                    l_onoff: 1,
-                    l_linger: 0,
-                },
-            );
+            crate::sys::netns::reset_on_close(&client);
             drop(client);
             return Err(e);
         }
