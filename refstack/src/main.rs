@@ -1,0 +1,197 @@
+//! `gpuchaos-refstack`: a reference inference stack for game days, built to fail the
+//! way real servers (vLLM, TGI, Triton) do.
+//!
+//! - `gpuchaos-refstack guardrail --listen ADDR`: the safety classifier.
+//! - `gpuchaos-refstack server --listen ADDR --workers N ...`: the OpenAI-compatible
+//!   front and its supervisor, which starts `worker` processes of this same binary.
+//! - `gpuchaos-refstack worker ...`: one GPU worker (started by the server).
+//!
+//! Each prints `listening ADDR` on stdout once it serves.
+
+mod guardrail;
+mod http;
+mod server;
+mod worker;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "gpuchaos-refstack", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    gpuchaos_proto::spec::HumanDuration::parse(s).map(|d| d.0)
+}
+
+fn size(s: &str) -> Result<u64, String> {
+    gpuchaos_proto::spec::ByteSize::parse(s).map(|b| b.0)
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The guardrail service (OpenAI moderation and Llama Guard formats).
+    Guardrail {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+    },
+    /// The OpenAI-compatible server and its worker supervisor.
+    Server {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+        /// How many worker processes.
+        #[arg(long, default_value_t = 2)]
+        workers: u32,
+        /// Workers listen on this port and the next ones.
+        #[arg(long, default_value_t = 18500)]
+        worker_base_port: u16,
+        /// The guardrail's address (http://host:port); none: no safety check.
+        #[arg(long)]
+        guardrail: Option<String>,
+        /// What a guardrail error means: block (fail-closed) or let through (fail-open).
+        #[arg(long, value_enum, default_value = "fail-closed")]
+        guardrail_policy: server::GuardrailPolicy,
+        /// /health answers 200 even when every worker is dead (as some servers do).
+        #[arg(long)]
+        health_lies: bool,
+        /// Do not restart workers that die.
+        #[arg(long)]
+        no_restart: bool,
+        /// A worker's model-load time before it serves.
+        #[arg(long, default_value = "1s", value_parser = duration)]
+        cold_start: Duration,
+        /// GPU memory each worker reserves for its KV cache at start.
+        #[arg(long, default_value = "8GiB", value_parser = size)]
+        kv_cache: u64,
+        /// libcuda (the real one, or the project's fake driver).
+        #[arg(long, env = "GPUCHAOS_CUDA_LIB")]
+        cuda_lib: Option<PathBuf>,
+        /// The CUDA device the workers use.
+        #[arg(long, default_value_t = 0)]
+        gpu: i32,
+        #[arg(long, default_value = "refstack-1b")]
+        model: String,
+    },
+    /// One worker (started by the server).
+    Worker {
+        #[arg(long)]
+        id: u32,
+        /// The server's pid: the worker dies with it.
+        #[arg(long)]
+        parent: Option<i32>,
+        #[arg(long)]
+        listen: String,
+        #[arg(long)]
+        cuda_lib: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        gpu: i32,
+        #[arg(long)]
+        kv_bytes: u64,
+        #[arg(long, value_parser = duration)]
+        cold_start: Duration,
+    },
+}
+
+async fn bind(addr: &str) -> Result<tokio::net::TcpListener, ExitCode> {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => {
+            if let Ok(a) = l.local_addr() {
+                println!("listening {a}");
+                let _ = std::io::stdout().flush();
+            }
+            Ok(l)
+        }
+        Err(e) => {
+            eprintln!("gpuchaos-refstack: cannot listen on {addr}: {e}");
+            Err(ExitCode::from(70))
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gpuchaos-refstack: {e}");
+            return ExitCode::from(70);
+        }
+    };
+    rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Guardrail { listen } => match bind(&listen).await {
+                Ok(l) => {
+                    guardrail::run(l).await;
+                    ExitCode::SUCCESS
+                }
+                Err(c) => c,
+            },
+            Cmd::Worker {
+                id,
+                parent,
+                listen,
+                cuda_lib,
+                gpu,
+                kv_bytes,
+                cold_start,
+            } => {
+                worker::run(worker::WorkerArgs {
+                    id,
+                    parent,
+                    listen,
+                    cuda_lib,
+                    gpu,
+                    kv_bytes,
+                    cold_start,
+                })
+                .await
+            }
+            Cmd::Server {
+                listen,
+                workers,
+                worker_base_port,
+                guardrail,
+                guardrail_policy,
+                health_lies,
+                no_restart,
+                cold_start,
+                kv_cache,
+                cuda_lib,
+                gpu,
+                model,
+            } => match bind(&listen).await {
+                Ok(l) => {
+                    server::run(
+                        server::ServerArgs {
+                            workers,
+                            worker_base_port,
+                            guardrail,
+                            policy: guardrail_policy,
+                            health_lies,
+                            restart: !no_restart,
+                            cold_start,
+                            kv_bytes: kv_cache,
+                            cuda_lib,
+                            gpu,
+                            model,
+                        },
+                        l,
+                    )
+                    .await;
+                    ExitCode::SUCCESS
+                }
+                Err(c) => c,
+            },
+        }
+    })
+}
