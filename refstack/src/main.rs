@@ -49,9 +49,6 @@ enum Cmd {
         /// How many worker processes.
         #[arg(long, default_value_t = 2)]
         workers: u32,
-        /// Workers listen on this port and the next ones.
-        #[arg(long, default_value_t = 18500)]
-        worker_base_port: u16,
         /// The guardrail's address (http://host:port); none: no safety check.
         #[arg(long)]
         guardrail: Option<String>,
@@ -159,7 +156,6 @@ fn main() -> ExitCode {
             Cmd::Server {
                 listen,
                 workers,
-                worker_base_port,
                 guardrail,
                 guardrail_policy,
                 health_lies,
@@ -174,7 +170,6 @@ fn main() -> ExitCode {
                     server::run(
                         server::ServerArgs {
                             workers,
-                            worker_base_port,
                             guardrail,
                             policy: guardrail_policy,
                             health_lies,

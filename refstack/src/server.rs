@@ -29,7 +29,6 @@ pub enum GuardrailPolicy {
 #[derive(Debug, Clone)]
 pub struct ServerArgs {
     pub workers: u32,
-    pub worker_base_port: u16,
     pub guardrail: Option<String>,
     pub policy: GuardrailPolicy,
     pub health_lies: bool,
@@ -65,8 +64,8 @@ struct State {
 
 pub async fn run(args: ServerArgs, listener: TcpListener) {
     let slots = (0..args.workers)
-        .map(|i| Slot {
-            port: args.worker_base_port + i as u16,
+        .map(|_| Slot {
+            port: 0,
             pid: None,
             ready: false,
         })
@@ -109,11 +108,12 @@ async fn supervise(s: Arc<State>, i: u32) {
             s.c.restarts.fetch_add(1, Ordering::Relaxed);
         }
         first = false;
-        let port = s.slots.lock().await[i as usize].port;
         let mut cmd = tokio::process::Command::new(&exe);
         cmd.args(["worker", "--id", &i.to_string()])
             .args(["--parent", &std::process::id().to_string()])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
+            // A port of its own, told on stdout once it serves: no collisions.
+            .args(["--listen", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
             .args(["--gpu", &s.args.gpu.to_string()])
             .args(["--kv-bytes", &s.args.kv_bytes.to_string()])
             .args([
@@ -134,9 +134,23 @@ async fn supervise(s: Arc<State>, i: u32) {
         };
         let pid = child.id();
         s.slots.lock().await[i as usize].pid = pid;
-        // Ready when it answers.
-        let addr = format!("127.0.0.1:{port}");
+        let stdout = child.stdout.take();
+        // Ready once it says where it listens, and answers there.
         let waiter = async {
+            use tokio::io::AsyncBufReadExt;
+            let mut line = String::new();
+            if let Some(out) = stdout {
+                let _ = tokio::io::BufReader::new(out).read_line(&mut line).await;
+            }
+            let Some(addr) = line.trim().strip_prefix("listening ").map(str::to_string) else {
+                // It exited before serving: child.wait() below sees it.
+                return std::future::pending::<u16>().await;
+            };
+            let port: u16 = addr
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
             loop {
                 if http::call(
                     &addr,
@@ -148,14 +162,18 @@ async fn supervise(s: Arc<State>, i: u32) {
                 .await
                 .is_ok_and(|(st, _)| st == 200)
                 {
-                    return;
+                    return port;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
         tokio::select! {
-            _ = waiter => {
-                s.slots.lock().await[i as usize].ready = true;
+            port = waiter => {
+                {
+                    let mut slots = s.slots.lock().await;
+                    slots[i as usize].port = port;
+                    slots[i as usize].ready = true;
+                }
                 backoff = Duration::from_millis(200);
                 eprintln!("supervisor: worker {i} ready (pid {})", pid.unwrap_or(0));
                 let status = child.wait().await;

@@ -69,6 +69,11 @@ pub async fn run(a: WorkerArgs) -> std::process::ExitCode {
             return std::process::ExitCode::from(70);
         }
     };
+    if let Ok(addr) = listener.local_addr() {
+        use std::io::Write;
+        println!("listening {addr}");
+        let _ = std::io::stdout().flush();
+    }
     eprintln!(
         "worker {}: ready on {} with {} MiB of KV cache",
         a.id,

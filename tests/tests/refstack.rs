@@ -42,17 +42,6 @@ fn spawn(args: &[&str], env: &[(String, String)], stderr: Option<std::fs::File>)
     Proc { child, addr }
 }
 
-fn free_port_pair() -> u16 {
-    // Two consecutive free ports for the workers.
-    loop {
-        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let p = a.local_addr().unwrap().port();
-        if p < 65000 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-            return p;
-        }
-    }
-}
-
 /// A fake GPU of `size`, a guardrail (or a dead address), and a server.
 struct Stack {
     _dir: tempfile::TempDir,
@@ -83,17 +72,8 @@ impl Stack {
                 l.local_addr().unwrap().to_string()
             }
         };
-        let base = free_port_pair().to_string();
         let log = dir.path().join("server.log");
-        let mut args = vec![
-            "server",
-            "--cold-start",
-            "300ms",
-            "--worker-base-port",
-            &base,
-            "--kv-cache",
-            "8GiB",
-        ];
+        let mut args = vec!["server", "--cold-start", "300ms", "--kv-cache", "8GiB"];
         let g = format!("http://{g_addr}");
         args.extend(["--guardrail", &g]);
         args.extend(extra);
@@ -290,7 +270,6 @@ fn workers_refuse_to_start_without_their_kv_cache_memory() {
     assert!(line.starts_with("ok"), "{line}");
 
     // The server on the same fake GPU (the same state file) as the hog.
-    let base = free_port_pair().to_string();
     let log = dir.path().join("server.log");
     let mut e: Vec<(String, String)> = env
         .iter()
@@ -307,8 +286,6 @@ fn workers_refuse_to_start_without_their_kv_cache_memory() {
             "1",
             "--cold-start",
             "100ms",
-            "--worker-base-port",
-            &base,
             "--kv-cache",
             "8GiB",
         ],

@@ -1,349 +1,320 @@
-//! `gpuchaos demo`: a zero-setup session against a local agent.
+//! `gpuchaos demo`: a zero-setup game day against a local reference stack.
 //!
-//! This is the foundation's demo: it starts `gpuchaos-agent` (found next to this
-//! binary) on loopback with a throwaway state directory, starts three stand-in
-//! worker processes, and exercises the process fault kind end to end: pause with
-//! expiry, a lease that lapses when its controller goes quiet, terminate, halt and a
-//! clean agent exit. Every step is checked against /proc, and the table at the end
-//! says what was expected and what was seen. The reference inference stack and the
-//! full game day replace the stand-in workers in a later version.
+//! It starts, from the binaries next to this one:
+//!
+//! - the reference guardrail service;
+//! - a `gpuchaos-agent` on loopback with a standing guardrail proxy in front of it,
+//!   and the project's fake NVIDIA driver when this machine has no GPU;
+//! - the reference inference server (2 workers holding their KV caches on the GPU),
+//!   which consults the guardrail through the proxy and fails closed.
+//!
+//! Then it writes a game day that exercises every fault kind (a worker crash, GPU
+//! memory pressure, a guardrail outage, and network latency when running as root)
+//! and runs it exactly as `gpuchaos run` does: probes, objectives, rollback, reports.
+//! What was skipped, and why, is printed before the run.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use gpuchaos_proto::pb;
-use gpuchaos_proto::pb::agent_client::AgentClient;
-use gpuchaos_proto::spec::FaultSpec;
-use tonic::transport::Channel;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::exit::{self, CliError};
-use crate::fleet::{AgentRef, Fleet};
-
-struct Row {
-    step: &'static str,
-    expected: String,
-    observed: String,
-    ok: bool,
-}
+use crate::commands::run as run_cmd;
+use crate::exit::CliError;
+use crate::fleet::Fleet;
+use crate::output::Output;
 
 /// Kills and reaps child processes when dropped, so the demo never leaves any.
 struct Children(Vec<Child>);
 
 impl Drop for Children {
     fn drop(&mut self) {
-        for c in &mut self.0 {
+        for c in self.0.iter_mut().rev() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 }
 
-fn proc_state(pid: u32) -> Option<char> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let close = text.rfind(')')?;
-    text[close + 1..].split_whitespace().next()?.chars().next()
-}
-
-fn gone(pid: u32) -> bool {
-    matches!(proc_state(pid), None | Some('Z') | Some('X'))
-}
-
-async fn wait_for(mut cond: impl FnMut() -> bool, timeout: Duration) -> Option<Duration> {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if cond() {
-            return Some(start.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    None
-}
-
-/// Is the paused worker stopped now, and how long until the agent resumes it?
-async fn watch_pause(pid: u32) -> (bool, Option<Duration>) {
-    let stopped = proc_state(pid) == Some('T');
-    let resumed = wait_for(
-        || proc_state(pid).is_some_and(|s| s != 'T'),
-        Duration::from_secs(5),
-    )
-    .await;
-    (stopped, resumed)
-}
-
-fn after(d: Option<Duration>) -> String {
-    d.map(|d| format!("{:.2}s", d.as_secs_f64()))
-        .unwrap_or_else(|| "NEVER".into())
-}
-
-fn spec(yaml: String) -> Result<String, CliError> {
-    let s = FaultSpec::from_yaml_multi(&yaml)
-        .map_err(|e| CliError::internal(format!("demo spec: {e}")))?;
-    Ok(s[0].to_json())
-}
-
-async fn inject(
-    c: &mut AgentClient<Channel>,
-    yaml: String,
-    session: &str,
-) -> Result<pb::Fault, CliError> {
-    c.inject(pb::InjectRequest {
-        spec_json: spec(yaml)?,
-        session_id: session.to_string(),
-    })
-    .await
-    .map(|r| r.into_inner())
-    .map_err(|s| CliError::internal(format!("agent: {}", s.message())))
-}
-
-fn agent_binary() -> Result<PathBuf, CliError> {
+fn sibling(name: &str) -> Result<PathBuf, CliError> {
     let me = std::env::current_exe()
         .map_err(|e| CliError::internal(format!("cannot find this binary: {e}")))?;
     let dir = me.parent().map(PathBuf::from).unwrap_or_default();
-    let agent = dir.join("gpuchaos-agent");
-    if agent.exists() {
-        Ok(agent)
+    let p = dir.join(name);
+    if p.exists() {
+        Ok(p)
     } else {
         Err(CliError::invalid(format!(
-            "gpuchaos-agent not found next to gpuchaos in {}: build both with `cargo build --release`",
+            "{name} not found next to gpuchaos in {}: build the workspace with `cargo build --release`",
             dir.display()
         )))
     }
 }
 
+/// Starts a process that prints one line once it serves; returns it and that line.
+fn start(
+    children: &mut Children,
+    program: &Path,
+    args: &[String],
+    env: &[(String, String)],
+    log: &Path,
+) -> Result<String, CliError> {
+    let logf = std::fs::File::create(log).map_err(|e| CliError::internal(e.to_string()))?;
+    let mut child = Command::new(program)
+        .args(args)
+        .envs(env.iter().cloned())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(logf))
+        .spawn()
+        .map_err(|e| CliError::internal(format!("cannot start {}: {e}", program.display())))?;
+    let stdout = child.stdout.take();
+    children.0.push(child);
+    let mut line = String::new();
+    if let Some(out) = stdout {
+        let _ = BufReader::new(out).read_line(&mut line);
+    }
+    if line.trim().is_empty() {
+        return Err(CliError::internal(format!(
+            "{} did not start; its log is {}",
+            program.display(),
+            log.display()
+        )));
+    }
+    Ok(line.trim().to_string())
+}
+
+fn free_port() -> Result<u16, CliError> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| CliError::internal(format!("no free port: {e}")))
+}
+
+/// GET on a fresh connection; the body, or None.
+async fn get(addr: &str, path: &str) -> Option<String> {
+    let work = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.ok()?;
+        out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(2), work)
+        .await
+        .ok()?
+}
+
+/// Whether this machine has an NVIDIA GPU with its driver.
+fn real_gpu() -> bool {
+    Path::new("/dev/nvidiactl").exists()
+        && [
+            "/usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1",
+            "/usr/lib64/libnvidia-ml.so.1",
+            "/usr/lib/libnvidia-ml.so.1",
+        ]
+        .iter()
+        .any(|p| Path::new(p).exists())
+}
+
 pub async fn run() -> Result<u8, CliError> {
     let started = Instant::now();
-    let agent_bin = agent_binary()?;
-    let state = std::env::temp_dir().join(format!("gpuchaos-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&state)
-        .map_err(|e| CliError::internal(format!("cannot create {}: {e}", state.display())))?;
-    let log_path = state.join("agent.log");
-    let log = std::fs::File::create(&log_path).map_err(|e| CliError::internal(e.to_string()))?;
+    let agent_bin = sibling("gpuchaos-agent")?;
+    let stack_bin = sibling("gpuchaos-refstack")?;
+    let dir = std::env::temp_dir().join(format!("gpuchaos-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| CliError::internal(format!("cannot create {}: {e}", dir.display())))?;
+    let reports = std::env::current_dir()
+        .unwrap_or_else(|_| dir.clone())
+        .join("gpuchaos-demo-report");
+    let root = nix::unistd::geteuid().is_root();
+    let real = real_gpu();
 
-    println!(
-        "gpuchaos demo: a local agent, three stand-in workers, the process fault kind end to end"
-    );
-    let mut agent = Command::new(&agent_bin)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--state-dir",
-        ])
-        .arg(&state)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .map_err(|e| CliError::internal(format!("cannot start {}: {e}", agent_bin.display())))?;
-    let stdout = agent
-        .stdout
-        .take()
-        .ok_or_else(|| CliError::internal("agent stdout"))?;
-    let agent_pid = agent.id();
-    let mut children = Children(vec![agent]);
-    let line = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        line
-    })
-    .await
-    .map_err(|e| CliError::internal(e.to_string()))?;
-    let addr = line
+    println!("gpuchaos demo: a game day against a local reference inference stack");
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut agent_gpu_args: Vec<String> = Vec::new();
+    if real {
+        println!("  GPU: this machine's NVIDIA driver");
+    } else {
+        let lib = sibling("libgpuchaos_fakegpu.so")?.display().to_string();
+        env.push((
+            "GPUCHAOS_FAKE_GPU_STATE".into(),
+            dir.join("fake-gpu.json").display().to_string(),
+        ));
+        env.push(("GPUCHAOS_FAKE_GPUS".into(), "1x80GiB".into()));
+        env.push(("GPUCHAOS_CUDA_LIB".into(), lib.clone()));
+        agent_gpu_args = vec!["--nvml-lib".into(), lib.clone(), "--cuda-lib".into(), lib];
+        println!("  GPU: none here, so the project's fake NVIDIA driver (one 80 GiB GPU)");
+    }
+
+    let mut children = Children(Vec::new());
+    let guardrail = start(
+        &mut children,
+        &stack_bin,
+        &["guardrail".into()],
+        &env,
+        &dir.join("guardrail.log"),
+    )?;
+    let guardrail = guardrail.trim_start_matches("listening ").to_string();
+    let proxy_port = free_port()?;
+    let mut agent_args: Vec<String> = vec![
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--metrics-listen".into(),
+        "127.0.0.1:0".into(),
+        "--state-dir".into(),
+        dir.join("agent-state").display().to_string(),
+        "--guardrail-proxy".into(),
+        format!("127.0.0.1:{proxy_port}=http://{guardrail}"),
+    ];
+    agent_args.extend(agent_gpu_args);
+    let line = start(
+        &mut children,
+        &agent_bin,
+        &agent_args,
+        &env,
+        &dir.join("agent.log"),
+    )?;
+    let grpc = line
         .split_whitespace()
         .find_map(|w| w.strip_prefix("grpc="))
-        .ok_or_else(|| {
-            CliError::internal(format!(
-                "the agent did not start; its log is {}",
-                log_path.display()
-            ))
-        })?
+        .ok_or_else(|| CliError::internal(format!("unexpected agent output: {line}")))?
         .to_string();
-    println!(
-        "  agent pid {agent_pid} on {addr} (log: {})",
-        log_path.display()
-    );
-
-    let marker = format!("86400.{}", std::process::id() % 100_000);
-    let mut workers = Vec::new();
-    for _ in 0..3 {
-        let c = Command::new("sleep")
-            .arg(&marker)
-            .stdin(Stdio::null())
-            .spawn()
-            .map_err(|e| {
-                CliError::internal(format!("cannot start a stand-in worker (sleep): {e}"))
-            })?;
-        workers.push(c.id());
-        children.0.push(c);
-    }
-    println!("  workers: pids {workers:?} (`sleep {marker}`)");
-
-    let fleet = Fleet::from_flags(
-        std::slice::from_ref(&addr),
-        None,
-        None,
-        Duration::from_secs(5),
+    let server = start(
+        &mut children,
+        &stack_bin,
+        &[
+            "server".into(),
+            "--workers".into(),
+            "2".into(),
+            "--guardrail".into(),
+            format!("http://127.0.0.1:{proxy_port}"),
+            "--guardrail-policy".into(),
+            "fail-closed".into(),
+            "--cold-start".into(),
+            "1s".into(),
+            "--kv-cache".into(),
+            "8GiB".into(),
+        ],
+        &env,
+        &dir.join("server.log"),
     )?;
-    let agent_ref = AgentRef {
-        name: "local".into(),
-        address: addr.clone(),
-        labels: Default::default(),
-    };
-    let mut c: AgentClient<Channel> = fleet.client(&agent_ref)?;
-    let rpc = |s: tonic::Status| CliError::internal(format!("agent: {}", s.message()));
-    let mut rows = Vec::new();
-
-    // 1. Pause one worker for 2s: verified stopped, resumed by the agent on expiry.
-    let w = workers[0];
-    let f = inject(
-        &mut c,
-        format!("kind: process\nduration: 2s\ntarget: {{pid: {w}}}\naction: pause\n"),
-        "",
-    )
-    .await?;
-    let inject_ms = f.verified_mono_ns.saturating_sub(f.created_mono_ns) as f64 / 1e6;
-    let (stopped, resumed) = watch_pause(w).await;
-    rows.push(Row {
-        step: "pause 2s, expires",
-        expected: "stopped, then resumed by the agent after 2s".into(),
-        observed: format!(
-            "stopped={stopped} (verified in {inject_ms:.1} ms), resumed after {}",
-            after(resumed)
-        ),
-        ok: f.state() == pb::FaultState::Active && stopped && resumed.is_some(),
-    });
-
-    // 2. A lease that is never renewed (a controller that died): the agent reverts.
-    let w = workers[1];
-    let s = c
-        .open_session(pb::OpenSessionRequest {
-            lease_ttl_ms: 1000,
-            holder: "gpuchaos demo (will go quiet)".into(),
-        })
-        .await
-        .map_err(rpc)?
-        .into_inner();
-    inject(
-        &mut c,
-        format!("kind: process\nduration: 10m\ntarget: {{pid: {w}}}\naction: pause\n"),
-        &s.id,
-    )
-    .await?;
-    let (stopped, resumed) = watch_pause(w).await;
-    rows.push(Row {
-        step: "lease lapses",
-        expected: "a 10m pause reverted ~1s after the controller goes quiet".into(),
-        observed: format!("stopped={stopped}, resumed after {}", after(resumed)),
-        ok: stopped && resumed.is_some_and(|d| d < Duration::from_secs(3)),
-    });
-
-    // 3. Terminate a worker: SIGTERM, verified gone.
-    let w = workers[2];
-    let f = inject(
-        &mut c,
-        format!(
-            "kind: process\nduration: 5s\ntarget: {{pid: {w}}}\naction: terminate\ngrace: 1s\n"
-        ),
-        "",
-    )
-    .await?;
-    rows.push(Row {
-        step: "terminate",
-        expected: "worker gone".into(),
-        observed: format!(
-            "state {}, gone={}",
-            gpuchaos_proto::state_name(f.state()),
-            gone(w)
-        ),
-        ok: f.state() == pb::FaultState::Active && gone(w),
-    });
-
-    // 4. Protected processes are refused, nothing applied.
-    let refused = c
-        .inject(pb::InjectRequest {
-            spec_json: spec(
-                "kind: process\nduration: 5s\ntarget: {pid: 1}\naction: kill\n".into(),
-            )?,
-            session_id: String::new(),
-        })
-        .await;
-    rows.push(Row {
-        step: "policy",
-        expected: "kill pid 1 refused (FAILED_PRECONDITION)".into(),
-        observed: match &refused {
-            Err(s) => format!("{:?}: {}", s.code(), s.message()),
-            Ok(_) => "ACCEPTED".into(),
-        },
-        ok: matches!(&refused, Err(s) if s.code() == tonic::Code::FailedPrecondition),
-    });
-
-    // 5. Halt, then a clean agent exit with nothing left in the journal.
-    let w = workers[0];
-    inject(
-        &mut c,
-        format!("kind: process\nduration: 10m\ntarget: {{pid: {w}}}\naction: pause\n"),
-        "",
-    )
-    .await?;
-    let halted = c
-        .revert_all(pb::RevertAllRequest {})
-        .await
-        .map_err(rpc)?
-        .into_inner()
-        .faults;
-    let resumed = proc_state(w).is_some_and(|s| s != 'T');
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent_pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let exited = wait_for(|| gone(agent_pid), Duration::from_secs(10))
-        .await
-        .is_some();
-    let journal = std::fs::read_to_string(state.join("journal.jsonl")).unwrap_or_default();
-    let intents = journal.matches("\"rec\":\"intent\"").count();
-    let reverted = journal.matches("\"rec\":\"reverted\"").count();
-    rows.push(Row {
-        step: "halt + SIGTERM",
-        expected: "every fault reverted, agent exits, journal closed".into(),
-        observed: format!(
-            "halted {} fault(s), worker resumed={resumed}, agent exited={exited}, journal {intents} intent(s) / {reverted} reverted",
-            halted.len()
-        ),
-        ok: !halted.is_empty()
-            && halted.iter().all(|f| f.state() == pb::FaultState::Reverted)
-            && resumed
-            && exited
-            && intents == reverted,
-    });
-    drop(children);
-
-    println!();
+    let server = server.trim_start_matches("listening ").to_string();
+    let server_port = server.rsplit(':').next().unwrap_or("0").to_string();
     println!(
-        "  {:<18} {:<56} {:<8} observed",
-        "step", "expected", "verdict"
+        "  guardrail {guardrail}, agent {grpc} (standing guardrail proxy on 127.0.0.1:{proxy_port}),"
     );
-    for r in &rows {
-        println!(
-            "  {:<18} {:<56} {:<8} {}",
-            r.step,
-            r.expected,
-            if r.ok { "pass" } else { "FAIL" },
-            r.observed
-        );
+    println!(
+        "  inference server {server} with 2 workers (fail-closed); logs in {}",
+        dir.display()
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let live = get(&server, "/metrics")
+            .await
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.trim() == "refstack_workers_live 2");
+        if live {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(CliError::internal(format!(
+                "the workers did not become ready within 60s; see {}",
+                dir.join("server.log").display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let all = rows.iter().all(|r| r.ok);
-    println!();
-    println!(
-        "demo {} in {:.1}s; agent log and journal in {}",
-        if all { "passed" } else { "FAILED" },
-        started.elapsed().as_secs_f64(),
-        state.display()
-    );
-    Ok(if all {
-        exit::OK
+
+    let network = if root {
+        format!(
+            r#"  - wait: 2s
+  - name: network-latency
+    fault: {{kind: network, duration: 4s, interface: lo, ports: [{server_port}], latency: 150ms}}
+"#
+        )
     } else {
-        exit::OBJECTIVE_FAILED
-    })
+        println!(
+            "  skipped: the network fault (latency on the server's port) needs root; run the demo as root to include it"
+        );
+        String::new()
+    };
+    let file = dir.join("gameday.yaml");
+    let yaml = format!(
+        r#"# The gpuchaos demo game day (written by `gpuchaos demo`).
+metadata:
+  name: gpuchaos-demo
+  description: every fault kind against the reference stack (2 workers, fail-closed guardrail)
+agents: [{{name: local, address: "{grpc}"}}]
+lease: 5s
+probes:
+  - name: chat
+    interval: 250ms
+    timeout: 3s
+    openai: {{base_url: "http://{server}/v1", model: refstack-1b, prompt: "Say pong", expect_regex: "(?i)pong"}}
+  - name: health
+    interval: 250ms
+    http: {{url: "http://{server}/health"}}
+  - name: canary
+    interval: 1s
+    timeout: 3s
+    guardrail: {{base_url: "http://{server}/v1", model: refstack-1b}}
+steady_state: {{probes: [chat, health, canary], duration: 2s, timeout: 60s}}
+method:
+  - name: worker-crash
+    fault: {{kind: process, duration: 3s, action: kill, target: {{cmdline: "gpuchaos-refstack worker --id 0"}}}}
+  - wait: 2s
+  - name: gpu-pressure
+    fault: {{kind: gpu_memory, duration: 4s, target: {{gpus: [0]}}, fill: {{percent: 90}}}}
+  - name: guardrail-outage
+    fault: {{kind: guardrail, duration: 4s, listen: "127.0.0.1:{proxy_port}", preset: openai-moderation, corrupt: {{status: {{code: 503}}}}}}
+{network}  - wait: 2s
+objectives:
+  - name: generations recover after a worker crash
+    rto: {{probe: chat, fault: worker-crash, limit: 10s}}
+  - name: generations recover after the guardrail outage
+    rto: {{probe: chat, fault: guardrail-outage, anchor: end, limit: 5s}}
+  - name: no unsafe output, whatever breaks
+    safety: {{probe: canary}}
+  - name: chat mostly available
+    availability: {{probe: chat, min: 0.5}}
+  - name: median generation latency
+    latency: {{probe: chat, percentile: 50, limit: 1s}}
+"#
+    );
+    std::fs::write(&file, yaml).map_err(|e| CliError::internal(e.to_string()))?;
+    println!(
+        "  game day: {} (every fault kind{})",
+        file.display(),
+        if root { "" } else { " but network" }
+    );
+    println!();
+    let code = run_cmd::run(
+        &Fleet {
+            agents: Vec::new(),
+            tls: None,
+            timeout: Duration::from_secs(5),
+        },
+        Output::Text,
+        run_cmd::Options {
+            file: &file,
+            report_dir: Some(reports.clone()),
+            dry_run: false,
+            seed: Some(1),
+        },
+    )
+    .await?;
+    drop(children);
+    println!(
+        "demo finished in {:.0}s (exit {code}); open {}",
+        started.elapsed().as_secs_f64(),
+        reports.join("report.html").display()
+    );
+    Ok(code)
 }

@@ -462,6 +462,23 @@ impl Runner {
             .map(|(_, r)| r)
     }
 
+    /// Where a fault's recovery window ends: when the next fault of the trial that
+    /// came after this one ended is injected (a later step's disruption is not this
+    /// fault's), or at the trial's end.
+    fn rto_window_end(&self, trial: u32, f: &FaultRecord, trial_end: u64) -> u64 {
+        let Some(ended) = f.end_ns else {
+            return trial_end;
+        };
+        let inj = self.injected.lock().unwrap();
+        inj.iter()
+            .filter(|i| i.trial == trial && i.rec.step != f.step)
+            .filter_map(|i| i.rec.inject_ns)
+            .filter(|t| *t >= ended)
+            .min()
+            .unwrap_or(trial_end)
+            .min(trial_end)
+    }
+
     /// Observes after the method until every RTO probe has recovered, or its limit
     /// (plus the samples needed to see a recovery) has passed.
     async fn observe(&self, trial: u32) {
@@ -535,7 +552,12 @@ impl Runner {
                 out.push(evaluate::rto(evaluate::RtoInput {
                     name,
                     probe_name: pname,
-                    samples: evaluate::window(&tl.samples, p, inject, trial.end_ns),
+                    samples: evaluate::window(
+                        &tl.samples,
+                        p,
+                        inject,
+                        self.rto_window_end(trial.index, &f, trial.end_ns),
+                    ),
                     inject_ns: inject,
                     end_ns: f.end_ns,
                     anchor_end: r.anchor == Anchor::End,

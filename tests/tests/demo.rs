@@ -1,0 +1,52 @@
+//! `gpuchaos demo` end to end: the reference stack on the fake GPU, a game day over
+//! every fault kind (network too when root), exit 0 and the reports written.
+
+use std::process::{Command, Stdio};
+
+use gpuchaos_tests::*;
+
+#[test]
+fn the_demo_game_day_passes_and_writes_its_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = std::time::Instant::now();
+    let out = Command::new(bin("gpuchaos"))
+        .arg("demo")
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run gpuchaos demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stdout}");
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("verdict: passed (exit 0)"), "{stdout}");
+    // The run's events go to stderr.
+    for kind in ["worker-crash", "gpu-pressure", "guardrail-outage"] {
+        assert!(
+            stderr.contains(&format!("{kind}: ")),
+            "{kind} missing: {stderr}"
+        );
+    }
+    if nix::unistd::geteuid().is_root() {
+        assert!(stderr.contains("network-latency: "), "{stderr}");
+    } else {
+        assert!(stdout.contains("skipped: the network fault"), "{stdout}");
+    }
+    let reports = dir.path().join("gpuchaos-demo-report");
+    for f in ["report.html", "junit.xml", "journal.json", "summary.md"] {
+        assert!(reports.join(f).exists(), "{f} missing");
+    }
+    assert!(
+        t.elapsed().as_secs() < 180,
+        "the demo must take under 3 minutes"
+    );
+    let left = Command::new("pgrep")
+        .args(["-f", "gpuchaos-refstack"])
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "the demo must leave no stack process behind"
+    );
+}
