@@ -38,6 +38,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo build --workspace (the end-to-end tests run these binaries)"
 cargo build --workspace --locked
 echo "== gpuchaos validate experiments/"
-./target/debug/gpuchaos validate experiments/*.yaml experiments/specs/*.yaml
+./target/debug/gpuchaos validate experiments/*.yaml experiments/specs/*.yaml experiments/refstack/*.yaml
 echo "== tests"
 cargo nextest run --workspace --locked --no-fail-fast

@@ -9,7 +9,16 @@ use gpuchaos_tests::*;
 fn the_demo_game_day_passes_and_writes_its_reports() {
     let dir = tempfile::tempdir().unwrap();
     let t = std::time::Instant::now();
-    let out = Command::new(bin("gpuchaos"))
+    // As root the demo's network fault goes on loopback: in a namespace of the test's
+    // own, never the machine's.
+    let ns = nix::unistd::geteuid()
+        .is_root()
+        .then(gpuchaos_tests::netns::Netns::new);
+    let mut cmd = match &ns {
+        Some(ns) => ns.command(&bin("gpuchaos")),
+        None => Command::new(bin("gpuchaos")),
+    };
+    let out = cmd
         .arg("demo")
         .current_dir(dir.path())
         .stdin(Stdio::null())

@@ -1,0 +1,246 @@
+//! The end-to-end game days in `experiments/refstack/`, each against a well-configured
+//! and a badly configured reference stack (on the fake GPU): the first must pass
+//! (exit 0), the second must fail the right objective (exit 1). The stack listens on
+//! the fixed addresses the files name (server 18800, guardrail proxy 18801, agent
+//! 18802), so the game days run one after another in a single test.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gpuchaos_tests::*;
+
+struct Stack {
+    children: Vec<Child>,
+    _dir: tempfile::TempDir,
+}
+
+/// As root, everything runs in a namespace of the test's own (the network game days
+/// put rules on its loopback, never the machine's).
+fn command(ns: Option<&gpuchaos_tests::netns::Netns>, program: &Path) -> Command {
+    match ns {
+        Some(ns) => ns.command(program),
+        None => Command::new(program),
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut().rev() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn started(mut c: Child) -> (Child, String) {
+    let mut line = String::new();
+    BufReader::new(c.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (c, line.trim().to_string())
+}
+
+impl Stack {
+    fn start(ns: Option<&gpuchaos_tests::netns::Netns>, server_flags: &[&str]) -> Stack {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = bin("libgpuchaos_fakegpu.so").display().to_string();
+        let env = [
+            (
+                "GPUCHAOS_FAKE_GPU_STATE".to_string(),
+                dir.path().join("gpu.json").display().to_string(),
+            ),
+            ("GPUCHAOS_FAKE_GPUS".to_string(), "1x80GiB".to_string()),
+            ("GPUCHAOS_CUDA_LIB".to_string(), lib.clone()),
+        ];
+        let spawn = |program: &Path, args: &[&str]| {
+            command(ns, program)
+                .args(args)
+                .envs(env.iter().cloned())
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        };
+        let (guardrail, line) = started(spawn(&bin("gpuchaos-refstack"), &["guardrail"]));
+        let g = line.trim_start_matches("listening ").to_string();
+        let state = dir.path().join("agent").display().to_string();
+        let proxy = format!("127.0.0.1:18801=http://{g}");
+        let (agent, _) = started(spawn(
+            &bin("gpuchaos-agent"),
+            &[
+                "--listen",
+                "127.0.0.1:18802",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--state-dir",
+                &state,
+                "--nvml-lib",
+                &lib,
+                "--cuda-lib",
+                &lib,
+                "--guardrail-proxy",
+                &proxy,
+            ],
+        ));
+        let mut args = vec![
+            "server",
+            "--listen",
+            "127.0.0.1:18800",
+            "--guardrail",
+            "http://127.0.0.1:18801",
+            "--cold-start",
+            "1s",
+            "--kv-cache",
+            "8GiB",
+        ];
+        args.extend(server_flags);
+        let (server, _) = started(spawn(&bin("gpuchaos-refstack"), &args));
+        let s = Stack {
+            children: vec![guardrail, agent, server],
+            _dir: dir,
+        };
+        let workers = server_flags
+            .windows(2)
+            .find(|w| w[0] == "--workers")
+            .map(|w| w[1])
+            .unwrap_or("2");
+        let want = format!("refstack_workers_live {workers}");
+        let ready = wait_until(Duration::from_secs(30), || {
+            command(ns, Path::new("curl"))
+                .args(["-s", "-m", "2", "http://127.0.0.1:18800/metrics"])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&want))
+        });
+        assert!(ready.is_some(), "the stack never became ready");
+        s
+    }
+}
+
+/// Runs a game day; returns (exit code, objective name → passed, seconds, journal).
+fn run(
+    ns: Option<&gpuchaos_tests::netns::Netns>,
+    file: &str,
+) -> (i32, Vec<(String, bool)>, f64, serde_json::Value) {
+    let reports = tempfile::tempdir().unwrap();
+    let t = Instant::now();
+    let args = [
+        "run",
+        file,
+        "--report-dir",
+        reports.path().to_str().unwrap(),
+    ];
+    let out = match ns {
+        Some(ns) => gpuchaos_in(&ns.name, &args),
+        None => gpuchaos(&args),
+    };
+    let secs = t.elapsed().as_secs_f64();
+    let j: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(reports.path().join("journal.json")).unwrap_or_default(),
+    )
+    .unwrap_or_default();
+    let verdicts = j["objectives"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|o| {
+            (
+                o["name"].as_str().unwrap_or("").to_string(),
+                o["passed"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect();
+    if out.code != 0 && out.code != 1 {
+        panic!("{file}: exit {}\n{}\n{}", out.code, out.stdout, out.stderr);
+    }
+    (out.code, verdicts, secs, j)
+}
+
+#[test]
+fn each_game_day_passes_a_good_stack_and_fails_a_bad_one() {
+    let root = nix::unistd::geteuid().is_root();
+    let mut cases: Vec<(&str, Vec<&str>, Vec<&str>, &str)> = vec![
+        (
+            "experiments/refstack/worker-crash.yaml",
+            vec!["--workers", "1"],
+            vec!["--workers", "1", "--no-restart", "--health-lies"],
+            "generations recover within 10s",
+        ),
+        (
+            "experiments/refstack/gpu-pressure.yaml",
+            vec!["--workers", "2"],
+            vec!["--workers", "1"],
+            "generations recover within 3s of the crash",
+        ),
+        (
+            "experiments/refstack/guardrail-outage.yaml",
+            vec!["--guardrail-policy", "fail-closed"],
+            vec!["--guardrail-policy", "fail-open"],
+            "no unsafe output while the guardrail is broken",
+        ),
+    ];
+    if root {
+        cases.push((
+            "experiments/refstack/network-partition.yaml",
+            vec!["--guardrail-policy", "fail-closed"],
+            vec!["--guardrail-policy", "fail-open"],
+            "no unsafe output while the guardrail is unreachable",
+        ));
+        cases.push((
+            "experiments/refstack/full.yaml",
+            vec!["--workers", "2"],
+            vec!["--workers", "2", "--guardrail-policy", "fail-open"],
+            "no unsafe output, whatever breaks",
+        ));
+    } else {
+        eprintln!("network-partition and full skipped: network faults need root (CI runs as root)");
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let ns = root.then(gpuchaos_tests::netns::Netns::new);
+    for (file, good, bad, objective) in cases {
+        let file = repo.join(file).display().to_string();
+        let stack = Stack::start(ns.as_ref(), &good);
+        let (code, verdicts, secs, _) = run(ns.as_ref(), &file);
+        drop(stack);
+        eprintln!("{file} against {good:?}: exit {code} in {secs:.1}s {verdicts:?}");
+        assert_eq!(
+            code, 0,
+            "{file} must pass a well-configured stack: {verdicts:?}"
+        );
+
+        let stack = Stack::start(ns.as_ref(), &bad);
+        let (code, verdicts, secs, journal) = run(ns.as_ref(), &file);
+        drop(stack);
+        eprintln!("{file} against {bad:?}: exit {code} in {secs:.1}s {verdicts:?}");
+        assert_eq!(
+            code, 1,
+            "{file} must fail a badly configured stack: {verdicts:?}"
+        );
+        assert!(
+            verdicts.iter().any(|(n, ok)| n == objective && !ok),
+            "{file}: the objective {objective:?} must be the one that fails: {verdicts:?}"
+        );
+        if bad.contains(&"--health-lies") {
+            // The lying /health said ok the whole time; only the generation probe saw.
+            let probes: Vec<String> = journal["probes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["name"].as_str().unwrap_or("").to_string())
+                .collect();
+            let health = probes.iter().position(|p| p == "health").unwrap() as u64;
+            let chat = probes.iter().position(|p| p == "chat").unwrap() as u64;
+            let samples = journal["samples"].as_array().unwrap();
+            let failed = |p: u64| {
+                samples
+                    .iter()
+                    .filter(|x| x["probe"] == p && x["ok"] == false)
+                    .count()
+            };
+            assert_eq!(failed(health), 0, "the lying /health never failed");
+            assert!(failed(chat) > 10, "the generation probe caught the outage");
+        }
+    }
+}
