@@ -348,6 +348,24 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByUUID(
     }
 }
 
+/// Writes one of the device's strings into a caller's buffer.
+///
+/// # Safety
+/// `out` must point to `length` writable bytes.
+unsafe fn device_string(
+    device: *mut c_void,
+    out: *mut c_char,
+    length: c_uint,
+    field: fn(&Device) -> String,
+) -> c_int {
+    match nvml_device(device, |_, _, d| field(d)) {
+        // SAFETY: as documented.
+        Ok(v) if unsafe { write_str(out, length as usize, &v) } => NVML_SUCCESS,
+        Ok(_) => NVML_ERROR_INSUFFICIENT_SIZE,
+        Err(e) => e,
+    }
+}
+
 /// # Safety
 /// `name` must point to `length` writable bytes.
 #[unsafe(no_mangle)]
@@ -356,12 +374,8 @@ pub unsafe extern "C" fn nvmlDeviceGetName(
     name: *mut c_char,
     length: c_uint,
 ) -> c_int {
-    match nvml_device(device, |_, _, d| d.name.clone()) {
-        // SAFETY: as documented.
-        Ok(n) if unsafe { write_str(name, length as usize, &n) } => NVML_SUCCESS,
-        Ok(_) => NVML_ERROR_INSUFFICIENT_SIZE,
-        Err(e) => e,
-    }
+    // SAFETY: the same contract.
+    unsafe { device_string(device, name, length, |d| d.name.clone()) }
 }
 
 /// # Safety
@@ -372,12 +386,8 @@ pub unsafe extern "C" fn nvmlDeviceGetUUID(
     uuid: *mut c_char,
     length: c_uint,
 ) -> c_int {
-    match nvml_device(device, |_, _, d| d.uuid.clone()) {
-        // SAFETY: as documented.
-        Ok(u) if unsafe { write_str(uuid, length as usize, &u) } => NVML_SUCCESS,
-        Ok(_) => NVML_ERROR_INSUFFICIENT_SIZE,
-        Err(e) => e,
-    }
+    // SAFETY: the same contract.
+    unsafe { device_string(device, uuid, length, |d| d.uuid.clone()) }
 }
 
 #[repr(C)]

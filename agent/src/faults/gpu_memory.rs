@@ -375,8 +375,13 @@ impl GpuMemoryDriver {
         per_gpu: &mut [serde_json::Value],
         lenient: bool,
     ) -> Result<(), String> {
+        // One NVML listing for every GPU of the fault.
+        let list = self.gpus.list()?;
         for (goal, d) in plan.gpus.iter().zip(per_gpu.iter_mut()) {
-            let now = self.used_of(&goal.uuid)?;
+            let now = list
+                .iter()
+                .find(|g| g.uuid == goal.uuid)
+                .ok_or_else(|| format!("NVML no longer lists {}", goal.uuid))?;
             let held = d["held"].as_u64().unwrap_or(0);
             let pid = d["helper_pid"].as_u64().unwrap_or(0) as u32;
             d["used"] = serde_json::json!(now.used);

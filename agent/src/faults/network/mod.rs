@@ -513,6 +513,7 @@ impl NetworkDriver {
                 return Err(format!("{}: {e}", ns.label));
             }
             // Read every device back before calling it active.
+            let want_filters = shape.matching_count();
             let mut devs: Vec<&String> = Vec::new();
             if d.egress() {
                 devs.extend(ns.shaped.iter());
@@ -542,11 +543,10 @@ impl NetworkDriver {
                 let n = tc::filters_to(path, dev, &shape.class)
                     .await
                     .map_err(|e| format!("{}: verify: {e}", ns.label))?;
-                if n != shape.filter_count() - shape.keep_ports.len() * 2 {
+                if n != want_filters {
                     return Err(format!(
-                        "{}: verify: {dev} carries {n} matching filters, {} expected: something else is rewriting tc on this node; find it and retry",
-                        ns.label,
-                        shape.filter_count() - shape.keep_ports.len() * 2
+                        "{}: verify: {dev} carries {n} matching filters, {want_filters} expected: something else is rewriting tc on this node; find it and retry",
+                        ns.label
                     ));
                 }
             }

@@ -248,12 +248,15 @@ impl Shape {
         out
     }
 
-    /// How many filters `commands` adds on one device.
+    /// How many filters send traffic to the fault's class on one device.
+    pub fn matching_count(&self) -> usize {
+        self.matches("dst").len()
+    }
+
+    /// How many filters `commands` adds on one device (the agent's own ports, two
+    /// families each, and the matching ones).
     pub fn filter_count(&self) -> usize {
-        self.commands("x", false)
-            .iter()
-            .filter(|c| c[0] == "filter")
-            .count()
+        self.keep_ports.len() * 2 + self.matching_count()
     }
 }
 
