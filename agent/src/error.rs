@@ -20,6 +20,9 @@ pub enum AgentError {
     FaultNotFound(String),
     #[error("no session {0} on this agent: its lease may have lapsed; open a new session")]
     SessionNotFound(String),
+    /// Another live session holds the lock: ABORTED.
+    #[error("{0}")]
+    Locked(String),
     #[error("the agent is shutting down and reverting every fault")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -37,6 +40,7 @@ impl From<AgentError> for tonic::Status {
             AgentError::FaultNotFound(_) | AgentError::SessionNotFound(_) => {
                 tonic::Status::not_found(msg)
             }
+            AgentError::Locked(_) => tonic::Status::aborted(msg),
             AgentError::ShuttingDown => tonic::Status::unavailable(msg),
             AgentError::Internal(_) => tonic::Status::internal(msg),
         }

@@ -58,6 +58,7 @@ pub enum Command {
     OpenSession {
         ttl: Duration,
         holder: String,
+        lock: String,
         reply: Reply<Result<pb::Session, AgentError>>,
     },
     RenewSession {
@@ -201,6 +202,8 @@ struct Session {
     ttl: Duration,
     expires: Instant,
     holder: String,
+    /// An exclusive lock name ("" for none): at most one live session holds each.
+    lock: String,
 }
 
 /// A cheap handle for sending commands to the manager.
@@ -533,7 +536,19 @@ impl Manager {
                     let _ = reply.send(out);
                 });
             }
-            Command::OpenSession { ttl, holder, reply } => {
+            Command::OpenSession {
+                ttl,
+                holder,
+                lock,
+                reply,
+            } => {
+                let held_by = (!lock.is_empty())
+                    .then(|| {
+                        self.sessions
+                            .iter()
+                            .find(|(_, s)| s.lock == lock && s.expires > Instant::now())
+                    })
+                    .flatten();
                 let max = self.policy.file.max_session_ttl.0;
                 let res = if self.shutting_down {
                     Err(AgentError::ShuttingDown)
@@ -550,12 +565,24 @@ impl Manager {
                         humantime::format_duration(ttl),
                         self.policy.file.max_session_ttl
                     )))
+                } else if let Some((sid, s)) = held_by {
+                    Err(AgentError::Locked(format!(
+                        "lock `{lock}` is held by session {sid} ({}), until it closes or its lease lapses (in at most {})",
+                        s.holder,
+                        humantime::format_duration(Duration::from_secs(
+                            s.expires
+                                .saturating_duration_since(Instant::now())
+                                .as_secs()
+                                + 1
+                        ))
+                    )))
                 } else {
                     let id = new_id("s");
                     let s = Session {
                         ttl,
                         expires: Instant::now() + ttl,
                         holder,
+                        lock,
                     };
                     let pbs = session_pb(&id, &s);
                     tracing::info!(session = %id, holder = %s.holder, ttl = ?ttl, "session opened");
@@ -1035,6 +1062,7 @@ fn session_pb(id: &str, s: &Session) -> pb::Session {
                 .saturating_duration_since(Instant::now())
                 .as_nanos() as u64,
         holder: s.holder.clone(),
+        lock: s.lock.clone(),
     }
 }
 

@@ -46,6 +46,7 @@ impl Agent for AgentService {
             .call(|reply| Command::OpenSession {
                 ttl,
                 holder: r.holder,
+                lock: r.lock,
                 reply,
             })
             .await??;

@@ -10,6 +10,7 @@
 //! | 64 | invalid input (a spec, a flag, a file), or an agent refused the fault as invalid or against its policy |
 //! | 69 | an agent could not be reached (status) |
 //! | 70 | internal error |
+//! | 74 | the state directory or the history database cannot be used (locked, damaged, unwritable) |
 
 use std::fmt;
 
@@ -21,6 +22,7 @@ pub const REVERT_FAILED: u8 = 4;
 pub const INVALID_INPUT: u8 = 64;
 pub const UNAVAILABLE: u8 = 69;
 pub const INTERNAL: u8 = 70;
+pub const IO_ERROR: u8 = 74;
 
 /// An error that ends the command with a specific exit code.
 #[derive(Debug)]

@@ -13,6 +13,7 @@ pub mod commands;
 pub mod exit;
 pub mod experiment;
 pub mod fleet;
+pub mod gameday;
 pub mod output;
 pub mod probe;
 pub mod report;

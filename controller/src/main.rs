@@ -15,7 +15,7 @@ use gpuchaos_controller::output::Output;
 #[command(
     name = "gpuchaos",
     version,
-    after_help = "Exit codes: 0 ok, 1 objective failed, 2 aborted, 3 inject failed, 4 revert failed (something may be left behind), 64 invalid input, 69 agent unreachable, 70 internal error"
+    after_help = "Exit codes: 0 ok, 1 objective failed, 2 aborted, 3 inject failed, 4 revert failed (something may be left behind), 64 invalid input, 69 agent unreachable, 70 internal error, 74 state directory or history database unusable"
 )]
 struct Cli {
     /// An agent to talk to (HOST:PORT); repeat for several. Default 127.0.0.1:7070.
@@ -90,6 +90,48 @@ enum Cmd {
         /// Seed for picking agents (default: random; printed and recorded).
         #[arg(long)]
         seed: Option<u64>,
+    },
+    /// Run game days on their schedules; keep their history; offer a page and /metrics.
+    /// SIGINT/SIGTERM stop it: a running game day is interrupted and its faults reverted.
+    Serve {
+        /// A game-day file (repeatable).
+        #[arg(long = "gameday", required = true)]
+        gamedays: Vec<PathBuf>,
+        /// History and reports live here.
+        #[arg(long, env = "GPUCHAOS_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+        /// The page and /metrics.
+        #[arg(long, default_value = "127.0.0.1:9470")]
+        listen: String,
+        /// How notifications link to the page (default: http://LISTEN).
+        #[arg(long)]
+        public_url: Option<String>,
+        /// Also run each game day once now (trigger "manual"), then follow the schedules.
+        #[arg(long)]
+        run_now: bool,
+    },
+    /// Game-day runs, newest first, with pass rates and each objective's trend.
+    History {
+        #[arg(long, env = "GPUCHAOS_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+        /// Only this game day.
+        #[arg(long)]
+        gameday: Option<String>,
+        /// How many runs to list.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Index every run folder again (after the database was lost or damaged).
+        #[arg(long)]
+        rebuild: bool,
+    },
+    /// Regenerate a game-day run's reports (RUN: an id, a unique prefix, `last` or `GAMEDAY:last`).
+    Report {
+        run: String,
+        #[arg(long, env = "GPUCHAOS_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+        /// Write here instead of the run's own folder.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Print the JSON Schema of the experiment format (for editors).
     Schema,
@@ -176,6 +218,56 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
             );
             Ok(exit::OK)
         }
+        Cmd::Serve {
+            gamedays,
+            state_dir,
+            listen,
+            public_url,
+            run_now,
+        } => {
+            let fleet = if cli.agents.is_empty() && cli.fleet.is_none() {
+                Fleet::from_flags(&[], None, tls.clone(), cli.timeout)?
+            } else {
+                fleet()?
+            };
+            commands::serve::run(
+                &fleet,
+                commands::serve::Options {
+                    gamedays,
+                    state_dir: state_dir.unwrap_or_else(commands::serve::default_state_dir),
+                    listen,
+                    public_url,
+                    run_now,
+                },
+            )
+            .await
+        }
+        Cmd::History {
+            state_dir,
+            gameday,
+            limit,
+            rebuild,
+        } => commands::history::run(
+            cli.output,
+            commands::history::Options {
+                state_dir: &state_dir.unwrap_or_else(commands::serve::default_state_dir),
+                gameday: gameday.as_deref(),
+                limit,
+                rebuild,
+            },
+        ),
+        Cmd::Report {
+            run,
+            state_dir,
+            out,
+        } => commands::report::run(
+            cli.output,
+            commands::report::Options {
+                state_dir: &state_dir.unwrap_or_else(commands::serve::default_state_dir),
+                run: &run,
+                out,
+            },
+        ),
         Cmd::Demo => commands::demo::run().await,
         Cmd::Certs {
             out,

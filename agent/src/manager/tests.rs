@@ -180,6 +180,7 @@ async fn inv3_lease_lapse_reverts_and_renewal_keeps() {
         .call(|reply| Command::OpenSession {
             ttl: Duration::from_secs(2),
             holder: "test".into(),
+            lock: String::new(),
             reply,
         })
         .await
@@ -406,6 +407,7 @@ async fn halt_reverts_everything_and_closing_a_session_reverts_its_faults() {
         .call(|reply| Command::OpenSession {
             ttl: Duration::from_secs(30),
             holder: "t".into(),
+            lock: String::new(),
             reply,
         })
         .await
@@ -470,4 +472,49 @@ async fn revert_during_a_terminate_grace_period_stops_it() {
     assert_eq!(signals, vec![(105, 15)], "no SIGKILL after the revert");
     let injected = inject.await.unwrap().unwrap().unwrap();
     assert_eq!(injected.id, f.id);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_lock_is_exclusive_until_closed_or_lapsed() {
+    let r = rig().await;
+    let open = |lock: &str, holder: &str| {
+        let (lock, holder) = (lock.to_string(), holder.to_string());
+        let handle = r.handle.clone();
+        async move {
+            handle
+                .call(|reply| Command::OpenSession {
+                    ttl: Duration::from_secs(2),
+                    holder,
+                    lock,
+                    reply,
+                })
+                .await
+                .unwrap()
+        }
+    };
+    let a = open("gameday:weekly", "controller A").await.unwrap();
+    assert_eq!(a.lock, "gameday:weekly");
+    let err = open("gameday:weekly", "controller B").await.unwrap_err();
+    assert!(matches!(err, AgentError::Locked(_)), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("controller A") && msg.contains(&a.id), "{msg}");
+    // Other locks and unlocked sessions are unaffected.
+    open("gameday:other", "controller B").await.unwrap();
+    open("", "controller B").await.unwrap();
+    // Closing frees it.
+    let id = a.id.clone();
+    r.handle
+        .call(|reply| Command::CloseSession {
+            id,
+            keep_faults: false,
+            reply,
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let b = open("gameday:weekly", "controller B").await.unwrap();
+    // A lapsed lease frees it too, even before the manager collects the session.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let c = open("gameday:weekly", "controller C").await.unwrap();
+    assert_ne!(b.id, c.id);
 }

@@ -109,6 +109,7 @@ pub async fn run(fleet: &Fleet, output: Output, opts: Options<'_>) -> Result<u8,
                     .open_session(pb::OpenSessionRequest {
                         lease_ttl_ms: opts.lease.as_millis() as u64,
                         holder,
+                        lock: String::new(),
                     })
                     .await
                 {

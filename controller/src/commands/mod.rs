@@ -3,9 +3,12 @@
 
 pub mod certs;
 pub mod demo;
+pub mod history;
 pub mod inject;
+pub mod report;
 pub mod revert;
 pub mod run;
+pub mod serve;
 pub mod status;
 pub mod validate;
 

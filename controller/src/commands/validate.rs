@@ -1,4 +1,4 @@
-//! `gpuchaos validate FILE...`: check experiments and fault specs, reporting every
+//! `gpuchaos validate FILE...`: check experiments, game days and fault specs, reporting every
 //! error of every file with file, line, column and field path.
 
 use std::path::PathBuf;
@@ -36,6 +36,42 @@ pub fn run(files: &[PathBuf]) -> Result<u8, CliError> {
                 continue;
             }
         };
+        if crate::gameday::file::looks_like_gameday(&text) {
+            let base = f
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .to_path_buf();
+            match crate::gameday::file::load_str(&text, &f.display().to_string(), f, &base) {
+                Ok(g) => {
+                    let next = g
+                        .schedule
+                        .next_after(jiff::Timestamp::now())
+                        .map(|t| g.schedule.local(t))
+                        .unwrap_or_else(|| "never".into());
+                    println!(
+                        "{}: ok (game day {}: {}, next {}; {} experiment{}, max {}, {} blackout{}, {} notification{})",
+                        f.display(),
+                        g.name,
+                        g.schedule.describe(),
+                        next,
+                        g.experiments.len(),
+                        plural(g.experiments.len()),
+                        humantime::format_duration(g.max_duration),
+                        g.blackouts.len(),
+                        plural(g.blackouts.len()),
+                        g.notify.len(),
+                        plural(g.notify.len())
+                    );
+                }
+                Err(errs) => {
+                    for e in errs {
+                        eprintln!("{e}");
+                    }
+                    code = exit::INVALID_INPUT;
+                }
+            }
+            continue;
+        }
         if is_fault_spec(&text) {
             match parse_specs(&f.display().to_string(), &text) {
                 Ok(specs) => println!(

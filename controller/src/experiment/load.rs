@@ -157,13 +157,7 @@ pub fn load_str(
             "this is a fault spec, not an experiment: use it with `gpuchaos inject -f`, or put it under `method: [{fault: ...}]`".into(),
         )]);
     }
-    let mut cx = Cx {
-        root,
-        file,
-        errors: Vec::new(),
-        index: HashMap::new(),
-        broken_names: BTreeSet::new(),
-    };
+    let mut cx = Cx::new(root, file);
     for (k, _) in entries {
         if !SECTIONS.contains(&k.name.as_str()) {
             let hint = suggest(&k.name, SECTIONS)
@@ -269,7 +263,9 @@ fn levenshtein(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
-struct Cx<'a> {
+/// Typing and locating: turns YAML nodes into typed values, collecting every
+/// error with its line, column and field path.
+pub(crate) struct Cx<'a> {
     root: &'a Node,
     file: &'a str,
     errors: Vec<LoadError>,
@@ -280,8 +276,24 @@ struct Cx<'a> {
     broken_names: BTreeSet<String>,
 }
 
-impl Cx<'_> {
-    fn error(&mut self, path: &FieldPath, message: impl Into<String>) {
+impl<'a> Cx<'a> {
+    pub(crate) fn new(root: &'a Node, file: &'a str) -> Cx<'a> {
+        Cx {
+            root,
+            file,
+            errors: Vec::new(),
+            index: HashMap::new(),
+            broken_names: BTreeSet::new(),
+        }
+    }
+
+    /// The errors so far, in file order.
+    pub(crate) fn into_errors(mut self) -> Vec<LoadError> {
+        self.errors.sort_by_key(|e| (e.line, e.column));
+        self.errors
+    }
+
+    pub(crate) fn error(&mut self, path: &FieldPath, message: impl Into<String>) {
         let loc = self.root.locate(path);
         self.errors.push(LoadError {
             file: self.file.to_string(),
@@ -293,7 +305,7 @@ impl Cx<'_> {
     }
 
     /// Types one node, recording a located error on failure.
-    fn typed<T: DeserializeOwned>(&mut self, node: &Node, at: &FieldPath) -> Option<T> {
+    pub(crate) fn typed<T: DeserializeOwned>(&mut self, node: &Node, at: &FieldPath) -> Option<T> {
         match serde_path_to_error::deserialize::<_, T>(node.to_json()) {
             Ok(v) => Some(v),
             Err(e) => {
@@ -333,12 +345,12 @@ impl Cx<'_> {
         }
     }
 
-    fn section<T: DeserializeOwned>(&mut self, key: &'static str) -> Option<T> {
+    pub(crate) fn section<T: DeserializeOwned>(&mut self, key: &'static str) -> Option<T> {
         let node = self.root.get(key)?;
         self.typed(node, &FieldPath::root().key(key))
     }
 
-    fn list<T: DeserializeOwned>(&mut self, key: &'static str) -> Vec<T> {
+    pub(crate) fn list<T: DeserializeOwned>(&mut self, key: &'static str) -> Vec<T> {
         let Some(node) = self.root.get(key) else {
             self.index.insert(key, Vec::new());
             return Vec::new();

@@ -20,7 +20,7 @@ const AXIS: f64 = 30.0;
 /// The narrowest sample rect, in px, so that a lone sample stays visible.
 const MIN_W: f64 = 1.5;
 
-const CSS: &str = "body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#1f2937}\
+pub(crate) const CSS: &str = "body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#1f2937}\
 h1{margin:0 0 4px;font-size:22px}h2{font-size:17px;margin:28px 0 8px}\
 header{padding:12px 16px;border-radius:6px;border-left:6px solid}\
 .v-ok{background:#ecfdf5;border-color:#16a34a}.v-fail{background:#fef2f2;border-color:#dc2626}\

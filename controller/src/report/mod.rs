@@ -13,6 +13,7 @@ mod table;
 #[cfg(test)]
 mod fixture;
 
+pub(crate) use html::CSS;
 pub use html::html;
 pub use junit::junit;
 pub use markdown::markdown;
@@ -44,7 +45,7 @@ pub fn write_all(record: &RunRecord, dir: &Path) -> io::Result<Vec<PathBuf>> {
 }
 
 /// Writes `NAME.tmp` next to `path`, syncs it, then renames it over `path`.
-fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<PathBuf> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<PathBuf> {
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(".tmp");
     let tmp = path.with_file_name(tmp_name);

@@ -85,6 +85,7 @@ pub async fn open_session(c: &mut Conn, lease: Duration, holder: &str) -> Result
         .open_session(pb::OpenSessionRequest {
             lease_ttl_ms: lease.as_millis() as u64,
             holder: holder.to_string(),
+            lock: String::new(),
         })
         .await
         .map_err(|s| describe_status(&c.agent, &s))?

@@ -1,0 +1,573 @@
+//! One game-day run: the experiments in order, within the maximum duration, under
+//! a lock that no other controller can hold at the same time, recorded before and
+//! after, then notified.
+//!
+//! Two locks keep a game day from running twice at once:
+//! - `STATE/locks/NAME.lock` (flock) for controllers sharing a state directory;
+//! - `gameday:NAME` on every agent the game day touches (a session lock that lapses
+//!   with its lease), for controllers on different machines.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gpuchaos_proto::pb::{self, agent_client::AgentClient};
+use jiff::Timestamp;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use super::clock::WallClock;
+use super::file::{GameDay, OnFailure};
+use super::history::{self, ExperimentOutcome, GamedayRun, HistoryError, ObjectiveOutcome, Store};
+use super::notify;
+use crate::exit;
+use crate::experiment::load;
+use crate::fleet::{AgentRef, Fleet};
+use crate::runner::{self, RunOptions};
+
+/// Lease of the game-day lock sessions; renewed every third of it.
+const LOCK_LEASE: Duration = Duration::from_secs(15);
+
+/// Called with each saved state of a run, and the error if saving it failed.
+pub type OnUpdate = Box<dyn Fn(&GamedayRun, Option<&HistoryError>) + Send + Sync>;
+
+/// What every run needs from `serve`.
+pub struct Ctx {
+    pub store: Arc<Mutex<Store>>,
+    pub cli_fleet: Fleet,
+    pub clock: Arc<dyn WallClock>,
+    pub public_url: Option<String>,
+    /// `HOST pid N`.
+    pub controller: String,
+    /// Called with each saved state of a run (for the page and the metrics).
+    pub on_update: OnUpdate,
+}
+
+/// Why a run did not happen at all (nothing recorded under its id).
+#[derive(Debug)]
+pub enum NotStarted {
+    /// Another controller sharing this state directory holds the game day's lock.
+    LockedLocally(String),
+    /// This slot already has a run folder (it ran before a restart).
+    AlreadyRecorded(String),
+    /// The run could not be recorded, so it was not started.
+    CannotRecord(String),
+}
+
+/// `NAME-YYYYMMDDTHHMMSSZ`.
+pub fn run_id(gameday: &str, at: Timestamp) -> String {
+    format!(
+        "{gameday}-{}",
+        at.to_zoned(jiff::tz::TimeZone::UTC)
+            .strftime("%Y%m%dT%H%M%SZ")
+    )
+}
+
+/// Records a slot that did not run (missed or skipped), and notifies.
+pub async fn record_slot(
+    ctx: &Ctx,
+    gd: &GameDay,
+    slot: Timestamp,
+    missed_slots: u32,
+    verdict: &str,
+    reason: String,
+) -> GamedayRun {
+    let now = ctx.clock.now().as_millisecond();
+    let mut run = GamedayRun {
+        format: history::FORMAT,
+        id: run_id(&gd.name, slot),
+        gameday: gd.name.clone(),
+        file: gd.file.display().to_string(),
+        trigger: "schedule".into(),
+        slot_unix_ms: Some(slot.as_millisecond()),
+        missed_slots,
+        started_unix_ms: now,
+        ended_unix_ms: Some(now),
+        verdict: verdict.into(),
+        exit_code: None,
+        reason: Some(reason),
+        controller: ctx.controller.clone(),
+        experiments: Vec::new(),
+        notifications: Vec::new(),
+    };
+    tracing::warn!(gameday = %gd.name, slot = %slot, "{verdict}: {}", run.reason.as_deref().unwrap_or(""));
+    save(ctx, &run).await;
+    run.notifications = notify::notify_all(gd, &run, ctx.public_url.as_deref()).await;
+    if !run.notifications.is_empty() {
+        save(ctx, &run).await;
+    }
+    run
+}
+
+/// Saves off the runtime's threads (a locked database waits up to 5 s). The error is
+/// logged and passed on; the summary is on disk either way, or the error says not.
+async fn save(ctx: &Ctx, run: &GamedayRun) -> Option<HistoryError> {
+    let store = ctx.store.clone();
+    let r = run.clone();
+    let res = tokio::task::spawn_blocking(move || store.lock().unwrap().save(&r))
+        .await
+        .unwrap_or_else(|e| {
+            Err(HistoryError {
+                kind: history::HistoryErrorKind::Io,
+                message: format!("saving panicked: {e}"),
+            })
+        });
+    let err = res.err();
+    if let Some(e) = &err {
+        tracing::error!(run = %run.id, "history: {e}");
+    }
+    (ctx.on_update)(run, err.as_ref());
+    err
+}
+
+/// Runs the game day once. `stop` ends it early (serve is stopping): the current
+/// experiment is interrupted, which reverts its faults.
+pub async fn execute(
+    ctx: &Ctx,
+    gd: &GameDay,
+    slot: Option<Timestamp>,
+    trigger: &str,
+    stop: CancellationToken,
+) -> Result<GamedayRun, NotStarted> {
+    let started = ctx.clock.now();
+    let id = run_id(&gd.name, slot.unwrap_or(started));
+    let (run_dir, locks_dir) = {
+        let s = ctx.store.lock().unwrap();
+        (s.run_dir(&id), s.dir.join("locks"))
+    };
+    let _flock = lock_locally(&locks_dir, &gd.name)?;
+    if run_dir.join("run.json").exists() {
+        return Err(NotStarted::AlreadyRecorded(format!(
+            "run {id} is already recorded in {}",
+            run_dir.display()
+        )));
+    }
+    let mut run = GamedayRun {
+        format: history::FORMAT,
+        id: id.clone(),
+        gameday: gd.name.clone(),
+        file: gd.file.display().to_string(),
+        trigger: trigger.into(),
+        slot_unix_ms: slot.map(|s| s.as_millisecond()),
+        missed_slots: 0,
+        started_unix_ms: started.as_millisecond(),
+        ended_unix_ms: None,
+        verdict: "running".into(),
+        exit_code: None,
+        reason: None,
+        controller: ctx.controller.clone(),
+        experiments: Vec::new(),
+        notifications: Vec::new(),
+    };
+    if let Some(e) = save(ctx, &run).await
+        && e.kind == history::HistoryErrorKind::Io
+        && !run_dir.join("run.json").exists()
+    {
+        return Err(NotStarted::CannotRecord(e.message));
+    }
+    tracing::info!(gameday = %gd.name, run = %id, trigger, "game day starting");
+
+    // Load every experiment first: the lock covers all their agents.
+    let mut loaded = Vec::new();
+    for (i, path) in gd.experiments.iter().enumerate() {
+        loaded.push((i, path, load::load_file(path)));
+    }
+    let mut lock_targets: BTreeMap<String, (Fleet, AgentRef)> = BTreeMap::new();
+    for (_, _, l) in &loaded {
+        if let Ok(l) = l {
+            let fleet = runner::fleet_for(l, &ctx.cli_fleet);
+            for a in &fleet.agents {
+                lock_targets
+                    .entry(a.address.clone())
+                    .or_insert_with(|| (fleet.clone(), a.clone()));
+            }
+        }
+    }
+    let holder = format!(
+        "gpuchaos serve: game day {} run {id} ({})",
+        gd.name, ctx.controller
+    );
+    let lock_name = format!("gameday:{}", gd.name);
+    let (sessions, refused) = open_lock_sessions(&lock_targets, &holder, &lock_name).await;
+    if let Some(why) = refused {
+        close_lock_sessions(sessions).await;
+        run.verdict = "skipped".into();
+        run.reason = Some(format!(
+            "game day {} is already running from another controller: {why}",
+            gd.name
+        ));
+        return Ok(finish(ctx, gd, run).await);
+    }
+    let renew_stop = CancellationToken::new();
+    let renewer = spawn_renewals(&sessions, renew_stop.clone());
+
+    // The run's interrupt: serve stopping, or the maximum duration reached.
+    let interrupt = CancellationToken::new();
+    let reason = Arc::new(Mutex::new(String::new()));
+    let watchdog = {
+        let interrupt = interrupt.clone();
+        let reason = reason.clone();
+        let stop = stop.clone();
+        let max = gd.max_duration;
+        tokio::spawn(async move {
+            let why = tokio::select! {
+                _ = stop.cancelled() => "gpuchaos serve is stopping".to_string(),
+                _ = tokio::time::sleep(max) => format!(
+                    "the game day ran past its max_duration of {}", humantime::format_duration(max)
+                ),
+            };
+            *reason.lock().unwrap() = why;
+            interrupt.cancel();
+        })
+    };
+
+    let mut stop_reason: Option<String> = None;
+    for (i, path, l) in loaded {
+        let seq = i as u32 + 1;
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| format!("experiment{seq}"));
+        let mut out = ExperimentOutcome {
+            seq,
+            name: stem.clone(),
+            file: path.display().to_string(),
+            ..Default::default()
+        };
+        if let Some(why) = &stop_reason {
+            out.verdict = "not-run".into();
+            out.reason = Some(why.clone());
+            run.experiments.push(out);
+            continue;
+        }
+        let t0 = std::time::Instant::now();
+        match l {
+            Err(errs) => {
+                out.verdict = "error".into();
+                out.exit_code = Some(exit::INVALID_INPUT);
+                out.reason = Some(format!(
+                    "the experiment no longer loads: {}",
+                    errs.iter()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ));
+            }
+            Ok(l) => {
+                out.name = l.experiment.metadata.name.clone();
+                let rel = format!("{seq:02}-{}", sanitize(&out.name));
+                let opts = RunOptions {
+                    file: path.display().to_string(),
+                    report_dir: Some(run_dir.join(&rel)),
+                    cli_fleet: ctx.cli_fleet.clone(),
+                    interrupt: interrupt.child_token(),
+                    interrupt_reason: reason.clone(),
+                    run_seed: None,
+                };
+                run.experiments.push(ExperimentOutcome {
+                    verdict: "running".into(),
+                    ..out.clone()
+                });
+                (ctx.on_update)(&run, None);
+                run.experiments.pop();
+                match runner::run(&l, &opts).await {
+                    Ok((record, code)) => {
+                        out.verdict = record.verdict.clone();
+                        out.exit_code = Some(code);
+                        out.reason = record.reason.clone();
+                        out.report_dir = Some(rel);
+                        out.objectives = record
+                            .objectives
+                            .iter()
+                            .map(|o| ObjectiveOutcome {
+                                name: o.name.clone(),
+                                kind: o.kind.clone(),
+                                unit: o.unit.clone(),
+                                measured: o.median,
+                                limit: o.limit_text.clone(),
+                                passed: o.passed,
+                            })
+                            .collect();
+                    }
+                    Err(e) => {
+                        out.verdict = "error".into();
+                        out.exit_code = Some(e.code);
+                        out.reason = Some(e.message);
+                    }
+                }
+            }
+        }
+        out.duration_ms = t0.elapsed().as_millis() as u64;
+        if interrupt.is_cancelled() {
+            stop_reason = Some(reason.lock().unwrap().clone());
+        } else if matches!(out.verdict.as_str(), "aborted" | "revert-failed") {
+            stop_reason = Some(format!(
+                "not run: experiment {} ended {} (the game day stops after an abort or a failed revert)",
+                out.name, out.verdict
+            ));
+        } else if gd.on_failure == OnFailure::Stop && out.verdict != "passed" {
+            stop_reason = Some(format!(
+                "not run: experiment {} did not pass and on_failure is stop",
+                out.name
+            ));
+        }
+        run.experiments.push(out);
+        save(ctx, &run).await;
+    }
+    watchdog.abort();
+    renew_stop.cancel();
+    let _ = renewer.await;
+    close_lock_sessions(sessions).await;
+
+    let (verdict, code) = overall(&run.experiments);
+    run.verdict = verdict;
+    run.exit_code = Some(code);
+    if interrupt.is_cancelled() {
+        run.verdict = if run.verdict == "revert-failed" {
+            run.verdict.clone()
+        } else {
+            "aborted".into()
+        };
+        run.exit_code = Some(code.max(exit::ABORTED));
+        run.reason = Some(reason.lock().unwrap().clone());
+    } else if run.verdict != "passed" {
+        let first = run
+            .experiments
+            .iter()
+            .find(|e| e.verdict != "passed" && e.verdict != "not-run");
+        run.reason = first.map(|e| {
+            format!(
+                "{}: {}{}",
+                e.name,
+                e.verdict,
+                e.reason
+                    .as_ref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            )
+        });
+    }
+    Ok(finish(ctx, gd, run).await)
+}
+
+async fn finish(ctx: &Ctx, gd: &GameDay, mut run: GamedayRun) -> GamedayRun {
+    run.ended_unix_ms = Some(ctx.clock.now().as_millisecond());
+    if run.exit_code.is_none() && run.verdict == "skipped" {
+        run.exit_code = None;
+    }
+    save(ctx, &run).await;
+    tracing::info!(gameday = %gd.name, run = %run.id, verdict = %run.verdict, "game day ended");
+    run.notifications = notify::notify_all(gd, &run, ctx.public_url.as_deref()).await;
+    if !run.notifications.is_empty() {
+        save(ctx, &run).await;
+    }
+    run
+}
+
+/// The game day's verdict and exit code: the most serious of its experiments'.
+pub fn overall(exps: &[ExperimentOutcome]) -> (String, u8) {
+    fn rank(verdict: &str) -> u8 {
+        match verdict {
+            "passed" | "not-run" => 0,
+            "failed" => 1,
+            "inject-failed" => 2,
+            "aborted" => 3,
+            "error" => 4,
+            _ => 5, // revert-failed: something may be left behind
+        }
+    }
+    let worst = exps
+        .iter()
+        .filter(|e| e.verdict != "not-run")
+        .max_by_key(|e| rank(&e.verdict));
+    match worst {
+        Some(e) if rank(&e.verdict) > 0 => {
+            (e.verdict.clone(), e.exit_code.unwrap_or(exit::INTERNAL))
+        }
+        Some(_) => ("passed".into(), exit::OK),
+        None => ("error".into(), exit::INTERNAL),
+    }
+}
+
+/// Folder-safe experiment name.
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn lock_locally(dir: &Path, name: &str) -> Result<nix::fcntl::Flock<File>, NotStarted> {
+    let path: PathBuf = dir.join(format!("{name}.lock"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .read(true)
+        .open(&path)
+        .map_err(|e| NotStarted::CannotRecord(format!("cannot open {}: {e}", path.display())))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(mut l) => {
+            use std::io::{Seek, Write};
+            let _ = l.set_len(0);
+            let _ = l.seek(std::io::SeekFrom::Start(0));
+            let _ = writeln!(l, "pid {}", std::process::id());
+            Ok(l)
+        }
+        Err((_, e)) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            Err(NotStarted::LockedLocally(format!(
+                "another gpuchaos on this machine is running game day {name} ({}; lock file {}): {e}",
+                holder.trim(),
+                path.display()
+            )))
+        }
+    }
+}
+
+type LockSession = (AgentRef, AgentClient<Channel>, String);
+
+/// Opens a lock session on each agent. Returns the sessions and, when an agent says
+/// another controller holds the lock, why. An unreachable agent is logged and left
+/// out: the experiment that needs it will fail on its own, with its own error.
+async fn open_lock_sessions(
+    targets: &BTreeMap<String, (Fleet, AgentRef)>,
+    holder: &str,
+    lock: &str,
+) -> (Vec<LockSession>, Option<String>) {
+    let mut sessions = Vec::new();
+    for (fleet, agent) in targets.values() {
+        let mut client = match fleet.client(agent) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(agent = %agent.display(), "no game-day lock on this agent: {}", e.message);
+                continue;
+            }
+        };
+        let r = client
+            .open_session(pb::OpenSessionRequest {
+                lease_ttl_ms: LOCK_LEASE.as_millis() as u64,
+                holder: holder.to_string(),
+                lock: lock.to_string(),
+            })
+            .await;
+        match r {
+            Ok(s) => sessions.push((agent.clone(), client, s.into_inner().id)),
+            Err(s) if s.code() == tonic::Code::Aborted => {
+                return (
+                    sessions,
+                    Some(format!("agent {} says: {}", agent.display(), s.message())),
+                );
+            }
+            Err(s) => {
+                tracing::warn!(agent = %agent.display(), "no game-day lock on this agent: {}", s.message());
+            }
+        }
+    }
+    (sessions, None)
+}
+
+fn spawn_renewals(
+    sessions: &[LockSession],
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let sessions: Vec<LockSession> = sessions.to_vec();
+    tokio::spawn(async move {
+        let mut sessions = sessions;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(LOCK_LEASE / 3) => {}
+            }
+            for (agent, client, id) in sessions.iter_mut() {
+                let r = tokio::time::timeout(
+                    LOCK_LEASE / 3,
+                    client.renew_session(pb::RenewSessionRequest {
+                        session_id: id.clone(),
+                    }),
+                )
+                .await;
+                if !matches!(r, Ok(Ok(_))) {
+                    tracing::warn!(agent = %agent.display(), "could not renew the game-day lock; it lapses if this lasts");
+                }
+            }
+        }
+    })
+}
+
+async fn close_lock_sessions(sessions: Vec<LockSession>) {
+    for (_, mut client, id) in sessions {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.close_session(pb::CloseSessionRequest {
+                session_id: id,
+                keep_faults: false,
+            }),
+        )
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(verdict: &str, code: u8) -> ExperimentOutcome {
+        ExperimentOutcome {
+            verdict: verdict.into(),
+            exit_code: Some(code),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_most_serious_outcome_wins() {
+        assert_eq!(
+            overall(&[e("passed", 0), e("passed", 0)]),
+            ("passed".into(), 0)
+        );
+        assert_eq!(
+            overall(&[e("failed", 1), e("passed", 0)]),
+            ("failed".into(), 1)
+        );
+        assert_eq!(
+            overall(&[e("failed", 1), e("revert-failed", 4), e("aborted", 2)]),
+            ("revert-failed".into(), 4)
+        );
+        assert_eq!(
+            overall(&[e("error", 64), e("failed", 1)]),
+            ("error".into(), 64)
+        );
+        assert_eq!(
+            overall(&[e("passed", 0), e("not-run", 0)]),
+            ("passed".into(), 0)
+        );
+    }
+
+    #[test]
+    fn run_ids_are_the_slot_in_utc() {
+        let t: Timestamp = "2026-03-08T07:00:00Z".parse().unwrap();
+        assert_eq!(run_id("weekly", t), "weekly-20260308T070000Z");
+    }
+
+    #[test]
+    fn the_local_lock_is_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock_locally(dir.path(), "w").unwrap();
+        match lock_locally(dir.path(), "w") {
+            Err(NotStarted::LockedLocally(m)) => {
+                assert!(m.contains(&format!("pid {}", std::process::id())), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(held);
+        lock_locally(dir.path(), "w").unwrap();
+    }
+}
