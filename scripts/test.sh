@@ -19,6 +19,10 @@ command -v tc >/dev/null || need_pkgs+=(iproute2)
 command -v nsenter >/dev/null || need_pkgs+=(util-linux)
 # HTTP/2 and metrics checks in the guardrail tests.
 command -v curl >/dev/null || need_pkgs+=(curl)
+# The serve page is checked in a real headless browser; the locked-history test
+# holds SQLite's lock from Python's sqlite3.
+command -v chromium >/dev/null || need_pkgs+=(chromium)
+command -v python3 >/dev/null || need_pkgs+=(python3)
 if ((${#need_pkgs[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "missing ${need_pkgs[*]}: install them (as root: apt-get install ${need_pkgs[*]})" >&2
@@ -38,6 +42,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo build --workspace (the end-to-end tests run these binaries)"
 cargo build --workspace --locked
 echo "== gpuchaos validate experiments/"
-./target/debug/gpuchaos validate experiments/*.yaml experiments/specs/*.yaml experiments/refstack/*.yaml
+./target/debug/gpuchaos validate experiments/*.yaml experiments/specs/*.yaml experiments/refstack/*.yaml experiments/gamedays/*.yaml
 echo "== tests"
 cargo nextest run --workspace --locked --no-fail-fast

@@ -295,6 +295,14 @@ pub async fn run(cli_fleet: &Fleet, opts: Options) -> Result<u8, CliError> {
             store.runs_dir().display()
         );
     }
+    let left = live.left_behind.lock().unwrap().clone();
+    if !left.is_empty() {
+        eprintln!(
+            "gpuchaos serve: stopped; {} could not revert every fault: something may be left behind (see their reports: `gpuchaos history`)",
+            left.join(", ")
+        );
+        return Ok(exit::REVERT_FAILED);
+    }
     eprintln!("gpuchaos serve: stopped");
     Ok(exit::OK)
 }

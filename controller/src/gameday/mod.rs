@@ -36,6 +36,8 @@ pub struct Live {
     /// The last history error, if the latest save failed.
     pub history_error: Mutex<Option<String>>,
     pub started: Timestamp,
+    /// Runs that could not revert everything (something may be left behind).
+    pub left_behind: Mutex<Vec<String>>,
     metrics: Metrics,
     counted: Mutex<HashSet<String>>,
 }
@@ -136,6 +138,7 @@ impl Live {
             running: Mutex::new(BTreeMap::new()),
             history_error: Mutex::new(None),
             started,
+            left_behind: Mutex::new(Vec::new()),
             metrics,
             counted: Mutex::new(HashSet::new()),
         }
@@ -168,6 +171,9 @@ impl Live {
         }
         if !self.counted.lock().unwrap().insert(run.id.clone()) {
             return; // saved again, with its notifications
+        }
+        if run.verdict == "revert-failed" {
+            self.left_behind.lock().unwrap().push(run.id.clone());
         }
         let mut l = gl.clone();
         l.push(("verdict".into(), run.verdict.clone()));
