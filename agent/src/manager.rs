@@ -593,12 +593,14 @@ impl Manager {
                 let _ = reply.send(res);
             }
             Command::RenewSession { id, reply } => {
+                // A lease that ran out is over even before the timer collects the
+                // session: renewing it could hand its lock to two holders.
                 let res = match self.sessions.get_mut(&id) {
-                    Some(s) => {
+                    Some(s) if s.expires > Instant::now() => {
                         s.expires = Instant::now() + s.ttl;
                         Ok(session_pb(&id, s))
                     }
-                    None => Err(AgentError::SessionNotFound(id)),
+                    _ => Err(AgentError::SessionNotFound(id)),
                 };
                 let _ = reply.send(res);
             }

@@ -590,7 +590,9 @@ fn two_controllers_never_run_the_same_game_day_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(&dir.path().join("agent"));
     let target = Target::spawn();
-    let exp = experiment(dir.path(), &agent, &target, "3s");
+    // Long enough that the second controller, started a moment later, reaches the
+    // slot while the first still runs.
+    let exp = experiment(dir.path(), &agent, &target, "8s");
     let gd = gameday_file(dir.path(), &exp, "", "");
     // Two controllers, two machines' worth of state, one agent.
     let (sa, sb) = (dir.path().join("a"), dir.path().join("b"));

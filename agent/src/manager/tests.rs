@@ -513,8 +513,18 @@ async fn a_session_lock_is_exclusive_until_closed_or_lapsed() {
         .unwrap()
         .unwrap();
     let b = open("gameday:weekly", "controller B").await.unwrap();
-    // A lapsed lease frees it too, even before the manager collects the session.
+    assert!(open("gameday:weekly", "controller C").await.is_err());
+    // A lapsed lease frees it too, and the lapsed session cannot be renewed.
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let c = open("gameday:weekly", "controller C").await.unwrap();
-    assert_ne!(b.id, c.id);
+    open("gameday:weekly", "controller C").await.unwrap();
+    let id = b.id.clone();
+    let renewed = r
+        .handle
+        .call(|reply| Command::RenewSession { id, reply })
+        .await
+        .unwrap();
+    assert!(
+        matches!(renewed, Err(AgentError::SessionNotFound(_))),
+        "{renewed:?}"
+    );
 }

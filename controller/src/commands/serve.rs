@@ -49,8 +49,6 @@ pub fn controller_id() -> String {
 /// Runs recorded as running by a controller that is gone end as `interrupted`:
 /// the agents reverted their faults when the lease lapsed.
 fn close_orphans(store: &Store, now_ms: i64) -> Result<usize, HistoryError> {
-    let me = controller_id();
-    let host = me.split(" pid ").next().unwrap_or("").to_string();
     let mut n = 0;
     let Ok(rd) = std::fs::read_dir(store.runs_dir()) else {
         return Ok(0);
@@ -62,18 +60,11 @@ fn close_orphans(store: &Store, now_ms: i64) -> Result<usize, HistoryError> {
         if !run.is_running() {
             continue;
         }
-        let (h, pid) = run
-            .controller
-            .split_once(" pid ")
-            .map(|(h, p)| (h.to_string(), p.parse::<i32>().unwrap_or(0)))
-            .unwrap_or_default();
-        let alive = h == host
-            && pid > 0
-            && pid as u32 != std::process::id()
-            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
-        if alive {
+        // A live controller holds the game day's lock for the whole run: if we
+        // can take it, the one that recorded `running` is gone.
+        let Ok(_flock) = exec::lock_locally(&store.dir.join("locks"), &run.gameday) else {
             continue;
-        }
+        };
         run.verdict = "interrupted".into();
         run.exit_code = Some(exit::ABORTED);
         run.ended_unix_ms = Some(now_ms);
@@ -88,6 +79,7 @@ fn close_orphans(store: &Store, now_ms: i64) -> Result<usize, HistoryError> {
         {
             e.verdict = "interrupted".into();
         }
+        run.revision += 1;
         store.save(&run)?;
         n += 1;
     }
@@ -158,17 +150,21 @@ pub async fn run(cli_fleet: &Fleet, opts: Options) -> Result<u8, CliError> {
         .clone()
         .unwrap_or_else(|| format!("http://{addr}"));
 
+    let runs_dir = store.runs_dir();
+    let locks_dir = store.dir.join("locks");
     let store = Arc::new(Mutex::new(store));
     let live = Arc::new(Live::new(gamedays.clone(), clock.now()));
     let ctx = Arc::new(exec::Ctx {
         store: store.clone(),
+        runs_dir: runs_dir.clone(),
+        locks_dir,
         cli_fleet: cli_fleet.clone(),
         clock: clock.clone(),
         public_url: Some(public_url.clone()),
         controller: controller_id(),
         on_update: {
             let live = live.clone();
-            Box::new(move |run, err| live.update(run, err))
+            Box::new(move |run, saved| live.update(run, saved))
         },
     });
     let executor = Arc::new(ServeExecutor {
@@ -182,6 +178,7 @@ pub async fn run(cli_fleet: &Fleet, opts: Options) -> Result<u8, CliError> {
         Arc::new(web::Web {
             live: live.clone(),
             store: store.clone(),
+            runs_dir,
         }),
         web_stop.clone(),
     ));
@@ -211,16 +208,8 @@ pub async fn run(cli_fleet: &Fleet, opts: Options) -> Result<u8, CliError> {
             executor.clone(),
             stop.clone(),
             live.next.clone(),
+            opts.run_now,
         )));
-        if opts.run_now {
-            let (ctx, g, stop, live) = (ctx.clone(), g.clone(), stop.clone(), live.clone());
-            loops.push(tokio::spawn(async move {
-                match exec::execute(&ctx, &g, None, "manual", stop).await {
-                    Ok(run) => live.notified(&run),
-                    Err(e) => tracing::warn!(gameday = %g.name, "--run-now: not started: {e:?}"),
-                }
-            }));
-        }
     }
     // Results that could not reach the index are retried every 30 s.
     let retry = {
@@ -294,6 +283,18 @@ pub async fn run(cli_fleet: &Fleet, opts: Options) -> Result<u8, CliError> {
             store.db_path.display(),
             store.runs_dir().display()
         );
+    }
+    let unsaved = live.unsaved.lock().unwrap().clone();
+    if !unsaved.is_empty() {
+        eprintln!(
+            "gpuchaos serve: {} run result{} could not be written to the state directory; here they are in full:",
+            unsaved.len(),
+            if unsaved.len() == 1 { "" } else { "s" }
+        );
+        for run in unsaved.values() {
+            eprintln!("{}", serde_json::to_string(run).unwrap_or_default());
+        }
+        return Ok(exit::IO_ERROR);
     }
     let left = live.left_behind.lock().unwrap().clone();
     if !left.is_empty() {

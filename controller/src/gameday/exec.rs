@@ -30,12 +30,24 @@ use crate::runner::{self, RunOptions};
 /// Lease of the game-day lock sessions; renewed every third of it.
 const LOCK_LEASE: Duration = Duration::from_secs(15);
 
-/// Called with each saved state of a run, and the error if saving it failed.
-pub type OnUpdate = Box<dyn Fn(&GamedayRun, Option<&HistoryError>) + Send + Sync>;
+/// What became of a run's latest state.
+#[derive(Debug, Clone, Copy)]
+pub enum Saved<'a> {
+    Ok,
+    Failed(&'a HistoryError),
+    /// Progress only (an experiment started): nothing was written.
+    NotYet,
+}
+
+/// Called with each state of a run.
+pub type OnUpdate = Box<dyn Fn(&GamedayRun, Saved<'_>) + Send + Sync>;
 
 /// What every run needs from `serve`.
 pub struct Ctx {
     pub store: Arc<Mutex<Store>>,
+    /// `STATE/runs` and `STATE/locks` (known without taking the store's lock).
+    pub runs_dir: PathBuf,
+    pub locks_dir: PathBuf,
     pub cli_fleet: Fleet,
     pub clock: Arc<dyn WallClock>,
     pub public_url: Option<String>,
@@ -65,7 +77,8 @@ pub fn run_id(gameday: &str, at: Timestamp) -> String {
     )
 }
 
-/// Records a slot that did not run (missed or skipped), and notifies.
+/// Records a slot that did not run (missed or skipped). None when the slot already
+/// has an entry (another controller sharing the state directory ran it).
 pub async fn record_slot(
     ctx: &Ctx,
     gd: &GameDay,
@@ -73,16 +86,22 @@ pub async fn record_slot(
     missed_slots: u32,
     verdict: &str,
     reason: String,
-) -> GamedayRun {
+) -> Option<GamedayRun> {
+    let id = run_id(&gd.name, slot);
+    if let Err(m) = claim(&ctx.runs_dir.join(&id)) {
+        tracing::info!(gameday = %gd.name, "slot not recorded as {verdict}: {m}");
+        return None;
+    }
     let now = ctx.clock.now().as_millisecond();
     let mut run = GamedayRun {
         format: history::FORMAT,
-        id: run_id(&gd.name, slot),
+        id,
         gameday: gd.name.clone(),
         file: gd.file.display().to_string(),
         trigger: "schedule".into(),
         slot_unix_ms: Some(slot.as_millisecond()),
         missed_slots,
+        revision: 0,
         started_unix_ms: now,
         ended_unix_ms: Some(now),
         verdict: verdict.into(),
@@ -93,17 +112,22 @@ pub async fn record_slot(
         notifications: Vec::new(),
     };
     tracing::warn!(gameday = %gd.name, slot = %slot, "{verdict}: {}", run.reason.as_deref().unwrap_or(""));
-    save(ctx, &run).await;
-    run.notifications = notify::notify_all(gd, &run, ctx.public_url.as_deref()).await;
+    save(ctx, &mut run).await;
+    Some(run)
+}
+
+/// Sends the run's notifications and records their outcome.
+pub async fn notify(ctx: &Ctx, gd: &GameDay, run: &mut GamedayRun) {
+    run.notifications = notify::notify_all(gd, run, ctx.public_url.as_deref()).await;
     if !run.notifications.is_empty() {
-        save(ctx, &run).await;
+        save(ctx, run).await;
     }
-    run
 }
 
 /// Saves off the runtime's threads (a locked database waits up to 5 s). The error is
 /// logged and passed on; the summary is on disk either way, or the error says not.
-async fn save(ctx: &Ctx, run: &GamedayRun) -> Option<HistoryError> {
+async fn save(ctx: &Ctx, run: &mut GamedayRun) -> Option<HistoryError> {
+    run.revision += 1;
     let store = ctx.store.clone();
     let r = run.clone();
     let res = tokio::task::spawn_blocking(move || store.lock().unwrap().save(&r))
@@ -118,7 +142,7 @@ async fn save(ctx: &Ctx, run: &GamedayRun) -> Option<HistoryError> {
     if let Some(e) = &err {
         tracing::error!(run = %run.id, "history: {e}");
     }
-    (ctx.on_update)(run, err.as_ref());
+    (ctx.on_update)(run, err.as_ref().map_or(Saved::Ok, Saved::Failed));
     err
 }
 
@@ -133,17 +157,9 @@ pub async fn execute(
 ) -> Result<GamedayRun, NotStarted> {
     let started = ctx.clock.now();
     let id = run_id(&gd.name, slot.unwrap_or(started));
-    let (run_dir, locks_dir) = {
-        let s = ctx.store.lock().unwrap();
-        (s.run_dir(&id), s.dir.join("locks"))
-    };
-    let _flock = lock_locally(&locks_dir, &gd.name)?;
-    if run_dir.join("run.json").exists() {
-        return Err(NotStarted::AlreadyRecorded(format!(
-            "run {id} is already recorded in {}",
-            run_dir.display()
-        )));
-    }
+    let run_dir = ctx.runs_dir.join(&id);
+    let _flock = lock_locally(&ctx.locks_dir, &gd.name)?;
+    claim(&run_dir).map_err(NotStarted::AlreadyRecorded)?;
     let mut run = GamedayRun {
         format: history::FORMAT,
         id: id.clone(),
@@ -152,6 +168,7 @@ pub async fn execute(
         trigger: trigger.into(),
         slot_unix_ms: slot.map(|s| s.as_millisecond()),
         missed_slots: 0,
+        revision: 0,
         started_unix_ms: started.as_millisecond(),
         ended_unix_ms: None,
         verdict: "running".into(),
@@ -161,7 +178,7 @@ pub async fn execute(
         experiments: Vec::new(),
         notifications: Vec::new(),
     };
-    if let Some(e) = save(ctx, &run).await
+    if let Some(e) = save(ctx, &mut run).await
         && e.kind == history::HistoryErrorKind::Io
         && !run_dir.join("run.json").exists()
     {
@@ -200,12 +217,17 @@ pub async fn execute(
         ));
         return Ok(finish(ctx, gd, run).await);
     }
-    let renew_stop = CancellationToken::new();
-    let renewer = spawn_renewals(&sessions, renew_stop.clone());
-
-    // The run's interrupt: serve stopping, or the maximum duration reached.
+    // The run's interrupt: serve stopping, the maximum duration reached, or the
+    // game-day lock lost on an agent.
     let interrupt = CancellationToken::new();
     let reason = Arc::new(Mutex::new(String::new()));
+    let renew_stop = CancellationToken::new();
+    let renewer = spawn_renewals(
+        &sessions,
+        renew_stop.clone(),
+        interrupt.clone(),
+        reason.clone(),
+    );
     let watchdog = {
         let interrupt = interrupt.clone();
         let reason = reason.clone();
@@ -218,7 +240,11 @@ pub async fn execute(
                     "the game day ran past its max_duration of {}", humantime::format_duration(max)
                 ),
             };
-            *reason.lock().unwrap() = why;
+            let mut r = reason.lock().unwrap();
+            if r.is_empty() {
+                *r = why;
+            }
+            drop(r);
             interrupt.cancel();
         })
     };
@@ -270,7 +296,7 @@ pub async fn execute(
                     verdict: "running".into(),
                     ..out.clone()
                 });
-                (ctx.on_update)(&run, None);
+                (ctx.on_update)(&run, Saved::NotYet);
                 run.experiments.pop();
                 match runner::run(&l, &opts).await {
                     Ok((record, code)) => {
@@ -314,7 +340,7 @@ pub async fn execute(
             ));
         }
         run.experiments.push(out);
-        save(ctx, &run).await;
+        save(ctx, &mut run).await;
     }
     watchdog.abort();
     renew_stop.cancel();
@@ -357,12 +383,9 @@ async fn finish(ctx: &Ctx, gd: &GameDay, mut run: GamedayRun) -> GamedayRun {
     if run.exit_code.is_none() && run.verdict == "skipped" {
         run.exit_code = None;
     }
-    save(ctx, &run).await;
+    save(ctx, &mut run).await;
     tracing::info!(gameday = %gd.name, run = %run.id, verdict = %run.verdict, "game day ended");
-    run.notifications = notify::notify_all(gd, &run, ctx.public_url.as_deref()).await;
-    if !run.notifications.is_empty() {
-        save(ctx, &run).await;
-    }
+    notify(ctx, gd, &mut run).await;
     run
 }
 
@@ -391,6 +414,18 @@ pub fn overall(exps: &[ExperimentOutcome]) -> (String, u8) {
     }
 }
 
+/// Creates the run's folder: whoever creates it owns the id (controllers sharing a
+/// state directory never write over each other's entry for a slot).
+fn claim(dir: &Path) -> Result<(), String> {
+    match std::fs::create_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Err(format!("{} is already recorded", dir.display()))
+        }
+        Err(e) => Err(format!("cannot create {}: {e}", dir.display())),
+    }
+}
+
 /// Folder-safe experiment name.
 fn sanitize(name: &str) -> String {
     name.chars()
@@ -404,7 +439,7 @@ fn sanitize(name: &str) -> String {
         .collect()
 }
 
-fn lock_locally(dir: &Path, name: &str) -> Result<nix::fcntl::Flock<File>, NotStarted> {
+pub fn lock_locally(dir: &Path, name: &str) -> Result<nix::fcntl::Flock<File>, NotStarted> {
     let path: PathBuf = dir.join(format!("{name}.lock"));
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -474,28 +509,55 @@ async fn open_lock_sessions(
     (sessions, None)
 }
 
+/// Renews every lock session a third of the lease apart, all agents at once. A lock
+/// an agent no longer knows (the lease lapsed: another controller may hold it now)
+/// interrupts the run.
 fn spawn_renewals(
     sessions: &[LockSession],
     stop: CancellationToken,
+    interrupt: CancellationToken,
+    reason: Arc<Mutex<String>>,
 ) -> tokio::task::JoinHandle<()> {
     let sessions: Vec<LockSession> = sessions.to_vec();
     tokio::spawn(async move {
-        let mut sessions = sessions;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(LOCK_LEASE / 3) => {}
             }
-            for (agent, client, id) in sessions.iter_mut() {
-                let r = tokio::time::timeout(
-                    LOCK_LEASE / 3,
-                    client.renew_session(pb::RenewSessionRequest {
-                        session_id: id.clone(),
-                    }),
-                )
-                .await;
-                if !matches!(r, Ok(Ok(_))) {
-                    tracing::warn!(agent = %agent.display(), "could not renew the game-day lock; it lapses if this lasts");
+            let results = crate::commands::join_all(sessions.iter().map(|(_, client, id)| {
+                let mut client = client.clone();
+                let id = id.clone();
+                async move {
+                    tokio::time::timeout(
+                        LOCK_LEASE / 3,
+                        client.renew_session(pb::RenewSessionRequest { session_id: id }),
+                    )
+                    .await
+                }
+            }))
+            .await;
+            for ((agent, _, _), r) in sessions.iter().zip(results) {
+                match r {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(s)) if s.code() == tonic::Code::NotFound => {
+                        let why = format!(
+                            "the game-day lock on agent {} lapsed (another controller could now run this game day)",
+                            agent.display()
+                        );
+                        tracing::error!("{why}");
+                        let mut r = reason.lock().unwrap();
+                        if r.is_empty() {
+                            *r = why;
+                        }
+                        drop(r);
+                        interrupt.cancel();
+                        return;
+                    }
+                    _ => tracing::warn!(
+                        agent = %agent.display(),
+                        "could not renew the game-day lock; it lapses if this lasts"
+                    ),
                 }
             }
         }

@@ -310,6 +310,12 @@ pub fn load_str(
         .start_deadline
         .map(|d| d.0)
         .unwrap_or(DEFAULT_START_DEADLINE);
+    if start_deadline < std::time::Duration::from_secs(1) {
+        cx.error(
+            &at("start_deadline"),
+            "must be at least 1s (a slot is never started at its exact instant)",
+        );
+    }
     let mut blackouts = Vec::new();
     for (i, b) in raw.blackouts.iter().enumerate() {
         let here = at("blackouts").index(i);

@@ -44,6 +44,9 @@ pub struct GamedayRun {
     /// For `missed`: how many slots this row stands for.
     #[serde(default)]
     pub missed_slots: u32,
+    /// Bumped at every save: the index never takes an older state over a newer one.
+    #[serde(default)]
+    pub revision: u64,
     pub started_unix_ms: i64,
     pub ended_unix_ms: Option<i64>,
     /// running | passed | failed | aborted | inject-failed | revert-failed | error |
@@ -212,6 +215,7 @@ impl Store {
                     ended_unix_ms INTEGER,
                     verdict TEXT NOT NULL,
                     exit_code INTEGER,
+                    revision INTEGER NOT NULL DEFAULT 0,
                     summary TEXT NOT NULL
                  );
                  CREATE INDEX IF NOT EXISTS runs_by_gameday ON runs(gameday, started_unix_ms);
@@ -269,12 +273,26 @@ impl Store {
             message: e.to_string(),
         })?;
         let go = || -> rusqlite::Result<()> {
-            let tx = self.conn.unchecked_transaction()?;
+            // IMMEDIATE: the write lock first, so the revision check and the
+            // write see the same database.
+            let tx = rusqlite::Transaction::new_unchecked(
+                &self.conn,
+                rusqlite::TransactionBehavior::Immediate,
+            )?;
+            let stored: Option<i64> = tx
+                .query_row("SELECT revision FROM runs WHERE id = ?1", [&run.id], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            let revision = i64::try_from(run.revision).unwrap_or(i64::MAX);
+            if stored.is_some_and(|s| s > revision) {
+                return Ok(()); // a newer state is already indexed
+            }
             tx.execute("DELETE FROM experiments WHERE run_id = ?1", [&run.id])?;
             tx.execute("DELETE FROM objectives WHERE run_id = ?1", [&run.id])?;
             tx.execute(
-                "INSERT OR REPLACE INTO runs (id, gameday, trigger, slot_unix_ms, started_unix_ms, ended_unix_ms, verdict, exit_code, summary)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                "INSERT OR REPLACE INTO runs (id, gameday, trigger, slot_unix_ms, started_unix_ms, ended_unix_ms, verdict, exit_code, revision, summary)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 params![
                     run.id,
                     run.gameday,
@@ -284,6 +302,7 @@ impl Store {
                     run.ended_unix_ms,
                     run.verdict,
                     run.exit_code,
+                    revision,
                     summary
                 ],
             )?;
@@ -560,6 +579,7 @@ mod tests {
             trigger: "schedule".into(),
             slot_unix_ms: Some(started),
             missed_slots: 0,
+            revision: 1,
             started_unix_ms: started,
             ended_unix_ms: Some(started + 1000),
             verdict: verdict.into(),
@@ -622,6 +642,11 @@ mod tests {
             [2.0, 12.0]
         );
         assert_eq!(s.pending_count(), 0);
+        // An older state of a run never replaces a newer one in the index.
+        let mut old = sample("w-2", "w", 2000, "running", 0.0);
+        old.revision = 0;
+        s.index(&old).unwrap();
+        assert_eq!(s.get("w-2").unwrap().verdict, "failed");
     }
 
     #[test]

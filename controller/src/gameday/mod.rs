@@ -22,8 +22,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
+use exec::Saved;
 use file::GameDay;
-use history::{GamedayRun, HistoryError};
+use history::{GamedayRun, HistoryErrorKind};
 use serve::{BoxFuture, Executor, NextSlots};
 
 type Labels = Vec<(String, String)>;
@@ -38,6 +39,9 @@ pub struct Live {
     pub started: Timestamp,
     /// Runs that could not revert everything (something may be left behind).
     pub left_behind: Mutex<Vec<String>>,
+    /// Final results that could not even be written to their run folder: kept here
+    /// and printed whole when serve stops.
+    pub unsaved: Mutex<BTreeMap<String, GamedayRun>>,
     metrics: Metrics,
     counted: Mutex<HashSet<String>>,
 }
@@ -139,20 +143,32 @@ impl Live {
             history_error: Mutex::new(None),
             started,
             left_behind: Mutex::new(Vec::new()),
+            unsaved: Mutex::new(BTreeMap::new()),
             metrics,
             counted: Mutex::new(HashSet::new()),
         }
     }
 
     /// Takes in a run's latest state (and whether saving it failed).
-    pub fn update(&self, run: &GamedayRun, err: Option<&HistoryError>) {
+    pub fn update(&self, run: &GamedayRun, saved: Saved<'_>) {
         let m = &self.metrics;
         let gl = gd_label(&run.gameday);
-        if let Some(e) = err {
-            m.history_errors.inc();
-            *self.history_error.lock().unwrap() = Some(e.message.clone());
-        } else {
-            *self.history_error.lock().unwrap() = None;
+        match saved {
+            Saved::Failed(e) => {
+                m.history_errors.inc();
+                *self.history_error.lock().unwrap() = Some(e.message.clone());
+                if e.kind == HistoryErrorKind::Io && !run.is_running() {
+                    self.unsaved
+                        .lock()
+                        .unwrap()
+                        .insert(run.id.clone(), run.clone());
+                }
+            }
+            Saved::Ok => {
+                *self.history_error.lock().unwrap() = None;
+                self.unsaved.lock().unwrap().remove(&run.id);
+            }
+            Saved::NotYet => {}
         }
         if run.is_running() {
             self.running
@@ -240,14 +256,14 @@ impl Executor for ServeExecutor {
     fn run(
         &self,
         gd: Arc<GameDay>,
-        slot: Timestamp,
+        slot: Option<Timestamp>,
         trigger: &'static str,
         stop: CancellationToken,
     ) -> BoxFuture<'static, ()> {
         let ctx = self.ctx.clone();
         let live = self.live.clone();
         Box::pin(async move {
-            match exec::execute(&ctx, &gd, Some(slot), trigger, stop).await {
+            match exec::execute(&ctx, &gd, slot, trigger, stop).await {
                 Ok(run) => live.notified(&run),
                 Err(exec::NotStarted::LockedLocally(m) | exec::NotStarted::AlreadyRecorded(m)) => {
                     tracing::info!(gameday = %gd.name, "not started: {m}");
@@ -271,16 +287,30 @@ impl Executor for ServeExecutor {
         let ctx = self.ctx.clone();
         let live = self.live.clone();
         Box::pin(async move {
-            let run = exec::record_slot(&ctx, &gd, slot, missed_slots, verdict, reason).await;
-            live.notified(&run);
+            let Some(mut run) =
+                exec::record_slot(&ctx, &gd, slot, missed_slots, verdict, reason).await
+            else {
+                return;
+            };
+            // Notified on the side: a slow webhook must not delay the next slot.
+            tokio::spawn(async move {
+                exec::notify(&ctx, &gd, &mut run).await;
+                live.notified(&run);
+            });
         })
     }
 
     fn last_slot(&self, gd: &GameDay) -> Option<Timestamp> {
-        let store = self.ctx.store.lock().unwrap();
-        let from_db = store.last_slot(&gd.name).ok().flatten();
+        let from_db = self
+            .ctx
+            .store
+            .lock()
+            .unwrap()
+            .last_slot(&gd.name)
+            .ok()
+            .flatten();
         // Folders not yet in the index count too (a locked database at start-up).
-        let from_dirs = std::fs::read_dir(store.runs_dir())
+        let from_dirs = std::fs::read_dir(&self.ctx.runs_dir)
             .ok()
             .into_iter()
             .flatten()

@@ -35,10 +35,11 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// What the scheduler asks of the rest: run, record a slot that did not run, and
 /// say where the history left off.
 pub trait Executor: Send + Sync + 'static {
+    /// `slot`: none for a manual run.
     fn run(
         &self,
         gd: Arc<GameDay>,
-        slot: Timestamp,
+        slot: Option<Timestamp>,
         trigger: &'static str,
         stop: CancellationToken,
     ) -> BoxFuture<'static, ()>;
@@ -70,63 +71,144 @@ fn fmt_d(d: Duration) -> String {
     humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
 }
 
+type Running = Option<(String, tokio::task::JoinHandle<()>)>;
+
+/// One game day's scheduler state.
+struct Sched {
+    gd: Arc<GameDay>,
+    exec: Arc<dyn Executor>,
+    stop: CancellationToken,
+    /// The run under way (what it is, for humans) and its task.
+    running: Running,
+}
+
+impl Sched {
+    /// Starts a run of `slot` now, unless a blackout or a run under way forbids it
+    /// (recorded as skipped).
+    async fn start_or_skip(&mut self, slot: Timestamp, now: Timestamp, trigger: &'static str) {
+        let s = &self.gd.schedule;
+        if let Some(b) = blackout_for(&self.gd.blackouts, now.max(slot), self.gd.max_duration) {
+            let why = format!(
+                "blackout {}: a run from {} for up to {} would overlap it",
+                b.describe(s),
+                s.local(now.max(slot)),
+                fmt_d(self.gd.max_duration)
+            );
+            self.exec
+                .record_slot(self.gd.clone(), slot, 0, "skipped", why)
+                .await;
+            return;
+        }
+        if let Some((what, h)) = &self.running
+            && !h.is_finished()
+        {
+            let why = format!("{what} is still going: a game day never runs twice at once");
+            self.exec
+                .record_slot(self.gd.clone(), slot, 0, "skipped", why)
+                .await;
+            return;
+        }
+        let h =
+            tokio::spawn(
+                self.exec
+                    .run(self.gd.clone(), Some(slot), trigger, self.stop.clone()),
+            );
+        self.running = Some((format!("the run of the {} slot", s.local(slot)), h));
+    }
+
+    /// The slots in `(after, latest]` were not started on time (`why`). The latest
+    /// still starts if it is at most `start_deadline` old; the others are recorded
+    /// as one `missed` entry.
+    async fn overdue(
+        &mut self,
+        after: Timestamp,
+        latest: Timestamp,
+        now: Timestamp,
+        why: &str,
+        trigger: &'static str,
+    ) {
+        let s = &self.gd.schedule;
+        let (slots, more) = s.between(after, latest, MISSED_CAP);
+        let Some(&first) = slots.first() else {
+            return;
+        };
+        let late = late_by(now, latest);
+        let runnable = late <= self.gd.start_deadline;
+        let missed = slots.len() as u32 + u32::from(more) - u32::from(runnable);
+        if missed > 0 {
+            let last_missed = if runnable {
+                slots[slots.len() - 2]
+            } else {
+                latest
+            };
+            let mut text = format!(
+                "{missed}{} slot{} from {} to {} {why}",
+                if more { "+" } else { "" },
+                if missed == 1 { "" } else { "s" },
+                s.local(first),
+                s.local(last_missed),
+            );
+            if !runnable {
+                text += &format!(
+                    "; the latest is {} old, past the start_deadline of {}",
+                    fmt_d(late),
+                    fmt_d(self.gd.start_deadline)
+                );
+            }
+            self.exec
+                .record_slot(self.gd.clone(), last_missed, missed, "missed", text)
+                .await;
+        }
+        if runnable {
+            tracing::info!(gameday = %self.gd.name, slot = %s.local(latest), "starting a slot {} late", fmt_d(late));
+            self.start_or_skip(latest, now, trigger).await;
+        }
+    }
+}
+
 /// Runs one game day's schedule until `stop`; returns when its last run is recorded.
+/// `run_now`: also run it once at start (trigger `manual`), as the run under way.
 pub async fn schedule_loop(
     gd: Arc<GameDay>,
     clock: Arc<dyn WallClock>,
     exec: Arc<dyn Executor>,
     stop: CancellationToken,
     next_slots: NextSlots,
+    run_now: bool,
 ) {
+    let mut me = Sched {
+        gd: gd.clone(),
+        exec: exec.clone(),
+        stop: stop.clone(),
+        running: None,
+    };
     let s = &gd.schedule;
-    let mut running: Option<(Timestamp, tokio::task::JoinHandle<()>)> = None;
     let now = clock.now();
+    if run_now {
+        let h = tokio::spawn(exec.run(gd.clone(), None, "manual", stop.clone()));
+        me.running = Some(("the manual run".into(), h));
+    }
     let mut cursor = now;
-    if let Some(last) = exec.last_slot(&gd) {
-        cursor = last.max(Timestamp::MIN);
-        let (slots, more) = s.between(last, now, MISSED_CAP);
-        if let Some(&latest) = slots.last() {
-            let late = late_by(now, latest);
-            let blackout = blackout_for(&gd.blackouts, now, gd.max_duration);
-            let run_latest = late <= gd.start_deadline && blackout.is_none();
-            let missed: &[Timestamp] = if run_latest {
-                &slots[..slots.len() - 1]
-            } else {
-                &slots
-            };
-            if let (Some(first), Some(last_missed)) = (missed.first(), missed.last()) {
-                let n = missed.len() as u32 + u32::from(more);
-                let mut why = format!(
-                    "{}{} slot{} from {} to {} passed while no gpuchaos serve was running",
-                    n,
-                    if more { "+" } else { "" },
-                    if n == 1 { "" } else { "s" },
-                    s.local(*first),
-                    s.local(*last_missed),
-                );
-                if !run_latest && *last_missed == latest {
-                    why += &match blackout {
-                        Some(b) => format!(
-                            "; the latest is not run late because blackout {} is on",
-                            b.name
-                        ),
-                        None => format!(
-                            "; the latest is {} old, past the start_deadline of {}",
-                            fmt_d(late),
-                            fmt_d(gd.start_deadline)
-                        ),
-                    };
-                }
-                exec.record_slot(gd.clone(), *last_missed, n, "missed", why)
-                    .await;
+    match exec.last_slot(&gd) {
+        Some(last) if last > now => tracing::warn!(
+            gameday = %gd.name,
+            "the history's last slot ({}) is later than now: the clock went back; scheduling from now",
+            s.local(last)
+        ),
+        Some(last) => {
+            if let Some(latest) = s.last_at_or_before(now).filter(|l| *l > last) {
+                me.overdue(
+                    last,
+                    latest,
+                    now,
+                    "passed while no gpuchaos serve was running",
+                    "catch-up",
+                )
+                .await;
+                cursor = latest;
             }
-            if run_latest {
-                tracing::info!(gameday = %gd.name, slot = %s.local(latest), "running the slot missed during downtime, {} late", fmt_d(late));
-                let h = tokio::spawn(exec.run(gd.clone(), latest, "catch-up", stop.clone()));
-                running = Some((latest, h));
-            }
-            cursor = latest;
         }
+        None => {}
     }
     loop {
         let Some(next) = s.next_after(cursor) else {
@@ -148,66 +230,22 @@ pub async fn schedule_loop(
             break;
         }
         let now = clock.now();
-        cursor = next;
-        let late = late_by(now, next);
-        if late > gd.start_deadline {
-            // Every slot between this one and now went by too.
-            let (also, more) = s.between(next, now, MISSED_CAP);
-            let last = also.last().copied().unwrap_or(next);
-            let n = 1 + also.len() as u32 + u32::from(more);
-            exec.record_slot(
-                gd.clone(),
-                last,
-                n,
-                "missed",
-                format!(
-                    "the scheduler reached the slot of {} {} late (suspended machine or clock change), past the start_deadline of {}{}",
-                    s.local(next),
-                    fmt_d(late),
-                    fmt_d(gd.start_deadline),
-                    if n > 1 { format!("; {n} slots missed") } else { String::new() }
-                ),
+        let latest = s.last_at_or_before(now).unwrap_or(next).max(next);
+        if latest > next || late_by(now, next) > gd.start_deadline {
+            me.overdue(
+                cursor,
+                latest,
+                now,
+                "were reached late (suspended machine or clock change)",
+                "schedule",
             )
             .await;
-            cursor = last;
-            continue;
+        } else {
+            me.start_or_skip(next, now, "schedule").await;
         }
-        if let Some(b) = blackout_for(&gd.blackouts, next, gd.max_duration) {
-            exec.record_slot(
-                gd.clone(),
-                next,
-                0,
-                "skipped",
-                format!(
-                    "blackout {}: a run from {} for up to {} would overlap it",
-                    b.describe(s),
-                    s.local(next),
-                    fmt_d(gd.max_duration)
-                ),
-            )
-            .await;
-            continue;
-        }
-        if let Some((since, h)) = &running
-            && !h.is_finished()
-        {
-            exec.record_slot(
-                gd.clone(),
-                next,
-                0,
-                "skipped",
-                format!(
-                    "the run of the {} slot is still going: a game day never runs twice at once",
-                    s.local(*since)
-                ),
-            )
-            .await;
-            continue;
-        }
-        let h = tokio::spawn(exec.run(gd.clone(), next, "schedule", stop.clone()));
-        running = Some((next, h));
+        cursor = latest;
     }
-    if let Some((_, h)) = running {
+    if let Some((_, h)) = me.running {
         let _ = h.await;
     }
 }
@@ -242,11 +280,12 @@ mod tests {
         fn run(
             &self,
             _: Arc<GameDay>,
-            slot: Timestamp,
+            slot: Option<Timestamp>,
             trigger: &'static str,
             stop: CancellationToken,
         ) -> BoxFuture<'static, ()> {
             let me = self.clone();
+            let slot = slot.unwrap_or(Timestamp::UNIX_EPOCH);
             me.push(slot, format!("run {trigger}"));
             Box::pin(async move {
                 let mut rx = me.release.subscribe();
@@ -313,6 +352,7 @@ mod tests {
             Arc::new(fake.clone()),
             stop.clone(),
             next.clone(),
+            false,
         ));
         settle().await;
         Rig {
@@ -539,8 +579,8 @@ mod tests {
             true,
         )
         .await;
-        settle().await;
-        // The machine sleeps from 09:30 to 13:20: four slots passed.
+        // The machine sleeps from 09:30 to 13:20: four slots passed, the latest
+        // 20 minutes ago, past the 10 minute start deadline.
         r.clock.set(ts("2026-11-25T13:20:00Z"));
         settle().await;
         r.walk("2026-11-25T14:05:00Z", Duration::from_secs(60))
@@ -553,7 +593,79 @@ mod tests {
                 "2026-11-25 14:00 UTC run schedule"
             ]
         );
-        assert!(log[0].1.contains("3h 20m late"), "{}", log[0].1);
+        assert!(
+            log[0].1.contains("4 slots from 2026-11-25 10:00 UTC to 2026-11-25 13:00 UTC were reached late (suspended machine or clock change); the latest is 20m old"),
+            "{}",
+            log[0].1
+        );
+
+        // Back at 13:05 instead: 13:00 is within the deadline and still runs.
+        let r = start(
+            gameday("0 * * * *", "UTC"),
+            "2026-11-25T09:30:00Z",
+            None,
+            true,
+        )
+        .await;
+        r.clock.set(ts("2026-11-25T13:05:00Z"));
+        settle().await;
+        r.walk("2026-11-25T13:30:00Z", Duration::from_secs(60))
+            .await;
+        let log = r.finish().await;
+        assert_eq!(
+            whats(&log),
+            [
+                "2026-11-25 12:00 UTC missed 3",
+                "2026-11-25 13:00 UTC run schedule"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_manual_run_counts_as_the_run_under_way() {
+        let clock = Arc::new(ManualClock::new(ts("2026-11-25T09:59:00Z")));
+        let fake = Arc::new(Fake::default());
+        let gd = gameday("0 * * * *", "UTC");
+        *fake.tz.lock().unwrap() = Some(gd.schedule.clone());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(schedule_loop(
+            Arc::new(gd),
+            clock.clone(),
+            Arc::new(fake.clone()),
+            stop.clone(),
+            NextSlots::default(),
+            true,
+        ));
+        settle().await;
+        clock.set(ts("2026-11-25T10:00:30Z"));
+        settle().await;
+        stop.cancel();
+        task.await.unwrap();
+        let log = fake.log();
+        assert_eq!(log[0].1, "run manual");
+        assert_eq!(log[1].0, "2026-11-25 10:00 UTC");
+        assert!(
+            log[1]
+                .1
+                .starts_with("skipped 0: the manual run is still going"),
+            "{log:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_history_ahead_of_the_clock_schedules_from_now() {
+        let r = start(
+            gameday("0 * * * *", "UTC"),
+            "2026-11-25T09:30:00Z",
+            Some("2026-11-26T00:00:00Z"),
+            true,
+        )
+        .await;
+        assert_eq!(
+            r.next.lock().unwrap()["g"],
+            Some(ts("2026-11-25T10:00:00Z"))
+        );
+        r.finish().await;
     }
 
     #[tokio::test]

@@ -27,6 +27,8 @@ const RECENT: usize = 30;
 pub struct Web {
     pub live: Arc<Live>,
     pub store: Arc<Mutex<Store>>,
+    /// `STATE/runs`.
+    pub runs_dir: PathBuf,
 }
 
 /// Serves until `stop`.
@@ -349,7 +351,7 @@ async fn run_file(web: &Arc<Web>, rest: &str) -> Response<Full<Bytes>> {
     {
         return not_found();
     }
-    let dir: PathBuf = web.store.lock().unwrap().run_dir(id);
+    let dir: PathBuf = web.runs_dir.join(id);
     if file.is_empty() {
         let Ok(run) = super::history::read_summary(&dir) else {
             return not_found();
