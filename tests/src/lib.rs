@@ -423,3 +423,25 @@ impl Drop for Target {
         reap(&mut self.child);
     }
 }
+
+/// An experiment pausing `target` on `agent` for `pause`, probed every 100 ms.
+pub fn pause_experiment(agent: &Agent, target: &Target, pause: &str, extra: &str) -> String {
+    format!(
+        r#"
+metadata: {{name: pause-target}}
+agents: [{{name: node-a, address: "{grpc}"}}]
+lease: 2s
+probes:
+  - name: health
+    interval: 100ms
+    http: {{url: "{url}", expect: {{json: {{pointer: /status, equals: ok}}}}}}
+steady_state: {{probes: [health], duration: 300ms, timeout: 10s}}
+method:
+  - name: pause
+    fault: {{kind: process, duration: {pause}, action: pause, target: {{cmdline: "{re}"}}}}
+{extra}"#,
+        grpc = agent.grpc,
+        url = target.url(),
+        re = target.cmdline_regex(),
+    )
+}

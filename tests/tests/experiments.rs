@@ -79,28 +79,6 @@ fn finish(child: Child) -> CliOut {
     }
 }
 
-/// An experiment pausing `target` on `agent` for `pause`, probed every 100 ms.
-fn pause_experiment(agent: &Agent, target: &Target, pause: &str, extra: &str) -> String {
-    format!(
-        r#"
-metadata: {{name: pause-target}}
-agents: [{{name: node-a, address: "{grpc}"}}]
-lease: 2s
-probes:
-  - name: health
-    interval: 100ms
-    http: {{url: "{url}", expect: {{json: {{pointer: /status, equals: ok}}}}}}
-steady_state: {{probes: [health], duration: 300ms, timeout: 10s}}
-method:
-  - name: pause
-    fault: {{kind: process, duration: {pause}, action: pause, target: {{cmdline: "{re}"}}}}
-{extra}"#,
-        grpc = agent.grpc,
-        url = target.url(),
-        re = target.cmdline_regex(),
-    )
-}
-
 #[test]
 fn rto_is_measured_within_one_interval_over_ten_trials() {
     let Scene {

@@ -27,30 +27,12 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 
 /// An experiment pausing the target for `pause`, with an RTO objective.
 fn experiment(dir: &Path, agent: &Agent, target: &Target, pause: &str) -> PathBuf {
+    let objectives =
+        "objectives:\n  - name: recovery\n    rto: {probe: health, limit: 10s, consecutive: 3}\n";
     write(
         dir,
         "pause.yaml",
-        &format!(
-            r#"
-metadata: {{name: pause-target}}
-agents: [{{name: node-a, address: "{grpc}"}}]
-lease: 2s
-probes:
-  - name: health
-    interval: 100ms
-    http: {{url: "{url}", expect: {{json: {{pointer: /status, equals: ok}}}}}}
-steady_state: {{probes: [health], duration: 300ms, timeout: 10s}}
-method:
-  - name: pause
-    fault: {{kind: process, duration: {pause}, action: pause, target: {{cmdline: "{re}"}}}}
-objectives:
-  - name: recovery
-    rto: {{probe: health, limit: 10s, consecutive: 3}}
-"#,
-            grpc = agent.grpc,
-            url = target.url(),
-            re = target.cmdline_regex(),
-        ),
+        &pause_experiment(agent, target, pause, objectives),
     )
 }
 

@@ -339,6 +339,16 @@ mod tests {
     }
 
     async fn start(gd: GameDay, now: &str, last: Option<&str>, released: bool) -> Rig {
+        start_with(gd, now, last, released, false).await
+    }
+
+    async fn start_with(
+        gd: GameDay,
+        now: &str,
+        last: Option<&str>,
+        released: bool,
+        run_now: bool,
+    ) -> Rig {
         let clock = Arc::new(ManualClock::new(ts(now)));
         let fake = Arc::new(Fake::default());
         *fake.tz.lock().unwrap() = Some(gd.schedule.clone());
@@ -352,7 +362,7 @@ mod tests {
             Arc::new(fake.clone()),
             stop.clone(),
             next.clone(),
-            false,
+            run_now,
         ));
         settle().await;
         Rig {
@@ -570,8 +580,8 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_suspended_scheduler_does_not_fire_stale_slots() {
+    /// An hourly game day whose machine sleeps from 09:30 until `wake`.
+    async fn suspended_until(wake: &str, until: &str) -> Vec<(String, String)> {
         let r = start(
             gameday("0 * * * *", "UTC"),
             "2026-11-25T09:30:00Z",
@@ -579,13 +589,16 @@ mod tests {
             true,
         )
         .await;
-        // The machine sleeps from 09:30 to 13:20: four slots passed, the latest
-        // 20 minutes ago, past the 10 minute start deadline.
-        r.clock.set(ts("2026-11-25T13:20:00Z"));
+        r.clock.set(ts(wake));
         settle().await;
-        r.walk("2026-11-25T14:05:00Z", Duration::from_secs(60))
-            .await;
-        let log = r.finish().await;
+        r.walk(until, Duration::from_secs(60)).await;
+        r.finish().await
+    }
+
+    #[tokio::test]
+    async fn a_suspended_scheduler_does_not_fire_stale_slots() {
+        // Four slots passed, the latest 20 minutes ago, past the 10 minute deadline.
+        let log = suspended_until("2026-11-25T13:20:00Z", "2026-11-25T14:05:00Z").await;
         assert_eq!(
             whats(&log),
             [
@@ -598,20 +611,8 @@ mod tests {
             "{}",
             log[0].1
         );
-
         // Back at 13:05 instead: 13:00 is within the deadline and still runs.
-        let r = start(
-            gameday("0 * * * *", "UTC"),
-            "2026-11-25T09:30:00Z",
-            None,
-            true,
-        )
-        .await;
-        r.clock.set(ts("2026-11-25T13:05:00Z"));
-        settle().await;
-        r.walk("2026-11-25T13:30:00Z", Duration::from_secs(60))
-            .await;
-        let log = r.finish().await;
+        let log = suspended_until("2026-11-25T13:05:00Z", "2026-11-25T13:30:00Z").await;
         assert_eq!(
             whats(&log),
             [
@@ -623,25 +624,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_manual_run_counts_as_the_run_under_way() {
-        let clock = Arc::new(ManualClock::new(ts("2026-11-25T09:59:00Z")));
-        let fake = Arc::new(Fake::default());
-        let gd = gameday("0 * * * *", "UTC");
-        *fake.tz.lock().unwrap() = Some(gd.schedule.clone());
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(schedule_loop(
-            Arc::new(gd),
-            clock.clone(),
-            Arc::new(fake.clone()),
-            stop.clone(),
-            NextSlots::default(),
+        let r = start_with(
+            gameday("0 * * * *", "UTC"),
+            "2026-11-25T09:59:00Z",
+            None,
+            false,
             true,
-        ));
+        )
+        .await;
+        r.clock.set(ts("2026-11-25T10:00:30Z"));
         settle().await;
-        clock.set(ts("2026-11-25T10:00:30Z"));
-        settle().await;
-        stop.cancel();
-        task.await.unwrap();
-        let log = fake.log();
+        let log = r.finish().await;
         assert_eq!(log[0].1, "run manual");
         assert_eq!(log[1].0, "2026-11-25 10:00 UTC");
         assert!(
