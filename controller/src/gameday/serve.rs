@@ -438,16 +438,17 @@ mod tests {
     async fn fires_right_across_daylight_saving_changes() {
         // New York springs forward on 2026-03-08 (02:00 → 03:00) and falls back on
         // 2026-11-01 (02:00 → 01:00).
-        let r = start(
-            gameday("30 2 * * *", "America/New_York"),
-            "2026-03-07T05:00:00Z",
-            None,
-            true,
+        let log = walked(
+            (
+                gameday("30 2 * * *", "America/New_York"),
+                "2026-03-07T05:00:00Z",
+                None,
+                true,
+            ),
+            "2026-03-09T12:00:00Z",
+            Duration::from_secs(300),
         )
         .await;
-        r.walk("2026-03-09T12:00:00Z", Duration::from_secs(300))
-            .await;
-        let log = r.finish().await;
         assert_eq!(
             whats(&log),
             [
@@ -457,16 +458,17 @@ mod tests {
             ]
         );
         // An interval pattern (a list of hours) runs only at times that exist.
-        let r = start(
-            gameday("30 1,2 * * *", "America/New_York"),
-            "2026-03-07T05:00:00Z",
-            None,
-            true,
+        let log = walked(
+            (
+                gameday("30 1,2 * * *", "America/New_York"),
+                "2026-03-07T05:00:00Z",
+                None,
+                true,
+            ),
+            "2026-03-09T12:00:00Z",
+            Duration::from_secs(300),
         )
         .await;
-        r.walk("2026-03-09T12:00:00Z", Duration::from_secs(300))
-            .await;
-        let log = r.finish().await;
         assert_eq!(
             whats(&log),
             [
@@ -477,16 +479,17 @@ mod tests {
                 "2026-03-09 02:30 EDT run schedule",
             ]
         );
-        let r = start(
-            gameday("30 1 * * *", "America/New_York"),
-            "2026-10-31T04:00:00Z",
-            None,
-            true,
+        let log = walked(
+            (
+                gameday("30 1 * * *", "America/New_York"),
+                "2026-10-31T04:00:00Z",
+                None,
+                true,
+            ),
+            "2026-11-02T12:00:00Z",
+            Duration::from_secs(300),
         )
         .await;
-        r.walk("2026-11-02T12:00:00Z", Duration::from_secs(300))
-            .await;
-        let log = r.finish().await;
         // 01:30 happened twice on 2026-11-01: the game day ran once.
         assert_eq!(
             whats(&log),
@@ -580,6 +583,17 @@ mod tests {
         );
     }
 
+    /// Starts, walks the clock to `until` in `step`s, stops: what happened.
+    async fn walked(
+        (gd, now, last, released): (GameDay, &str, Option<&str>, bool),
+        until: &str,
+        step: Duration,
+    ) -> Vec<(String, String)> {
+        let r = start(gd, now, last, released).await;
+        r.walk(until, step).await;
+        r.finish().await
+    }
+
     /// An hourly game day whose machine sleeps from 09:30 until `wake`.
     async fn suspended_until(wake: &str, until: &str) -> Vec<(String, String)> {
         let r = start(
@@ -669,10 +683,12 @@ mod tests {
             name: "deploy".into(),
             when: BlackoutWhen::Between(ts("2026-11-25T11:15:00Z"), ts("2026-11-25T12:30:00Z")),
         }];
-        let r = start(gd, "2026-11-25T09:30:00Z", None, true).await;
-        r.walk("2026-11-25T13:05:00Z", Duration::from_secs(300))
-            .await;
-        let log = r.finish().await;
+        let log = walked(
+            (gd, "2026-11-25T09:30:00Z", None, true),
+            "2026-11-25T13:05:00Z",
+            Duration::from_secs(300),
+        )
+        .await;
         assert_eq!(
             whats(&log),
             [
@@ -687,16 +703,17 @@ mod tests {
 
     #[tokio::test]
     async fn stopping_interrupts_the_running_game_day_and_waits_for_it() {
-        let r = start(
-            gameday("*/5 * * * *", "UTC"),
-            "2026-11-25T09:59:00Z",
-            None,
-            false,
+        let log = walked(
+            (
+                gameday("*/5 * * * *", "UTC"),
+                "2026-11-25T09:59:00Z",
+                None,
+                false,
+            ),
+            "2026-11-25T10:01:00Z",
+            Duration::from_secs(60),
         )
         .await;
-        r.walk("2026-11-25T10:01:00Z", Duration::from_secs(60))
-            .await;
-        let log = r.finish().await;
         assert_eq!(
             whats(&log),
             [
