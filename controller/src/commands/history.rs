@@ -128,13 +128,11 @@ pub fn run(output: Output, opts: Options<'_>) -> Result<u8, CliError> {
     } else if let Err(e) = store.sync_pending() {
         eprintln!("warning: {e}");
     }
-    let runs = store
-        .list(opts.gameday, opts.limit)
-        .map_err(history_error)?;
     let all = store
         .list(opts.gameday, usize::MAX >> 1)
         .map_err(history_error)?;
     let rates = pass_rates(&all);
+    let runs = &all[..all.len().min(opts.limit)];
     let trends = trends(
         &store
             .objective_points(opts.gameday)
@@ -154,7 +152,7 @@ pub fn run(output: Output, opts: Options<'_>) -> Result<u8, CliError> {
                 })
             );
         }
-        Output::Text => print_text(&runs, &rates, &trends, pending, opts.gameday),
+        Output::Text => print_text(runs, &rates, &trends, pending, opts.gameday),
     }
     Ok(exit::OK)
 }

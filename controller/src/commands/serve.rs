@@ -50,13 +50,7 @@ pub fn controller_id() -> String {
 /// the agents reverted their faults when the lease lapsed.
 fn close_orphans(store: &Store, now_ms: i64) -> Result<usize, HistoryError> {
     let mut n = 0;
-    let Ok(rd) = std::fs::read_dir(store.runs_dir()) else {
-        return Ok(0);
-    };
-    for entry in rd.flatten() {
-        let Ok(mut run) = history::read_summary(&entry.path()) else {
-            continue;
-        };
+    for (_, mut run) in history::summaries(&store.runs_dir(), false)? {
         if !run.is_running() {
             continue;
         }

@@ -380,9 +380,6 @@ pub async fn execute(
 
 async fn finish(ctx: &Ctx, gd: &GameDay, mut run: GamedayRun) -> GamedayRun {
     run.ended_unix_ms = Some(ctx.clock.now().as_millisecond());
-    if run.exit_code.is_none() && run.verdict == "skipped" {
-        run.exit_code = None;
-    }
     save(ctx, &mut run).await;
     tracing::info!(gameday = %gd.name, run = %run.id, verdict = %run.verdict, "game day ended");
     notify(ctx, gd, &mut run).await;

@@ -351,28 +351,11 @@ impl Store {
 
     /// How many summaries wait for the index.
     pub fn pending_count(&self) -> usize {
-        self.summaries(true).map(|v| v.len()).unwrap_or(0)
+        pending_count(&self.runs_dir())
     }
 
-    /// The run folders' summaries (only the pending ones if `pending_only`).
     fn summaries(&self, pending_only: bool) -> Result<Vec<(PathBuf, GamedayRun)>, HistoryError> {
-        let rd = std::fs::read_dir(self.runs_dir()).map_err(|e| HistoryError {
-            kind: HistoryErrorKind::Io,
-            message: format!("cannot read {}: {e}", self.runs_dir().display()),
-        })?;
-        let mut out = Vec::new();
-        for entry in rd.flatten() {
-            let dir = entry.path();
-            if pending_only && !dir.join(".pending").exists() {
-                continue;
-            }
-            match read_summary(&dir) {
-                Ok(run) => out.push((dir, run)),
-                Err(e) => tracing::warn!("skipping {}: {e}", dir.display()),
-            }
-        }
-        out.sort_by_key(|(_, r)| r.started_unix_ms);
-        Ok(out)
+        summaries(&self.runs_dir(), pending_only)
     }
 
     /// Runs, newest first.
@@ -521,6 +504,42 @@ pub fn write_summary(dir: &Path, run: &GamedayRun) -> Result<(), HistoryError> {
     crate::report::write_atomic(&dir.join("run.json"), text.as_bytes())
         .map_err(|e| io("write run.json", e))?;
     Ok(())
+}
+
+/// How many run folders in `runs_dir` wait for the index.
+pub fn pending_count(runs_dir: &Path) -> usize {
+    std::fs::read_dir(runs_dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.path().join(".pending").exists())
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// The summaries in `runs_dir`'s run folders (only the pending ones if
+/// `pending_only`), oldest first. Unreadable folders are logged and left out.
+pub fn summaries(
+    runs_dir: &Path,
+    pending_only: bool,
+) -> Result<Vec<(PathBuf, GamedayRun)>, HistoryError> {
+    let rd = std::fs::read_dir(runs_dir).map_err(|e| HistoryError {
+        kind: HistoryErrorKind::Io,
+        message: format!("cannot read {}: {e}", runs_dir.display()),
+    })?;
+    let mut out = Vec::new();
+    for entry in rd.flatten() {
+        let dir = entry.path();
+        if pending_only && !dir.join(".pending").exists() {
+            continue;
+        }
+        match read_summary(&dir) {
+            Ok(run) => out.push((dir, run)),
+            Err(e) => tracing::warn!("skipping {}: {e}", dir.display()),
+        }
+    }
+    out.sort_by_key(|(_, r)| r.started_unix_ms);
+    Ok(out)
 }
 
 pub fn read_summary(dir: &Path) -> Result<GamedayRun, String> {

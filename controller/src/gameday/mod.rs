@@ -310,19 +310,11 @@ impl Executor for ServeExecutor {
             .ok()
             .flatten();
         // Folders not yet in the index count too (a locked database at start-up).
-        let from_dirs = std::fs::read_dir(&self.ctx.runs_dir)
-            .ok()
+        let from_dirs = history::summaries(&self.ctx.runs_dir, true)
+            .unwrap_or_default()
             .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| {
-                e.file_name()
-                    .to_string_lossy()
-                    .starts_with(&format!("{}-", gd.name))
-            })
-            .filter_map(|e| history::read_summary(&e.path()).ok())
-            .filter(|r| r.gameday == gd.name)
-            .filter_map(|r| r.slot_unix_ms)
+            .filter(|(_, r)| r.gameday == gd.name)
+            .filter_map(|(_, r)| r.slot_unix_ms)
             .max();
         from_db
             .max(from_dirs)

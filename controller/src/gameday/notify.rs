@@ -215,6 +215,6 @@ pub fn rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-pub fn now_ms() -> i64 {
-    jiff::Timestamp::now().as_millisecond()
+fn now_ms() -> i64 {
+    gpuchaos_proto::clock::unix_ms() as i64
 }

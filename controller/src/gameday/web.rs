@@ -82,7 +82,11 @@ async fn route(web: &Arc<Web>, req: Request<hyper::body::Incoming>) -> Response<
             )
         }
         "/metrics" => {
-            let (_, pending) = recent(web).await;
+            let runs_dir = web.runs_dir.clone();
+            let pending =
+                tokio::task::spawn_blocking(move || super::history::pending_count(&runs_dir))
+                    .await
+                    .unwrap_or(0);
             reply(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
