@@ -91,11 +91,13 @@ impl Stack {
             "127.0.0.1:18800",
             "--guardrail",
             "http://127.0.0.1:18801",
-            "--cold-start",
-            "1s",
             "--kv-cache",
             "8GiB",
         ];
+        // A cold start of 1s unless the case sets its own.
+        if !server_flags.contains(&"--cold-start") {
+            args.extend(["--cold-start", "1s"]);
+        }
         args.extend(server_flags);
         let (server, _) = started(spawn(&bin("gpuchaos-refstack"), &args));
         let s = Stack {
@@ -170,9 +172,9 @@ fn each_game_day_passes_a_good_stack_and_fails_a_bad_one() {
         ),
         (
             "experiments/refstack/gpu-pressure.yaml",
-            vec!["--workers", "2"],
-            vec!["--workers", "1"],
-            "generations recover within 3s of the crash",
+            vec!["--workers", "2", "--cold-start", "5s"],
+            vec!["--workers", "1", "--cold-start", "5s"],
+            "generations recover within 8s of the crash",
         ),
         (
             "experiments/refstack/guardrail-outage.yaml",
@@ -222,6 +224,23 @@ fn each_game_day_passes_a_good_stack_and_fails_a_bad_one() {
             verdicts.iter().any(|(n, ok)| n == objective && !ok),
             "{file}: the objective {objective:?} must be the one that fails: {verdicts:?}"
         );
+        if file.ends_with("gpu-pressure.yaml") {
+            // The verdict rests on the order: the pressure was verified after the
+            // crash and before the replacement's 5s cold start ended.
+            let faults = journal["trials"][0]["faults"].as_array().unwrap();
+            let at = |step: &str| {
+                faults
+                    .iter()
+                    .find(|f| f["step"] == step)
+                    .and_then(|f| f["inject_ns"].as_u64())
+                    .unwrap_or_else(|| panic!("{step} was not verified: {faults:?}"))
+            };
+            let (crash, pressure) = (at("crash"), at("pressure"));
+            assert!(
+                pressure > crash && pressure - crash < 5_000_000_000,
+                "the pressure must be verified within the replacement's cold start: crash at {crash} ns, pressure at {pressure} ns"
+            );
+        }
         if bad.contains(&"--health-lies") {
             // The lying /health said ok the whole time; only the generation probe saw.
             let probes: Vec<String> = journal["probes"]
