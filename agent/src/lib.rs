@@ -65,34 +65,135 @@ pub struct AgentConfig {
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
-/// Holds the state directory's lock for the agent's lifetime.
-fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<nix::fcntl::Flock<File>> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+/// The listen addresses cannot be bound (in use, not assignable): the agent exits 69
+/// without touching anything.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct AddressError(pub String);
+
+/// The state directory cannot be used (another agent holds it, or it cannot be
+/// written): the agent exits 74 without touching anything.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StateDirError(pub String);
+
+/// The state directory's lock, held for the agent's lifetime: a POSIX record lock
+/// (fcntl F_SETLK) on `agent.lock`. Unlike flock, such a lock belongs to the process,
+/// not to the open file: a child that inherited the descriptor (one caught between
+/// fork and exec when the agent was SIGKILLed) does not keep it, so a dead agent's
+/// lock never blocks its successor, and F_GETLK names the live holder.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: File,
+}
+
+/// Takes the state directory's lock; never waits.
+pub fn lock_state_dir(dir: &std::path::Path) -> Result<StateLock, StateDirError> {
+    use nix::fcntl::{FcntlArg, fcntl};
+    std::fs::create_dir_all(dir).map_err(|e| {
+        StateDirError(format!(
+            "cannot create the state directory {}: {e}",
+            dir.display()
+        ))
+    })?;
     let path = dir.join("agent.lock");
-    let file = std::fs::OpenOptions::new()
+    let mut file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .read(true)
         .write(true)
         .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(mut lock) => {
-            let _ = lock.set_len(0);
-            let _ = writeln!(&mut *lock, "{}", std::process::id());
-            Ok(lock)
+        .map_err(|e| StateDirError(format!("cannot open {}: {e}", path.display())))?;
+    let whole_file = || {
+        let mut l = blank_flock();
+        l.l_type = nix::libc::F_WRLCK as i16;
+        l.l_whence = nix::libc::SEEK_SET as i16;
+        l
+    };
+    match fcntl(&file, FcntlArg::F_SETLK(&whole_file())) {
+        Ok(_) => {
+            let _ = file.set_len(0);
+            let _ = writeln!(file, "{}", std::process::id());
+            Ok(StateLock { _file: file })
         }
-        Err((_, errno)) => {
-            let holder = std::fs::read_to_string(&path).unwrap_or_default();
-            Err(ConfigError(format!(
-                "another gpuchaos-agent (pid {}) is using the state directory {} ({errno}): stop it or pass another --state-dir",
-                holder.trim(),
-                dir.display()
-            ))
-            .into())
+        Err(_) => {
+            // Who holds it: the kernel knows (F_GETLK), whatever the file says.
+            let mut probe = whole_file();
+            let holder = fcntl(&file, FcntlArg::F_GETLK(&mut probe))
+                .ok()
+                .filter(|_| probe.l_type != nix::libc::F_UNLCK as i16)
+                .map(|_| probe.l_pid);
+            let who = match holder {
+                Some(pid) => {
+                    let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .map(|b| {
+                            String::from_utf8_lossy(&b)
+                                .split('\0')
+                                .filter(|s| !s.is_empty())
+                                .collect::<Vec<_>>()
+                                .join(" ")
+                        })
+                        .unwrap_or_default();
+                    let cmd: String = cmd.chars().take(120).collect();
+                    if cmd.is_empty() {
+                        format!("process {pid}")
+                    } else {
+                        format!("process {pid} ({cmd})")
+                    }
+                }
+                None => "another process".to_string(),
+            };
+            Err(StateDirError(format!(
+                "the state directory {} is in use: {who} holds {}; stop that agent or pass another --state-dir",
+                dir.display(),
+                path.display()
+            )))
         }
     }
+}
+
+/// A write lock over the whole file once its type is set.
+fn blank_flock() -> nix::libc::flock {
+    nix::libc::flock {
+        l_type: 0,
+        l_whence: 0,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    }
+}
+
+async fn bind(
+    addr: SocketAddr,
+    flag: &str,
+    what: &str,
+) -> Result<tokio::net::TcpListener, AddressError> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                format!("another process listens there: stop it or pass another {flag}")
+            }
+            std::io::ErrorKind::AddrNotAvailable => {
+                format!("no interface of this node has that address: pass another {flag}")
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                format!("ports below 1024 need root or CAP_NET_BIND_SERVICE: pass another {flag}")
+            }
+            _ => format!("pass another {flag}"),
+        };
+        AddressError(format!("cannot listen on {addr} for {what}: {}; {hint}", io_text(&e)))
+    })
+}
+
+/// An I/O error as a person reads it: "address already in use", without the
+/// "(os error 98)" tail.
+fn io_text(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    let s = match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    };
+    s.to_lowercase()
 }
 
 /// Runs the agent until `shutdown` is cancelled, then reverts every fault and returns.
@@ -101,17 +202,18 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     let policy = Arc::new(Policy::load(cfg.policy.as_deref()).map_err(ConfigError)?);
     let tls = tls::server_config(cfg.listen, &cfg.tls).map_err(ConfigError)?;
     let _lock = lock_state_dir(&cfg.state_dir)?;
-    let (journal, open) = journal::Journal::open(&cfg.state_dir)
-        .with_context(|| format!("cannot open the journal in {}", cfg.state_dir.display()))?;
+    let (journal, open) = journal::Journal::open(&cfg.state_dir).map_err(|e| {
+        StateDirError(format!(
+            "cannot open the journal in {}: {}; check the directory's permissions and free space",
+            cfg.state_dir.display(),
+            io_text(&e)
+        ))
+    })?;
 
     // Bound before the drivers exist: network faults in the agent's own namespace
     // must leave its own ports alone, or a partition would cut the controller off.
-    let grpc = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-    let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_listen)
-        .await
-        .with_context(|| format!("cannot listen on {} for metrics", cfg.metrics_listen))?;
+    let grpc = bind(cfg.listen, "--listen", "gRPC").await?;
+    let metrics_listener = bind(cfg.metrics_listen, "--metrics-listen", "metrics").await?;
     let grpc_addr = grpc.local_addr()?;
     let metrics_addr = metrics_listener.local_addr()?;
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use gpuchaos_agent::{AgentConfig, ConfigError, tls::TlsFiles};
+use gpuchaos_agent::{AddressError, AgentConfig, ConfigError, StateDirError, tls::TlsFiles};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -16,7 +16,11 @@ enum LogFormat {
 
 /// The gpuchaos node agent: injects faults on command, and never leaves one behind.
 #[derive(Parser, Debug)]
-#[command(name = "gpuchaos-agent", version)]
+#[command(
+    name = "gpuchaos-agent",
+    version,
+    after_help = "Exit codes: 0 stopped cleanly (every fault reverted) · 64 invalid flags or files (policy, TLS, guardrail proxies) · 69 a listen address cannot be bound (in use, not on this node) · 70 internal error · 74 the state directory cannot be used (another agent holds it, unwritable)"
+)]
 struct Args {
     /// gRPC address. Anything but loopback requires mutual TLS.
     #[arg(long, default_value = "127.0.0.1:7070", env = "GPUCHAOS_AGENT_LISTEN")]
@@ -73,12 +77,20 @@ fn humantime_arg(s: &str) -> Result<Duration, String> {
     gpuchaos_proto::spec::HumanDuration::parse(s).map(|d| d.0)
 }
 
+fn color_allowed() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal: never in files, journald or CI
+        // logs, and never with NO_COLOR set (https://no-color.org).
+        .with_ansi(color_allowed());
     match format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().init(),
@@ -143,6 +155,10 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             let code = if e.downcast_ref::<ConfigError>().is_some() {
                 64
+            } else if e.downcast_ref::<AddressError>().is_some() {
+                69
+            } else if e.downcast_ref::<StateDirError>().is_some() {
+                74
             } else {
                 70
             };

@@ -197,9 +197,82 @@ fn the_agent_refuses_bad_configuration() {
         .arg(&first.state_dir)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(64));
+    // Exit 74 (the state directory cannot be used), naming the live holder by the
+    // kernel's word, without errno jargon.
+    assert_eq!(out.status.code(), Some(74), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains(&format!("pid {}", first.pid)),
-        "{out:?}"
+        err.contains(&format!("process {} (", first.pid)) && err.contains("gpuchaos-agent"),
+        "{err}"
     );
+    assert!(!err.contains("EAGAIN"), "{err}");
+    // A port in use is an operator error with its own exit code (69), not an
+    // internal error (70), and says what to do.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let out = std::process::Command::new(bin("gpuchaos-agent"))
+        .args(["--listen", &port, "--metrics-listen", "127.0.0.1:0", "--state-dir"])
+        .arg(dir.path().join("ports"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on {port} for gRPC: address already in use"))
+            && err.contains("pass another --listen"),
+        "{err}"
+    );
+    // The log is plain text when stderr is not a terminal: no ANSI colours.
+    assert!(!first.log_text().contains('\u{1b}'), "{}", first.log_text());
+}
+
+/// A process that holds a copy of the dead agent's lock descriptor (as a child caught
+/// between fork and exec does when the agent is SIGKILLed) must not keep the next
+/// agent out: the lock dies with the agent.
+#[test]
+fn a_dead_agents_lock_never_blocks_its_successor() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut first = Agent::start(&state);
+    // Copy the agent's descriptor of agent.lock into a python process
+    // (pidfd_getfd: the same open file, as a forked child would hold it).
+    let lock = state.join("agent.lock");
+    let fd = std::fs::read_dir(format!("/proc/{}/fd", first.pid))
+        .unwrap()
+        .filter_map(Result::ok)
+        .find(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == lock))
+        .and_then(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .expect("the agent holds agent.lock open");
+    let script = format!(
+        r#"
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+pidfd = os.pidfd_open({pid})
+fd = libc.syscall(438, pidfd, {fd}, 0)  # pidfd_getfd
+if fd < 0:
+    print("pidfd_getfd failed", ctypes.get_errno(), flush=True)
+    sys.exit(1)
+print("holding", fd, flush=True)
+time.sleep(60)
+"#,
+        pid = first.pid
+    );
+    let mut holder = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.starts_with("holding"), "{line}");
+    first.kill9();
+    // The copy is still open in python; the successor starts all the same.
+    let second = Agent::start(&state);
+    assert!(second.pid != first.pid);
+    let _ = holder.kill();
+    let _ = holder.wait();
 }

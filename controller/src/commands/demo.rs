@@ -122,6 +122,30 @@ fn real_gpu() -> bool {
         .any(|p| Path::new(p).exists())
 }
 
+/// None when the local agent can inject network faults; otherwise why not, with what
+/// to do (the agent's own capability report).
+async fn network_support(grpc: &str) -> Option<String> {
+    let fleet = Fleet {
+        agents: Vec::new(),
+        tls: None,
+        timeout: Duration::from_secs(5),
+    };
+    let agent = crate::fleet::AgentRef {
+        name: String::new(),
+        address: grpc.to_string(),
+        labels: Default::default(),
+    };
+    let clock = crate::runner::shared::Clock::start();
+    match crate::runner::agents::connect(&fleet, &agent, &clock).await {
+        Ok(c) => match c.capability("network") {
+            Some(cap) if cap.supported => None,
+            Some(cap) => Some(format!("the network fault: {}", cap.reason)),
+            None => Some("the network fault: this agent does not know the kind".into()),
+        },
+        Err(e) => Some(format!("the network fault: the agent's capabilities could not be read ({e})")),
+    }
+}
+
 pub async fn run() -> Result<u8, CliError> {
     let started = Instant::now();
     let agent_bin = sibling("gpuchaos-agent")?;
@@ -232,7 +256,15 @@ pub async fn run() -> Result<u8, CliError> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let network = if root {
+    // The agent says whether it can inject network faults here (as root without
+    // nftables or iproute2 it cannot): the demo skips the step the same way it does
+    // for a non-root user, saying what to install, instead of failing the game day.
+    let network_unsupported = if root {
+        network_support(&grpc).await
+    } else {
+        Some("the network fault (latency on the server's port) needs root; run the demo as root to include it".to_string())
+    };
+    let network = if network_unsupported.is_none() {
         format!(
             r#"  - wait: 2s
   - name: network-latency
@@ -241,7 +273,8 @@ pub async fn run() -> Result<u8, CliError> {
         )
     } else {
         println!(
-            "  skipped: the network fault (latency on the server's port) needs root; run the demo as root to include it"
+            "  skipped: {}",
+            network_unsupported.as_deref().unwrap_or_default()
         );
         String::new()
     };
@@ -292,7 +325,7 @@ objectives:
     println!(
         "  game day: {} (every fault kind{})",
         file.display(),
-        if root { "" } else { " but network" }
+        if network.is_empty() { " but network" } else { "" }
     );
     println!();
     let code = run_cmd::run(
