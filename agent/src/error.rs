@@ -29,9 +29,22 @@ pub enum AgentError {
     Internal(String),
 }
 
+/// The longest error message the agent puts on the wire.
+pub const MAX_STATUS_MESSAGE: usize = 2048;
+
 impl From<AgentError> for tonic::Status {
     fn from(e: AgentError) -> Self {
-        let msg = e.to_string();
+        // grpc-message travels in a header: a long one turns the reason into
+        // RESOURCE_EXHAUSTED on the client. Values are shortened where errors are
+        // made; this is the last guard.
+        let mut msg = e.to_string();
+        if msg.len() > MAX_STATUS_MESSAGE {
+            let mut cut = MAX_STATUS_MESSAGE;
+            while !msg.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            msg = format!("{}… (message cut at {cut} bytes)", &msg[..cut]);
+        }
         match e {
             AgentError::InvalidSpec(_) => tonic::Status::invalid_argument(msg),
             AgentError::Refused(_) | AgentError::NoTargets(_) | AgentError::Unsupported(_) => {

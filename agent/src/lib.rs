@@ -181,7 +181,10 @@ async fn bind(
             }
             _ => format!("pass another {flag}"),
         };
-        AddressError(format!("cannot listen on {addr} for {what}: {}; {hint}", io_text(&e)))
+        AddressError(format!(
+            "cannot listen on {addr} for {what}: {}; {hint}",
+            io_text(&e)
+        ))
     })
 }
 

@@ -94,8 +94,11 @@ impl Policy {
         let file = match path {
             None => PolicyFile::default(),
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| format!("cannot read policy file {}: {e}", p.display()))?;
+                let text = gpuchaos_proto::files::read_text_capped(
+                    p,
+                    gpuchaos_proto::files::MAX_YAML_BYTES,
+                )
+                .map_err(|e| format!("policy file: {e}"))?;
                 serde_saphyr::from_str::<PolicyFile>(&text).map_err(|e| {
                     format!(
                         "policy file {}: {}",
@@ -116,16 +119,10 @@ impl Policy {
         let mut compile = |field: &str, list: &[String]| -> Vec<Regex> {
             list.iter()
                 .enumerate()
-                .filter_map(|(i, r)| match Regex::new(r) {
+                .filter_map(|(i, r)| match gpuchaos_proto::spec::compile_regex(r) {
                     Ok(re) => Some(re),
                     Err(e) => {
-                        errs.push(FieldError::new(
-                            format!("{field}[{i}]"),
-                            format!(
-                                "regex {r:?} does not compile: {}",
-                                e.to_string().lines().last().unwrap_or("")
-                            ),
-                        ));
+                        errs.push(FieldError::new(format!("{field}[{i}]"), e));
                         None
                     }
                 })

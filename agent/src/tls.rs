@@ -12,8 +12,9 @@ pub struct TlsFiles {
     pub ca: Option<PathBuf>,
 }
 
-fn read(p: &PathBuf, what: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(p).map_err(|e| format!("cannot read the {what} {}: {e}", p.display()))
+fn read(p: &std::path::Path, what: &str) -> Result<Vec<u8>, String> {
+    gpuchaos_proto::files::read_capped(p, gpuchaos_proto::files::MAX_PEM_BYTES)
+        .map_err(|e| format!("the {what}: {e}"))
 }
 
 /// Decides the server's TLS: `Ok(None)` for plaintext on loopback.

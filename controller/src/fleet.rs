@@ -90,9 +90,11 @@ impl Fleet {
         let mut out = Vec::new();
         let mut file_tls = None;
         if let Some(path) = fleet {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                CliError::invalid(format!("cannot read fleet file {}: {e}", path.display()))
-            })?;
+            let text = gpuchaos_proto::files::read_text_capped(
+                path,
+                gpuchaos_proto::files::MAX_YAML_BYTES,
+            )
+            .map_err(|e| CliError::invalid(format!("fleet file: {e}")))?;
             let f: FleetFile = serde_saphyr::from_str(&text).map_err(|e| {
                 CliError::invalid(format!(
                     "{}: {}",
@@ -149,9 +151,8 @@ impl Fleet {
             .timeout(self.timeout.max(Duration::from_secs(30)));
         if let Some(t) = &self.tls {
             let read = |p: &PathBuf, what: &str| {
-                std::fs::read(p).map_err(|e| {
-                    CliError::invalid(format!("cannot read the {what} {}: {e}", p.display()))
-                })
+                gpuchaos_proto::files::read_capped(p, gpuchaos_proto::files::MAX_PEM_BYTES)
+                    .map_err(|e| CliError::invalid(format!("the {what}: {e}")))
             };
             let cfg = ClientTlsConfig::new()
                 .ca_certificate(Certificate::from_pem(read(&t.ca, "CA certificate")?))

@@ -75,8 +75,8 @@ enum Cmd {
     Revert { id: String },
     /// Revert every fault on every agent, now.
     Halt,
-    /// Check experiments and fault spec files; every error of every file, with
-    /// line, column and field path.
+    /// Check experiments, game days and fault spec files (a directory: the YAML
+    /// files under it); every error of every file, with line, column and field path.
     Validate { files: Vec<PathBuf> },
     /// Run an experiment: probes, faults, objectives; reports and an exit code for CI.
     Run {

@@ -6,8 +6,10 @@
 //!   problem at once.
 //! - [`signal`]: Linux signal names and numbers, so both sides agree on `signal:`.
 //! - [`clock`]: the monotonic and wall clocks fault times are stamped with.
+//! - [`files`]: reading user-named files with a size limit (regular files only).
 
 pub mod clock;
+pub mod files;
 pub mod signal;
 pub mod spec;
 

@@ -30,14 +30,112 @@ pub struct FieldError {
 }
 
 impl FieldError {
+    /// Quoted values in the message are shortened ([`shorten_quoted`]): an error
+    /// never echoes a whole 3 MB input back.
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
         FieldError {
-            field: field.into(),
-            message: message.into(),
+            field: shorten(field.into(), 200),
+            message: shorten_quoted(&message.into()),
             line: None,
             column: None,
         }
     }
+}
+
+/// The longest a quoted value may be in an error message before it is shortened.
+pub const MAX_QUOTED: usize = 80;
+/// The longest regex a spec, experiment or policy may hold (bytes).
+pub const MAX_REGEX_LEN: usize = 4096;
+/// The most memory one compiled regex may take (the regex crate's size limits).
+pub const MAX_REGEX_COMPILED: usize = 1 << 20;
+/// The largest fault spec an agent accepts (its JSON, bytes).
+pub const MAX_SPEC_JSON: usize = 64 << 10;
+
+fn shorten(s: String, max: usize) -> String {
+    if s.len() <= max {
+        return s;
+    }
+    let mut cut = max;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}… ({} bytes in all)", &s[..cut], s.len())
+}
+
+/// Shortens every double-quoted value (as `{:?}` writes strings) longer than
+/// [`MAX_QUOTED`] to its first characters, saying how long it was; the rest of the
+/// message (what to do) is kept.
+pub fn shorten_quoted(msg: &str) -> String {
+    if msg.len() <= MAX_QUOTED * 2 {
+        return msg.to_string();
+    }
+    let b = msg.as_bytes();
+    let mut out = String::with_capacity(msg.len().min(4096));
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] != b'"' {
+            let next = msg[i..].find('"').map(|k| i + k).unwrap_or(b.len());
+            out.push_str(&msg[i..next]);
+            i = next;
+            continue;
+        }
+        // A quoted run: find its closing quote, skipping escapes.
+        let mut j = i + 1;
+        while j < b.len() && b[j] != b'"' {
+            j += if b[j] == b'\\' { 2 } else { 1 };
+        }
+        let end = j.min(b.len());
+        let inner = &msg[i + 1..end.max(i + 1)];
+        if inner.len() > MAX_QUOTED {
+            let mut cut = MAX_QUOTED;
+            while !inner.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            out.push_str(&format!("\"{}…\" ({} bytes)", &inner[..cut], inner.len()));
+        } else {
+            out.push('"');
+            out.push_str(inner);
+            if end < b.len() {
+                out.push('"');
+            }
+        }
+        i = end + 1;
+    }
+    out
+}
+
+/// Compiles a user's regex within hard limits: at most [`MAX_REGEX_LEN`] bytes of
+/// pattern and [`MAX_REGEX_COMPILED`] of compiled program, so that no spec can make
+/// an agent or the controller allocate hundreds of MB.
+pub fn compile_regex(re: &str) -> Result<regex::Regex, String> {
+    if re.len() > MAX_REGEX_LEN {
+        return Err(format!(
+            "the regex is {} bytes long; at most {MAX_REGEX_LEN} are allowed: match on a shorter pattern",
+            re.len()
+        ));
+    }
+    regex::RegexBuilder::new(re)
+        .size_limit(MAX_REGEX_COMPILED)
+        .dfa_size_limit(MAX_REGEX_COMPILED)
+        .build()
+        .map_err(|e| match e {
+            regex::Error::CompiledTooBig(_) => format!(
+                "regex {:?} compiles to more than {} KiB: write a simpler pattern",
+                re,
+                MAX_REGEX_COMPILED >> 10
+            ),
+            e => {
+                let first = e.to_string();
+                let detail = first
+                    .lines()
+                    .last()
+                    .unwrap_or("invalid regex")
+                    .trim()
+                    .to_string();
+                format!("regex {re:?} does not compile: {detail}")
+            }
+        })
+        .map_err(|m| shorten_quoted(&m))
 }
 
 impl fmt::Display for FieldError {
@@ -292,6 +390,16 @@ impl FaultSpec {
 
     /// Parses the JSON form (what the agent receives) and validates it.
     pub fn from_json(text: &str) -> Result<Self, SpecErrors> {
+        if text.len() > MAX_SPEC_JSON {
+            return Err(SpecErrors(vec![FieldError::new(
+                "",
+                format!(
+                    "the spec is {} KiB; at most {} KiB are accepted: shorten its strings (regexes, lists)",
+                    text.len().div_ceil(1024),
+                    MAX_SPEC_JSON >> 10
+                ),
+            )]));
+        }
         let de = &mut serde_json::Deserializer::from_str(text);
         let spec: FaultSpec = serde_path_to_error::deserialize(de).map_err(|e| {
             let field = e.path().to_string();
@@ -384,6 +492,21 @@ pub fn yaml_error(e: serde_saphyr::Error) -> SpecErrors {
         && let Some(i) = m.find(": ")
     {
         m = m[i + 2..].to_string();
+    }
+    // The library's duplicate-key text names one of its own options; say it as a
+    // user needs it.
+    if let Some(rest) = m.strip_prefix("duplicate mapping key") {
+        let key = rest
+            .trim_start_matches(':')
+            .split(',')
+            .next()
+            .unwrap_or("")
+            .trim();
+        m = if key.is_empty() {
+            "a key is written twice in one mapping: write each key once".to_string()
+        } else {
+            format!("duplicate key `{key}`: write each key once")
+        };
     }
     let mut fe = FieldError::new("", clean_serde_message(&m));
     if let Some(l) = loc {
@@ -611,14 +734,9 @@ impl ProcessTarget {
         }
         for (field, re) in [("name", &t.name), ("cmdline", &t.cmdline)] {
             if let Some(re) = re
-                && let Err(e) = regex::Regex::new(re)
+                && let Err(e) = compile_regex(re)
             {
-                let first = e.to_string();
-                let detail = first.lines().last().unwrap_or("invalid regex").trim();
-                errs.push(FieldError::new(
-                    format!("{prefix}.{field}"),
-                    format!("regex {re:?} does not compile: {detail}"),
-                ));
+                errs.push(FieldError::new(format!("{prefix}.{field}"), e));
             }
         }
         if let Some(cg) = &t.cgroup

@@ -211,15 +211,22 @@ fn the_agent_refuses_bad_configuration() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().to_string();
     let out = std::process::Command::new(bin("gpuchaos-agent"))
-        .args(["--listen", &port, "--metrics-listen", "127.0.0.1:0", "--state-dir"])
+        .args([
+            "--listen",
+            &port,
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--state-dir",
+        ])
         .arg(dir.path().join("ports"))
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(69), "{err}");
     assert!(
-        err.contains(&format!("cannot listen on {port} for gRPC: address already in use"))
-            && err.contains("pass another --listen"),
+        err.contains(&format!(
+            "cannot listen on {port} for gRPC: address already in use"
+        )) && err.contains("pass another --listen"),
         "{err}"
     );
     // The log is plain text when stderr is not a terminal: no ANSI colours.
@@ -275,4 +282,222 @@ time.sleep(60)
     assert!(second.pid != first.pid);
     let _ = holder.kill();
     let _ = holder.wait();
+}
+
+/// Peak resident memory of a process (VmHWM), in MiB.
+fn peak_rss_mib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        / 1024
+}
+
+/// No file read is unbounded: devices, directories and oversized files are refused
+/// (exit 64) before anything is read, wherever a file is named.
+#[test]
+fn files_are_read_with_a_limit_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = std::time::Instant::now();
+    let out = gpuchaos(&["validate", "/dev/zero"]);
+    assert_eq!(out.code, 64, "{out:?}");
+    assert!(
+        out.stderr.contains("/dev/zero is not a regular file"),
+        "{out:?}"
+    );
+    let out = gpuchaos(&["--agent", "127.0.0.1:1", "inject", "-f", "/dev/zero"]);
+    assert_eq!(out.code, 64, "{out:?}");
+    let out = gpuchaos(&["run", "/dev/zero", "--dry-run"]);
+    assert_eq!(out.code, 64, "{out:?}");
+    // A game day naming /dev/zero as an experiment.
+    let gd = spec_file(
+        dir.path(),
+        "gd.yaml",
+        "name: zero\nschedule: {cron: '0 3 * * *', timezone: UTC}\nexperiments: [/dev/zero]\n",
+    );
+    let out = gpuchaos(&["validate", gd.to_str().unwrap()]);
+    assert_eq!(out.code, 64, "{out:?}");
+    assert!(out.stderr.contains("not a regular file"), "{out:?}");
+    // Larger than the cap (16 MiB), refused from its size alone.
+    let big = dir.path().join("big.yaml");
+    let f = std::fs::File::create(&big).unwrap();
+    f.set_len(17 << 20).unwrap();
+    let out = gpuchaos(&["validate", big.to_str().unwrap()]);
+    assert_eq!(out.code, 64, "{out:?}");
+    assert!(out.stderr.contains("larger than the 16 MiB"), "{out:?}");
+    // The agent's policy and TLS files too.
+    let agent = |args: &[&str]| {
+        let mut c = std::process::Command::new(bin("gpuchaos-agent"));
+        if !args.contains(&"--listen") {
+            c.args(["--listen", "127.0.0.1:0"]);
+        }
+        c.args(["--metrics-listen", "127.0.0.1:0", "--state-dir"])
+            .arg(dir.path().join("state"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = agent(&["--policy", "/dev/zero"]);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a regular file"));
+    let out = agent(&[
+        "--listen",
+        "0.0.0.0:0",
+        "--tls-cert",
+        "/dev/zero",
+        "--tls-key",
+        "/dev/zero",
+        "--tls-ca",
+        "/dev/zero",
+    ]);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(30),
+        "refusals are immediate"
+    );
+}
+
+/// `validate DIR` validates the YAML files under it.
+#[test]
+fn validate_a_directory_checks_the_files_in_it() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let out = gpuchaos(&["validate", repo.join("experiments").to_str().unwrap()]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stdout.contains("experiments/refstack/full.yaml: ok"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("experiments/specs/network-partition.yaml: ok"),
+        "{}",
+        out.stdout
+    );
+    let empty = tempfile::tempdir().unwrap();
+    let out = gpuchaos(&["validate", empty.path().to_str().unwrap()]);
+    assert_eq!(out.code, 64, "{out:?}");
+    assert!(out.stderr.contains("no .yaml or .yml files"), "{out:?}");
+}
+
+/// Checking a mapping's keys is linear: 4× the keys take about 4× the time (it was
+/// quadratic, 16×), and a duplicate key is named in our words.
+#[test]
+fn validate_is_linear_in_the_keys_of_one_mapping() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |n: usize| {
+        let mut s = String::from("metadata:\n  name: x\n  labels:\n");
+        for i in 0..n {
+            s.push_str(&format!("    k{i}: v{i}\n"));
+        }
+        spec_file(dir.path(), &format!("k{n}.yaml"), &s)
+    };
+    let time = |n: usize| {
+        let f = write(n);
+        let t = std::time::Instant::now();
+        let out = gpuchaos(&["validate", f.to_str().unwrap()]);
+        assert_eq!(out.code, 64, "{out:?}");
+        assert!(out.stderr.contains("the method is empty"), "{out:?}");
+        t.elapsed().as_secs_f64()
+    };
+    let small = time(10_000);
+    let large = time(40_000);
+    eprintln!(
+        "10k keys {small:.2}s, 40k keys {large:.2}s (ratio {:.1})",
+        large / small
+    );
+    assert!(
+        large / small < 8.0,
+        "4x the keys took {:.1}x the time: quadratic",
+        large / small
+    );
+    let f = spec_file(
+        dir.path(),
+        "dup.yaml",
+        "metadata: {name: x}\ntrials: 1\ntrials: 2\n",
+    );
+    let out = gpuchaos(&["validate", f.to_str().unwrap()]);
+    assert_eq!(out.code, 64);
+    assert!(out.stderr.contains("duplicate key `trials`"), "{out:?}");
+    assert!(!out.stderr.contains("DuplicateKeyPolicy"), "{out:?}");
+    let f = spec_file(
+        dir.path(),
+        "dupspec.yaml",
+        "kind: process\nduration: 1m\nduration: 2m\ntarget: {pid: 1}\naction: pause\n",
+    );
+    let out = gpuchaos(&["validate", f.to_str().unwrap()]);
+    assert_eq!(out.code, 64);
+    assert!(out.stderr.contains("duplicate key `duration`"), "{out:?}");
+    assert!(!out.stderr.contains("DuplicateKeyPolicy"), "{out:?}");
+}
+
+/// Huge regexes and specs are refused with INVALID_ARGUMENT and a short reason (never
+/// the input echoed back), and leave no memory behind in the agent.
+#[tokio::test]
+async fn huge_regexes_are_refused_briefly_and_cost_the_agent_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("state"));
+    let before = peak_rss_mib(agent.pid);
+    let spec = |re: &str| {
+        serde_json::json!({"kind": "process", "duration": "1m", "action": "pause",
+            "target": {"cmdline": re}})
+        .to_string()
+    };
+    let huge = "a(b|c)*".repeat(520_000); // 3.6 MB
+    let long = "x".repeat(30_000); // under the spec cap, over the regex cap
+    let dense = r"\w{500}\w{500}\w{500}"; // short, but compiles to hundreds of MB
+    let mut tasks = Vec::new();
+    for json in [spec(&huge), spec(&huge), spec(&long), spec(dense)] {
+        let mut c = agent.client().await;
+        tasks.push(tokio::spawn(async move {
+            c.inject(gpuchaos_proto::pb::InjectRequest {
+                spec_json: json,
+                session_id: String::new(),
+            })
+            .await
+        }));
+    }
+    let mut messages = Vec::new();
+    for t in tasks {
+        let e = t.await.unwrap().unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+        assert!(
+            e.message().len() < 600,
+            "{} bytes: {}",
+            e.message().len(),
+            &e.message()[..200]
+        );
+        messages.push(e.message().to_string());
+    }
+    assert!(messages[0].contains("at most 64 KiB"), "{}", messages[0]);
+    assert!(messages[2].contains("at most 4096"), "{}", messages[2]);
+    assert!(
+        messages[3].contains("compiles to more than 1024 KiB"),
+        "{}",
+        messages[3]
+    );
+    let after = peak_rss_mib(agent.pid);
+    eprintln!("agent peak RSS {before} MiB before, {after} MiB after four huge specs");
+    assert!(after < before + 64, "peak RSS {before} -> {after} MiB");
+    // The controller refuses the same locally, briefly.
+    let f = spec_file(
+        dir.path(),
+        "huge.yaml",
+        &format!(
+            "kind: process\nduration: 1m\naction: pause\ntarget: {{cmdline: '{}'}}\n",
+            "a".repeat(100_000)
+        ),
+    );
+    let out = gpuchaos(&["validate", f.to_str().unwrap()]);
+    assert_eq!(out.code, 64);
+    assert!(
+        out.stderr.len() < 1000,
+        "{} bytes of error",
+        out.stderr.len()
+    );
+    assert!(out.stderr.contains("at most 4096"), "{}", out.stderr);
 }

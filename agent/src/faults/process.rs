@@ -12,7 +12,6 @@ use gpuchaos_proto::signal;
 use gpuchaos_proto::spec::{FaultSpec, Pick, ProcessAction, ProcessSpec, ProcessTarget};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use regex::Regex;
 use serde::{Deserialize, Serialize};
 use tokio::time::{Instant, sleep};
 
@@ -87,11 +86,14 @@ impl ProcessDriver {
     pub fn select(&self, sel: &ProcessTarget) -> Result<Vec<Target>, AgentError> {
         let io = |e: std::io::Error| AgentError::Internal(format!("reading /proc: {e}"));
         let compile = |field: &str, re: &Option<String>| {
-            re.as_deref().map(Regex::new).transpose().map_err(|e| {
-                AgentError::InvalidSpec(gpuchaos_proto::spec::SpecErrors(vec![
-                    gpuchaos_proto::spec::FieldError::new(field, e.to_string()),
-                ]))
-            })
+            re.as_deref()
+                .map(gpuchaos_proto::spec::compile_regex)
+                .transpose()
+                .map_err(|e| {
+                    AgentError::InvalidSpec(gpuchaos_proto::spec::SpecErrors(vec![
+                        gpuchaos_proto::spec::FieldError::new(field, e),
+                    ]))
+                })
         };
         let name_re = compile("target.name", &sel.name)?;
         let cmd_re = compile("target.cmdline", &sel.cmdline)?;

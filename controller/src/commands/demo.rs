@@ -142,7 +142,9 @@ async fn network_support(grpc: &str) -> Option<String> {
             Some(cap) => Some(format!("the network fault: {}", cap.reason)),
             None => Some("the network fault: this agent does not know the kind".into()),
         },
-        Err(e) => Some(format!("the network fault: the agent's capabilities could not be read ({e})")),
+        Err(e) => Some(format!(
+            "the network fault: the agent's capabilities could not be read ({e})"
+        )),
     }
 }
 
@@ -325,7 +327,11 @@ objectives:
     println!(
         "  game day: {} (every fault kind{})",
         file.display(),
-        if network.is_empty() { " but network" } else { "" }
+        if network.is_empty() {
+            " but network"
+        } else {
+            ""
+        }
     );
     println!();
     let code = run_cmd::run(

@@ -41,11 +41,11 @@ pub fn render_errors(file: &str, errs: &SpecErrors) -> String {
 pub fn read_specs(file: &Path) -> Result<Vec<FaultSpec>, CliError> {
     let name = file.display().to_string();
     let text = if name == "-" {
-        std::io::read_to_string(std::io::stdin())
-            .map_err(|e| CliError::invalid(format!("reading stdin: {e}")))?
+        gpuchaos_proto::files::read_stdin_capped(gpuchaos_proto::files::MAX_YAML_BYTES)
+            .map_err(|e| CliError::invalid(e.0))?
     } else {
-        std::fs::read_to_string(file)
-            .map_err(|e| CliError::invalid(format!("cannot read {name}: {e}")))?
+        gpuchaos_proto::files::read_text_capped(file, gpuchaos_proto::files::MAX_YAML_BYTES)
+            .map_err(|e| CliError::invalid(e.0))?
     };
     parse_specs(&name, &text)
 }

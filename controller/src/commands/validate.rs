@@ -1,5 +1,6 @@
-//! `gpuchaos validate FILE...`: check experiments, game days and fault specs, reporting every
-//! error of every file with file, line, column and field path.
+//! `gpuchaos validate FILE|DIR...`: check experiments, game days and fault specs, reporting
+//! every error of every file with file, line, column and field path. A directory stands
+//! for the YAML files under it.
 
 use std::path::PathBuf;
 
@@ -27,15 +28,33 @@ pub fn run(files: &[PathBuf]) -> Result<u8, CliError> {
         return Err(CliError::invalid("validate: name at least one file"));
     }
     let mut code = exit::OK;
+    let mut expanded = Vec::new();
     for f in files {
-        let text = match std::fs::read_to_string(f) {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("{}: cannot read: {e}", f.display());
+        if f.is_dir() {
+            let before = expanded.len();
+            yaml_files_in(f, &mut expanded);
+            if expanded.len() == before {
+                eprintln!(
+                    "{}: a directory with no .yaml or .yml files in it",
+                    f.display()
+                );
                 code = exit::INVALID_INPUT;
-                continue;
             }
-        };
+        } else {
+            expanded.push(f.clone());
+        }
+    }
+    for f in &expanded {
+        let text =
+            match gpuchaos_proto::files::read_text_capped(f, gpuchaos_proto::files::MAX_YAML_BYTES)
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("{e}");
+                    code = exit::INVALID_INPUT;
+                    continue;
+                }
+            };
         if crate::gameday::file::looks_like_gameday(&text) {
             let base = f
                 .parent()
@@ -113,6 +132,33 @@ pub fn run(files: &[PathBuf]) -> Result<u8, CliError> {
         }
     }
     Ok(code)
+}
+
+/// The YAML files under `dir` (its subdirectories too, hidden ones skipped), sorted.
+fn yaml_files_in(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut entries: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    entries.sort();
+    for p in entries {
+        let hidden = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'));
+        if hidden {
+            continue;
+        }
+        if p.is_dir() {
+            yaml_files_in(&p, out);
+        } else if p
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e == "yaml" || e == "yml")
+        {
+            out.push(p);
+        }
+    }
 }
 
 fn plural(n: usize) -> &'static str {

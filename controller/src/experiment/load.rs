@@ -70,15 +70,16 @@ pub const SECTIONS: &[&str] = &[
 
 /// Loads and validates an experiment file.
 pub fn load_file(path: &Path) -> Result<Loaded, Vec<LoadError>> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        vec![LoadError {
-            file: path.display().to_string(),
-            line: 0,
-            column: 0,
-            path: String::new(),
-            message: format!("cannot read: {e}"),
-        }]
-    })?;
+    let text = gpuchaos_proto::files::read_text_capped(path, gpuchaos_proto::files::MAX_YAML_BYTES)
+        .map_err(|e| {
+            vec![LoadError {
+                file: path.display().to_string(),
+                line: 0,
+                column: 0,
+                path: String::new(),
+                message: e.0,
+            }]
+        })?;
     load_text(path, &text)
 }
 
@@ -194,8 +195,8 @@ pub fn load_str(
     let mut tls = experiment.tls.clone().map(|t| relative_tls(base, t));
     if let Some(f) = &experiment.fleet {
         let fpath = base.join(f);
-        match std::fs::read_to_string(&fpath)
-            .map_err(|e| format!("cannot read fleet file {}: {e}", fpath.display()))
+        match gpuchaos_proto::files::read_text_capped(&fpath, gpuchaos_proto::files::MAX_YAML_BYTES)
+            .map_err(|e| format!("fleet file: {e}"))
             .and_then(|t| {
                 serde_saphyr::from_str::<FleetFile>(&t).map_err(|e| {
                     format!(
@@ -300,7 +301,7 @@ impl<'a> Cx<'a> {
             line: loc.line,
             column: loc.column,
             path: path.to_string(),
-            message: message.into(),
+            message: gpuchaos_proto::spec::shorten_quoted(&message.into()),
         });
     }
 
@@ -421,16 +422,9 @@ fn clean(msg: &str) -> String {
 
 fn check_regex(cx: &mut Cx, path: FieldPath, re: &Option<String>) {
     if let Some(re) = re
-        && let Err(e) = regex::Regex::new(re)
+        && let Err(e) = gpuchaos_proto::spec::compile_regex(re)
     {
-        let detail = e.to_string();
-        let detail = detail
-            .lines()
-            .last()
-            .unwrap_or("invalid")
-            .trim()
-            .to_string();
-        cx.error(&path, format!("regex {re:?} does not compile: {detail}"));
+        cx.error(&path, e);
     }
 }
 

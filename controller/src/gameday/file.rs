@@ -162,7 +162,8 @@ pub fn load_file(path: &Path) -> Result<GameDay, Vec<LoadError>> {
             message,
         }]
     };
-    let text = std::fs::read_to_string(path).map_err(|e| whole(format!("cannot read: {e}")))?;
+    let text = gpuchaos_proto::files::read_text_capped(path, gpuchaos_proto::files::MAX_YAML_BYTES)
+        .map_err(|e| whole(e.0))?;
     let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     load_str(&text, &file, path, &base)
 }

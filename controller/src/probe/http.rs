@@ -37,7 +37,8 @@ pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::Clien
         let _ = roots.add(c);
     }
     if let Some(p) = ca_file {
-        let pem = std::fs::read(p).map_err(|e| format!("cannot read CA {}: {e}", p.display()))?;
+        let pem = gpuchaos_proto::files::read_capped(p, gpuchaos_proto::files::MAX_PEM_BYTES)
+            .map_err(|e| format!("CA: {e}"))?;
         let mut any = false;
         for c in rustls::pki_types::pem::PemObject::pem_slice_iter(&pem) {
             let c: rustls::pki_types::CertificateDer =

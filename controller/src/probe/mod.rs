@@ -163,7 +163,7 @@ fn tls_for(
 
 fn regex(r: &Option<String>) -> Result<Option<Regex>, String> {
     r.as_deref()
-        .map(|r| Regex::new(r).map_err(|e| format!("regex {r:?}: {e}")))
+        .map(gpuchaos_proto::spec::compile_regex)
         .transpose()
 }
 
@@ -387,8 +387,10 @@ impl Prober {
                 &g.headers,
             )?;
             let tls = tls_for(&req.url, None)?;
-            let refusal = Regex::new(g.refusal_regex.as_deref().unwrap_or(DEFAULT_REFUSAL))
-                .map_err(|e| format!("refusal_regex: {e}"))?;
+            let refusal = gpuchaos_proto::spec::compile_regex(
+                g.refusal_regex.as_deref().unwrap_or(DEFAULT_REFUSAL),
+            )
+            .map_err(|e| format!("refusal_regex: {e}"))?;
             Kind::Guardrail { req, tls, refusal }
         } else {
             return Err(format!("probe {:?} has no kind", p.name));
