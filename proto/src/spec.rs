@@ -181,12 +181,21 @@ impl HumanDuration {
                 "invalid duration {text:?}: add a unit, e.g. \"{t}s\" or \"{t}ms\""
             ));
         }
-        humantime::parse_duration(t)
-            .map(HumanDuration)
-            .map_err(|e| {
-                format!("invalid duration {text:?}: {e}; write it like 250ms, 30s, 2m or 1h")
-            })
+        let d = humantime::parse_duration(t).map_err(|e| {
+            format!("invalid duration {text:?}: {e}; write it like 250ms, 30s, 2m or 1h")
+        })?;
+        if d > Self::MAX {
+            return Err(format!(
+                "duration {text:?} is longer than {} days: no fault, wait, limit or lease lasts that long; write it in hours or days",
+                Self::MAX.as_secs() / 86_400
+            ));
+        }
+        Ok(HumanDuration(d))
     }
+
+    /// The longest duration any field accepts (30 days): `wait: 99999999999h` is a
+    /// typo, not a plan.
+    pub const MAX: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
 }
 
 #[cfg(feature = "schema")]

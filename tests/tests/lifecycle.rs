@@ -98,6 +98,53 @@ async fn resumed_after_lease_expiry_when_the_controller_is_sigkilled() {
     assert!(agent.log_text().contains("lease lapsed"));
 }
 
+/// `inject --attach` says its lease in plain figures, and Ctrl-C names every fault it
+/// reverted.
+#[tokio::test]
+async fn an_interrupted_attach_says_what_it_reverted() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("state"));
+    let w = Worker::spawn();
+    let spec = spec_file(dir.path(), "pause.yaml", &pause_spec(&w, "10m"));
+    let errf = dir.path().join("attach.err");
+    let mut ctl = Command::new(bin("gpuchaos"))
+        .args([
+            "--agent",
+            &agent.grpc,
+            "inject",
+            "-f",
+            spec.to_str().unwrap(),
+            "--attach",
+            "--lease",
+            "10s",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(&errf).unwrap()))
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(10), || is_stopped(w.pid)).expect("paused");
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(ctl.id() as i32), Signal::SIGINT).unwrap();
+    let status = ctl.wait().unwrap();
+    let err = std::fs::read_to_string(&errf).unwrap();
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(err.contains("renewing the 10s lease every 3.33s"), "{err}");
+    assert!(!err.contains("333us"), "{err}");
+    assert!(
+        err.contains("interrupted: reverting this session's faults"),
+        "{err}"
+    );
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("reverted on "))
+        .unwrap_or_else(|| panic!("no line names the reverted fault: {err}"));
+    assert!(
+        line.contains("reverted") && line.contains(&w.pid.to_string()),
+        "{line}"
+    );
+    assert!(!is_stopped(w.pid));
+}
+
 #[tokio::test]
 async fn resumed_after_the_agent_is_sigkilled_and_restarted() {
     let dir = tempfile::tempdir().unwrap();

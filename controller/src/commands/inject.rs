@@ -206,11 +206,13 @@ async fn close_sessions(fleet: &Fleet, results: &[Injected]) -> u8 {
             .await
         {
             Ok(resp) => {
+                // Say what was undone, fault by fault: after Ctrl-C a user must see
+                // that the node is clean (or exactly what is not).
                 for f in resp.into_inner().reverted {
                     if !f.leftover.is_empty() {
-                        eprintln!("{}: {}", r.agent.display(), fault_line(&f, 0));
                         code = exit::REVERT_FAILED;
                     }
+                    eprintln!("reverted on {}: {}", r.agent.display(), fault_line(&f, 0));
                 }
             }
             Err(s) => {
@@ -223,6 +225,20 @@ async fn close_sessions(fleet: &Fleet, results: &[Injected]) -> u8 {
         }
     }
     code
+}
+
+/// A duration as a person reads it: "3.33s", "250ms", "2m 30s" (never "3s 333ms
+/// 333us 333ns").
+pub fn short_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        let s = format!("{:.2}", d.as_secs_f64());
+        format!("{}s", s.trim_end_matches('0').trim_end_matches('.'))
+    } else {
+        humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+    }
 }
 
 /// Renews the leases and waits until every fault has ended or a signal arrives.
@@ -239,17 +255,18 @@ async fn attach(
     let mut renew = tokio::time::interval(lease / 3);
     let mut poll = tokio::time::interval(Duration::from_millis(200));
     eprintln!(
-        "attached: renewing the lease every {}; Ctrl-C reverts now",
-        humantime::format_duration(lease / 3)
+        "attached: renewing the {} lease every {}; Ctrl-C reverts now",
+        short_duration(lease),
+        short_duration(lease / 3)
     );
     loop {
         tokio::select! {
             _ = int.recv() => {
-                eprintln!("interrupted: reverting");
+                eprintln!("interrupted: reverting this session's faults");
                 return Ok(close_sessions(fleet, results).await);
             }
             _ = term.recv() => {
-                eprintln!("SIGTERM: reverting");
+                eprintln!("SIGTERM: reverting this session's faults");
                 return Ok(close_sessions(fleet, results).await);
             }
             _ = renew.tick() => {
@@ -294,5 +311,20 @@ async fn attach(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        assert_eq!(short_duration(Duration::from_secs(10) / 3), "3.33s");
+        assert_eq!(short_duration(Duration::from_secs(3)), "3s");
+        assert_eq!(short_duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(short_duration(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(short_duration(Duration::from_secs(150)), "2m 30s");
     }
 }

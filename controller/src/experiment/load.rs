@@ -544,6 +544,22 @@ fn check(e: &Experiment, agents: &[AgentRef], cx: &mut Cx) {
         if let Some(h) = &p.http {
             let hp = at.key("http");
             check_url(cx, hp.key("url"), &h.url);
+            if let Some(max) = h.expect.max_latency
+                && max.0 >= p.timeout()
+            {
+                cx.error(
+                    &hp.key("expect").key("max_latency"),
+                    format!(
+                        "max_latency {max} can never apply: the probe's timeout is {}{}, so a slower answer times out first; set a timeout above {max}",
+                        gpuchaos_proto::spec::HumanDuration(p.timeout()),
+                        if p.timeout.is_none() {
+                            " (its interval, by default)"
+                        } else {
+                            ""
+                        }
+                    ),
+                );
+            }
             if let Some(m) = &h.method
                 && (m.is_empty() || !m.chars().all(|c| c.is_ascii_uppercase()))
             {
@@ -735,14 +751,11 @@ fn check(e: &Experiment, agents: &[AgentRef], cx: &mut Cx) {
             }
         }
         if let Some(a) = &o.availability
-            && !(a.min > 0.0 && a.min <= 1.0)
+            && !(0.0..=1.0).contains(&a.min)
         {
             cx.error(
                 &kp.key("min"),
-                format!(
-                    "{} is not a ratio: write 0.99 for 99% (above 0, at most 1)",
-                    a.min
-                ),
+                format!("{} is not a ratio: write 0.99 for 99% (from 0 to 1)", a.min),
             );
         }
         if let Some(l) = &o.latency {

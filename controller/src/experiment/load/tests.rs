@@ -174,3 +174,31 @@ fn the_published_schema_is_current() {
         "docs/experiment.schema.json is stale: run `gpuchaos schema > docs/experiment.schema.json`"
     );
 }
+
+#[test]
+fn limits_that_can_never_apply_and_absurd_durations_are_refused() {
+    // A max_latency at or above the timeout (by default the interval) never fires.
+    let bad = GOOD.replace(
+        "expect: {status: [200], json:",
+        "expect: {status: [200], max_latency: 100ms, json:",
+    );
+    assert_ne!(bad, GOOD, "the fixture has an http probe to extend");
+    let e = errors(&bad);
+    assert!(
+        e.iter().any(|e| e.path.ends_with("http.expect.max_latency")
+            && e.message.contains("can never apply")
+            && e.message.contains("its interval, by default")),
+        "{e:?}"
+    );
+    // availability min 0 is a valid ratio (docs: 0 to 1); 1.5 is not.
+    let zero = GOOD.replace("min: 0.5", "min: 0");
+    assert!(load(&zero).is_ok(), "{:?}", load(&zero).err());
+    let e = errors(&GOOD.replace("min: 0.5", "min: 1.5"));
+    assert!(e.iter().any(|e| e.message.contains("not a ratio")), "{e:?}");
+    // A wait of eleven million years is a typo.
+    let e = errors(&GOOD.replace("wait: 1s", "wait: 99999999999h"));
+    assert!(
+        e.iter().any(|e| e.message.contains("longer than 30 days")),
+        "{e:?}"
+    );
+}
