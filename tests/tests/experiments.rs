@@ -393,3 +393,71 @@ fn broken_experiments_give_precise_errors() {
         }
     }
 }
+
+/// Samples still waiting when the method ends are counted, not dropped: every sample
+/// started in the fault window is in the journal and in the availability figure.
+#[test]
+fn samples_unanswered_at_the_end_are_waited_for_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("state"));
+    let target = Target::spawn();
+    // Every sample takes 500 ms, a new one starts every 100 ms: about five are
+    // always waiting, the last five of the window among them when the method ends.
+    let exp = format!(
+        r#"
+metadata: {{name: slow-samples}}
+agents: [{{name: a, address: "{grpc}"}}]
+probes:
+  - name: slow
+    interval: 100ms
+    timeout: 2s
+    command: {{argv: [sleep, "0.5"]}}
+method:
+  - name: pause
+    fault: {{kind: process, duration: 1500ms, action: pause, target: {{cmdline: "{re}"}}}}
+objectives:
+  - availability: {{probe: slow, min: 1}}
+"#,
+        grpc = agent.grpc,
+        re = target.cmdline_regex()
+    );
+    let file = write(dir.path(), "slow.yaml", &exp);
+    let reports = dir.path().join("reports");
+    let out = gpuchaos(&[
+        "run",
+        file.to_str().unwrap(),
+        "--report-dir",
+        reports.to_str().unwrap(),
+    ]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let j = journal(&reports);
+    let trial = &j["trials"][0];
+    let from = trial["first_inject_ns"].as_u64().unwrap();
+    let to = trial["method_end_ns"].as_u64().unwrap();
+    let in_window: Vec<&serde_json::Value> = j["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            let t = s["t_ns"].as_u64().unwrap();
+            t >= from && t <= to
+        })
+        .collect();
+    // One sample per 100 ms of the window started (the ticker skips none: five
+    // in flight is within its slots).
+    let expected = ((to - from) / 100_000_000) as usize;
+    assert!(
+        in_window.len() + 1 >= expected,
+        "{} samples recorded in a window of {} ms",
+        in_window.len(),
+        (to - from) / 1_000_000
+    );
+    assert!(in_window.iter().all(|s| s["ok"] == true), "{in_window:?}");
+    let detail = j["objectives"][0]["detail"].as_str().unwrap().to_string();
+    let n = in_window.len();
+    assert!(
+        detail.contains(&format!("{n} of {n} samples")),
+        "{detail}: the objective must count all {n}"
+    );
+    assert_clean(&agent, &target);
+}

@@ -542,6 +542,15 @@ impl Experiment {
             .unwrap_or(std::time::Duration::from_secs(10))
     }
 
+    /// The longest probe timeout (how long a sample can still be waiting).
+    pub fn max_probe_timeout(&self) -> std::time::Duration {
+        self.probes
+            .iter()
+            .map(Probe::timeout)
+            .max()
+            .unwrap_or_default()
+    }
+
     pub fn probe(&self, name: &str) -> Option<&Probe> {
         self.probes.iter().find(|p| p.name == name)
     }

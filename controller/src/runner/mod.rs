@@ -1081,6 +1081,15 @@ pub async fn run(loaded: &Loaded, opts: &RunOptions) -> Result<(RunRecord, u8), 
                     });
                 }
                 trial.end_ns = runner.shared.clock.now_ns();
+                // Every sample started in the trial has its outcome before anything
+                // is counted (each is bounded by its probe's timeout).
+                runner
+                    .shared
+                    .settled(
+                        trial.end_ns,
+                        runner.exp.max_probe_timeout() + Duration::from_secs(1),
+                    )
+                    .await;
                 trial.objectives = runner.evaluate(&trial);
                 trial.objectives.extend(extra);
                 for o in &trial.objectives {
@@ -1123,7 +1132,21 @@ pub async fn run(loaded: &Loaded, opts: &RunOptions) -> Result<(RunRecord, u8), 
     let leftovers = runner.rollback(stop_fired).await;
     stop.cancel();
     tracker.close();
-    let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+    // Samples still waiting get until their own timeout; whatever is left then is
+    // recorded as failed, never dropped.
+    let _ = tokio::time::timeout(
+        exp.max_probe_timeout() + Duration::from_secs(2),
+        tracker.wait(),
+    )
+    .await;
+    let unanswered = shared.fail_unanswered();
+    if unanswered > 0 {
+        shared.event(
+            "warning",
+            0,
+            format!("{unanswered} sample(s) had no answer when the run ended: recorded as failed"),
+        );
+    }
     shared.clear_status();
 
     // Trials cut short by an abort still show their faults; every trial's faults

@@ -4,6 +4,11 @@
 //! hung server would otherwise stretch the schedule to the timeout and blur the
 //! recovery time); at most `timeout / interval + 1` samples of one probe are in
 //! flight. One probe never waits for another, nor for the steps.
+//!
+//! No sample vanishes: one still waiting when the run stops is waited for until its
+//! own timeout (then it fails like any other that timed out), and the trial's
+//! objectives are evaluated only once every sample started in their windows has its
+//! outcome ([`Shared::settled`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,13 +48,11 @@ pub fn start(
                 };
                 let shared = shared.clone();
                 let prober = prober.clone();
-                let stop = stop.clone();
                 inner.spawn(async move {
                     let t_ns = shared.clock.now_ns();
-                    let outcome = tokio::select! {
-                        _ = stop.cancelled() => return,
-                        r = tokio::time::timeout(timeout, prober.sample()) => r,
-                    };
+                    let ticket = shared.sample_started(i, t_ns);
+                    // Not cancelled when the run stops: the timeout bounds it.
+                    let outcome = tokio::time::timeout(timeout, prober.sample()).await;
                     let end_ns = shared.clock.now_ns();
                     let (ok, unsafe_output, error) = match outcome {
                         Ok(o) => (o.ok, o.unsafe_output, o.error),
@@ -62,14 +65,17 @@ pub fn start(
                             )),
                         ),
                     };
-                    shared.sample(Sample {
-                        probe: i,
-                        t_ns,
-                        end_ns,
-                        ok,
-                        unsafe_output,
-                        error,
-                    });
+                    shared.sample_done(
+                        ticket,
+                        Sample {
+                            probe: i,
+                            t_ns,
+                            end_ns,
+                            ok,
+                            unsafe_output,
+                            error,
+                        },
+                    );
                     drop(permit);
                 });
             }

@@ -51,6 +51,9 @@ impl Clock {
 pub struct Timeline {
     pub samples: Vec<Sample>,
     pub events: Vec<Event>,
+    /// Samples started and not answered yet: ticket → (probe, start).
+    pub in_flight: std::collections::BTreeMap<u64, (usize, u64)>,
+    next_ticket: u64,
 }
 
 /// What the progress line shows.
@@ -90,9 +93,64 @@ impl Shared {
         }
     }
 
-    pub fn sample(&self, s: Sample) {
-        self.timeline.lock().unwrap().samples.push(s);
+    /// A sample has started; returns its ticket for [`Shared::sample_done`].
+    pub fn sample_started(&self, probe: usize, t_ns: u64) -> u64 {
+        let mut tl = self.timeline.lock().unwrap();
+        let t = tl.next_ticket;
+        tl.next_ticket += 1;
+        tl.in_flight.insert(t, (probe, t_ns));
+        t
+    }
+
+    /// A started sample has its outcome.
+    pub fn sample_done(&self, ticket: u64, s: Sample) {
+        {
+            let mut tl = self.timeline.lock().unwrap();
+            tl.in_flight.remove(&ticket);
+            tl.samples.push(s);
+        }
         self.changed.notify_waiters();
+    }
+
+    /// Waits until every sample started at or before `upto_ns` has its outcome (each
+    /// is bounded by its probe's timeout), or `max` passes. Returns how many are
+    /// still waiting.
+    pub async fn settled(&self, upto_ns: u64, max: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + max;
+        loop {
+            let waiting = self
+                .timeline
+                .lock()
+                .unwrap()
+                .in_flight
+                .values()
+                .filter(|(_, t)| *t <= upto_ns)
+                .count();
+            if waiting == 0 || tokio::time::Instant::now() >= deadline {
+                return waiting;
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            self.wait_change(left.min(Duration::from_millis(100))).await;
+        }
+    }
+
+    /// Records every sample still unanswered as failed ("no answer before the run
+    /// ended"): nothing started in a window may vanish from it.
+    pub fn fail_unanswered(&self) -> usize {
+        let now = self.clock.now_ns();
+        let mut tl = self.timeline.lock().unwrap();
+        let left: Vec<(usize, u64)> = std::mem::take(&mut tl.in_flight).into_values().collect();
+        for (probe, t_ns) in &left {
+            tl.samples.push(Sample {
+                probe: *probe,
+                t_ns: *t_ns,
+                end_ns: now,
+                ok: false,
+                unsafe_output: false,
+                error: Some("no answer before the run ended".into()),
+            });
+        }
+        left.len()
     }
 
     /// Records an event and prints it as a progress line (stderr).
