@@ -23,6 +23,8 @@ command -v curl >/dev/null || need_pkgs+=(curl)
 # holds SQLite's lock from Python's sqlite3.
 command -v chromium >/dev/null || need_pkgs+=(chromium)
 command -v python3 >/dev/null || need_pkgs+=(python3)
+# Stop conditions and probes are tested against a real Prometheus server.
+command -v prometheus >/dev/null || need_pkgs+=(prometheus)
 if ((${#need_pkgs[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "missing ${need_pkgs[*]}: install them (as root: apt-get install ${need_pkgs[*]})" >&2

@@ -243,7 +243,26 @@ impl PromQuery {
 
     /// Whether the comparison holds for every series of the result.
     pub async fn holds(&self) -> Result<bool, String> {
+        self.evaluate().await.map(|r| r.holds)
+    }
+
+    /// Runs the query. `Err` means it could not be evaluated at all (Prometheus
+    /// unreachable, an error answer, a query that returns a range or a string):
+    /// the reason quotes Prometheus's own `error` field where it gave one, whatever
+    /// the HTTP status.
+    pub async fn evaluate(&self) -> Result<PromResult, String> {
         let resp = http::send(&self.req, self.tls.as_ref()).await?;
+        let v: Option<serde_json::Value> = serde_json::from_slice(&resp.body).ok();
+        if let Some(v) = &v
+            && v["status"] == "error"
+        {
+            return Err(format!(
+                "prometheus answered {} ({}): {}",
+                resp.status,
+                v["errorType"].as_str().unwrap_or("error"),
+                v["error"].as_str().unwrap_or("no reason given")
+            ));
+        }
         if resp.status != 200 {
             return Err(format!(
                 "prometheus answered {}: {}",
@@ -251,8 +270,13 @@ impl PromQuery {
                 snippet(&resp.body)
             ));
         }
-        let v: serde_json::Value = serde_json::from_slice(&resp.body)
-            .map_err(|e| format!("prometheus answer is not JSON: {e}"))?;
+        let Some(v) = v else {
+            return Err(format!(
+                "the answer is not JSON (is {} a Prometheus server?): {}",
+                self.req.url,
+                snippet(&resp.body)
+            ));
+        };
         if v["status"] != "success" {
             return Err(format!(
                 "prometheus query failed: {}",
@@ -260,14 +284,44 @@ impl PromQuery {
             ));
         }
         let values = prom_values(&v["data"])?;
-        if values.is_empty() {
-            return Ok(self.empty_is);
-        }
-        Ok(values.iter().all(|x| self.cmp.holds(*x, self.value)))
+        let holds = if values.is_empty() {
+            self.empty_is
+        } else {
+            values.iter().all(|x| self.cmp.holds(*x, self.value))
+        };
+        Ok(PromResult { holds, values })
     }
 
     pub fn text(&self) -> &str {
         &self.text
+    }
+}
+
+/// What a query returned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromResult {
+    pub holds: bool,
+    pub values: Vec<f64>,
+}
+
+impl PromResult {
+    /// What Prometheus returned, for messages: "the vector was empty", "value 0.7",
+    /// "values 0.7, 0.2 and 3 more".
+    pub fn describe(&self) -> String {
+        let fmt = |x: &f64| format!("{x}");
+        match self.values.as_slice() {
+            [] => "the vector was empty".into(),
+            [one] => format!("value {}", fmt(one)),
+            many if many.len() <= 5 => format!(
+                "values {}",
+                many.iter().map(fmt).collect::<Vec<_>>().join(", ")
+            ),
+            many => format!(
+                "values {} and {} more",
+                many[..5].iter().map(fmt).collect::<Vec<_>>().join(", "),
+                many.len() - 5
+            ),
+        }
     }
 }
 
@@ -514,9 +568,9 @@ impl Prober {
                     }
                 }
             }
-            Kind::Prometheus(q) => match q.holds().await {
-                Ok(true) => Outcome::pass(),
-                Ok(false) => Outcome::fail(format!("{} does not hold", q.text())),
+            Kind::Prometheus(q) => match q.evaluate().await {
+                Ok(r) if r.holds => Outcome::pass(),
+                Ok(r) => Outcome::fail(format!("{} does not hold: {}", q.text(), r.describe())),
                 Err(e) => Outcome::fail(e),
             },
             Kind::OpenAi { req, tls, expect } => {

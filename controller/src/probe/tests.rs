@@ -21,6 +21,13 @@ fn answer(path: &str, body: &str) -> (u16, String) {
         "/sick" => (503, "no workers".into()),
         "/slow" => (200, "slow".into()),
         p if p.starts_with("/api/v1/query") => {
+            // What a real Prometheus answers to a PromQL syntax error.
+            if p.contains("broken") {
+                return (
+                    400,
+                    r#"{"status":"error","errorType":"bad_data","error":"invalid parameter \"query\": 1:8: parse error: unexpected <op:>>"}"#.into(),
+                );
+            }
             let value = if p.contains("empty") {
                 return (
                     200,
@@ -258,13 +265,33 @@ async fn prometheus_probes_compare_every_series() {
     ));
     let o = sample(&high).await;
     assert!(
-        o.error.as_deref().unwrap().contains("does not hold"),
+        o.error
+            .as_deref()
+            .unwrap()
+            .contains("high < 0.05 does not hold: value 0.9"),
         "{o:?}"
     );
     let empty = probe(&format!(
         "{{name: p, prometheus: {{url: '{url}', query: 'empty', op: '<', value: 1}}}}"
     ));
-    assert!(!sample(&empty).await.ok);
+    let o = sample(&empty).await;
+    assert!(!o.ok);
+    assert!(
+        o.error.as_deref().unwrap().contains("the vector was empty"),
+        "{o:?}"
+    );
+    // An error answer (400 for a syntax error) is quoted from Prometheus's own
+    // `error` field, not shown as a raw body.
+    let broken = probe(&format!(
+        "{{name: p, prometheus: {{url: '{url}', query: 'broken >', op: '<', value: 1}}}}"
+    ));
+    let o = sample(&broken).await;
+    assert!(
+        o.error.as_deref().unwrap().contains(
+            "prometheus answered 400 (bad_data): invalid parameter \"query\": 1:8: parse error"
+        ),
+        "{o:?}"
+    );
     let empty_ok = probe(&format!(
         "{{name: p, prometheus: {{url: '{url}', query: 'empty', op: '<', value: 1, empty_is: true}}}}"
     ));

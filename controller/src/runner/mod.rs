@@ -672,6 +672,57 @@ impl Runner {
     }
 }
 
+fn stop_interval(sc: &crate::experiment::StopCondition) -> Duration {
+    sc.interval.map(|d| d.0).unwrap_or(Duration::from_secs(5))
+}
+
+/// Evaluates every Prometheus stop condition and Prometheus probe once, before
+/// anything is touched. Returns why the run must not start: a query that cannot be
+/// evaluated (the reason quoted from Prometheus), or a stop condition that already
+/// holds.
+async fn preflight(exp: &Experiment) -> Vec<String> {
+    let mut checks = Vec::new();
+    for sc in &exp.stop_conditions {
+        if let Some(q) = &sc.prometheus {
+            checks.push((
+                true,
+                format!("stop condition {}", sc.display_name()),
+                q,
+                stop_interval(sc),
+            ));
+        }
+    }
+    for p in &exp.probes {
+        if let Some(q) = &p.prometheus {
+            checks.push((false, format!("probe {}", p.name), q, p.timeout()));
+        }
+    }
+    let runs = checks.into_iter().map(|(is_stop, what, q, within)| async move {
+        let query = match PromQuery::new(q) {
+            Ok(q) => q,
+            Err(e) => return Some(format!("{what}: {e}")),
+        };
+        match tokio::time::timeout(within.max(Duration::from_secs(1)), query.evaluate()).await {
+            Ok(Ok(r)) if is_stop && r.holds => Some(format!(
+                "{what} already holds before anything was injected ({}): the service is not in a state to run chaos against",
+                r.describe()
+            )),
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(format!("{what} cannot be evaluated: {e}")),
+            Err(_) => Some(format!(
+                "{what} cannot be evaluated: {} gave no answer within {}",
+                q.url,
+                gpuchaos_proto::spec::HumanDuration(within.max(Duration::from_secs(1)))
+            )),
+        }
+    });
+    crate::commands::join_all(runs)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
 /// Watches the stop conditions from the first trial on; fires `Runner::abort`.
 fn watch_stop_conditions(
     runner: &Arc<Runner>,
@@ -719,29 +770,58 @@ fn watch_stop_conditions(
             });
         } else if let Some(q) = &sc.prometheus {
             let query = PromQuery::new(q).map_err(CliError::invalid)?;
-            let every = sc.interval.map(|d| d.0).unwrap_or(Duration::from_secs(5));
+            let every = stop_interval(sc);
             tracker.spawn(async move {
+                // A safety net that cannot be evaluated is no safety net: after
+                // three intervals of errors the run is aborted, not left unprotected.
+                let mut failing_since: Option<u64> = None;
+                let give_up_ns = (every * 3).as_nanos() as u64;
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         _ = tokio::time::sleep(every) => {}
                     }
-                    match tokio::time::timeout(every, query.holds()).await {
-                        Ok(Ok(true)) => {
+                    let error = match tokio::time::timeout(every, query.evaluate()).await {
+                        Ok(Ok(r)) if r.holds => {
+                            runner_c.shared.event(
+                                "stop-condition",
+                                0,
+                                format!("stop condition {name} holds: {}", r.describe()),
+                            );
                             runner_c.stop_condition_fired(&name);
                             return;
                         }
-                        Ok(Ok(false)) => {}
-                        Ok(Err(e)) => runner_c.shared.event(
-                            "warning",
-                            0,
-                            format!("stop condition {name}: {e}"),
+                        Ok(Ok(_)) => {
+                            failing_since = None;
+                            continue;
+                        }
+                        Ok(Err(e)) => e,
+                        Err(_) => format!(
+                            "no answer within {}",
+                            gpuchaos_proto::spec::HumanDuration(every)
                         ),
-                        Err(_) => runner_c.shared.event(
-                            "warning",
-                            0,
-                            format!("stop condition {name}: query timed out"),
-                        ),
+                    };
+                    let now = runner_c.shared.clock.now_ns();
+                    let since = *failing_since.get_or_insert(now);
+                    runner_c.shared.event(
+                        "warning",
+                        0,
+                        format!("stop condition {name} cannot be evaluated: {error}"),
+                    );
+                    if now.saturating_sub(since) + every.as_nanos() as u64 > give_up_ns {
+                        let reason = format!(
+                            "stop condition {name} could not be evaluated for {} (3 intervals): {error}; the run was unprotected, so it stops",
+                            gpuchaos_proto::spec::HumanDuration(Duration::from_nanos(
+                                now.saturating_sub(since) + every.as_nanos() as u64
+                            ))
+                        );
+                        runner_c.shared.event("abort", 0, reason.clone());
+                        runner_c.abort_with(Abort {
+                            code: exit::ABORTED,
+                            verdict: "aborted",
+                            reason,
+                        });
+                        return;
                     }
                 }
             });
@@ -807,6 +887,19 @@ pub async fn run(loaded: &Loaded, opts: &RunOptions) -> Result<(RunRecord, u8), 
         probes: probe_records,
         ..Default::default()
     };
+
+    // Every stop condition and Prometheus probe is evaluated once before any agent
+    // is touched: a run whose safety net is broken does not start.
+    let broken = preflight(&exp).await;
+    if !broken.is_empty() {
+        for b in &broken {
+            shared.event("abort", 0, b.clone());
+        }
+        record.verdict = "aborted".into();
+        record.exit_code = exit::ABORTED;
+        record.reason = Some(format!("nothing was injected: {}", broken.join("; ")));
+        return finish(record, &shared, opts);
+    }
 
     // Connect, measure clocks, check capabilities, open sessions.
     let connects = crate::commands::join_all(
@@ -979,6 +1072,21 @@ pub async fn run(loaded: &Loaded, opts: &RunOptions) -> Result<(RunRecord, u8), 
         let stop = stop.clone();
         let tracker = tracker.clone();
         async move {
+            // Every probe answers once before anything is injected (a baseline, and
+            // something for probe stop conditions to look at).
+            runner.shared.set_step("first samples".to_string());
+            let wait_first = runner
+                .exp
+                .probes
+                .iter()
+                .map(|p| p.interval() + p.timeout())
+                .max()
+                .unwrap_or_default()
+                + Duration::from_secs(1);
+            runner
+                .shared
+                .first_samples(runner.exp.probes.len(), wait_first)
+                .await;
             if let Some(s) = &runner.exp.steady_state {
                 runner.shared.set_step("steady state".to_string());
                 match runner

@@ -134,6 +134,21 @@ impl Shared {
         }
     }
 
+    /// Waits until each of the first `probes` probes has one outcome, or `max`.
+    pub async fn first_samples(&self, probes: usize, max: Duration) {
+        let deadline = tokio::time::Instant::now() + max;
+        loop {
+            let all = {
+                let tl = self.timeline.lock().unwrap();
+                (0..probes).all(|p| tl.samples.iter().any(|s| s.probe == p))
+            };
+            if all || tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            self.wait_change(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Records every sample still unanswered as failed ("no answer before the run
     /// ended"): nothing started in a window may vanish from it.
     pub fn fail_unanswered(&self) -> usize {
