@@ -188,7 +188,13 @@ fn sigint_reverts_and_exits_2() {
         target,
         file,
     } = Scene::new("60s", "objectives:\n  - rto: {probe: health, limit: 90s}\n");
-    let child = spawn_run(&["run", file.to_str().unwrap()]);
+    let reports = _dir.path().join("reports");
+    let child = spawn_run(&[
+        "run",
+        file.to_str().unwrap(),
+        "--report-dir",
+        reports.to_str().unwrap(),
+    ]);
     assert!(
         wait_until(Duration::from_secs(15), || is_stopped(target.pid)).is_some(),
         "the target was never paused"
@@ -206,6 +212,38 @@ fn sigint_reverts_and_exits_2() {
         out.stderr
     );
     assert_clean(&agent, &target);
+    // The aborted trial says when it ran, and the objective it never reached is
+    // "not evaluated": not a failure on top of the run's error.
+    let j = journal(&reports);
+    let trial = &j["trials"][0];
+    assert!(trial["start_ns"].as_u64().unwrap() > 0, "{trial}");
+    assert!(
+        trial["method_end_ns"].is_null()
+            || trial["method_end_ns"].as_u64().unwrap() >= trial["start_ns"].as_u64().unwrap()
+    );
+    let o = &j["objectives"][0];
+    assert_eq!(o["evaluated"], false, "{o}");
+    assert!(
+        o["detail"].as_str().unwrap().starts_with("not evaluated"),
+        "{o}"
+    );
+    assert!(out.stdout.contains("NOT EVALUATED"), "{}", out.stdout);
+    assert!(!out.stdout.contains("FAIL"), "{}", out.stdout);
+    let junit = std::fs::read_to_string(reports.join("junit.xml")).unwrap();
+    assert!(
+        junit.contains("failures=\"0\" errors=\"1\" skipped=\"1\""),
+        "{junit}"
+    );
+    assert!(
+        junit.contains("<skipped message=\"not evaluated"),
+        "{junit}"
+    );
+    let md = std::fs::read_to_string(reports.join("summary.md")).unwrap();
+    assert!(
+        md.contains("not evaluated") && !md.contains("❌ fail"),
+        "{md}"
+    );
+    assert!(!md.contains("trial 1: 0.000s"), "{md}");
 }
 
 #[test]

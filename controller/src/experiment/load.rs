@@ -113,11 +113,17 @@ pub fn load_str(
         Ok(d) => d,
         Err(e) => {
             let fe = gpuchaos_proto::spec::yaml_error(e).0.remove(0);
-            let loc = Loc {
-                line: fe.line.unwrap_or(0),
-                column: fe.column.unwrap_or(0),
+            let (loc, message) = match yaml::duplicate_key_location(&fe.message) {
+                Some(found) => found,
+                None => (
+                    Loc {
+                        line: fe.line.unwrap_or(0),
+                        column: fe.column.unwrap_or(0),
+                    },
+                    fe.message,
+                ),
             };
-            return Err(vec![err_at(loc, String::new(), fe.message)]);
+            return Err(vec![err_at(loc, String::new(), message)]);
         }
     };
     let root = match docs.as_slice() {

@@ -329,6 +329,22 @@ impl<'de> Deserialize<'de> for Value {
     }
 }
 
+/// The duplicate-key error raised inside the tree's visitor carries its location in
+/// its text (a visitor's error cannot carry one otherwise); this takes it back out:
+/// (line, column, message without the location).
+pub fn duplicate_key_location(msg: &str) -> Option<(Loc, String)> {
+    let start = msg.find("duplicate key `")?;
+    let open = msg[start..].find(" (line ")? + start;
+    let close = msg[open..].find(')')? + open;
+    let mut nums = msg[open + 7..close].split(" column ");
+    let line = nums.next()?.trim().parse().ok()?;
+    let column = nums.next()?.trim().parse().ok()?;
+    Some((
+        Loc { line, column },
+        format!("{}{}", &msg[start..open], &msg[close + 1..]),
+    ))
+}
+
 /// Parses every document of a YAML text into located trees. Booleans are YAML 1.2's
 /// (`true`/`false` only), so `on:`, `no` or `yes` stay strings (the "Norway problem").
 pub fn parse_documents(text: &str) -> Result<Vec<Node>, serde_saphyr::Error> {

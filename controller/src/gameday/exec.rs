@@ -304,9 +304,12 @@ pub async fn execute(
                         out.exit_code = Some(code);
                         out.reason = record.reason.clone();
                         out.report_dir = Some(rel);
+                        // Objectives the run never got to evaluate have no value
+                        // for the trends.
                         out.objectives = record
                             .objectives
                             .iter()
+                            .filter(|o| o.evaluated)
                             .map(|o| ObjectiveOutcome {
                                 name: o.name.clone(),
                                 kind: o.kind.clone(),

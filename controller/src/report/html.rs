@@ -27,7 +27,7 @@ header{padding:12px 16px;border-radius:6px;border-left:6px solid}\
 .v-warn{background:#fffbeb;border-color:#d97706}\
 .leftovers{background:#fef2f2;border:2px solid #dc2626;padding:8px 16px;margin-top:16px;border-radius:6px}\
 table{border-collapse:collapse;font-size:13px}th,td{border:1px solid #d1d5db;padding:3px 8px;text-align:left;vertical-align:top}\
-th{background:#f3f4f6}tr.pass td:last-child{color:#15803d;font-weight:600}tr.fail td:last-child{color:#b91c1c;font-weight:600}\
+th{background:#f3f4f6}tr.pass td:last-child{color:#15803d;font-weight:600}tr.fail td:last-child{color:#b91c1c;font-weight:600}tr.skip td:last-child{color:#6b7280;font-style:italic}\
 .tl{overflow-x:auto}svg{font:11px system-ui,sans-serif}.row{fill:#f3f4f6}\
 .s-ok{fill:#22c55e}.s-fail{fill:#ef4444}.s-unsafe{fill:#9333ea}\
 .fault{fill:#f59e0b;fill-opacity:.18;stroke:#d97706;stroke-opacity:.5}.flbl{fill:#92400e}\
@@ -88,8 +88,22 @@ pub fn html(record: &RunRecord) -> String {
         record.objectives.iter().map(|o| {
             let mut cells = objective_cells(o);
             cells.push(o.detail.clone());
-            cells.push(if o.passed { "pass" } else { "FAIL" }.to_string());
-            (if o.passed { "pass" } else { "fail" }, cells)
+            cells.push(
+                match o.verdict_word() {
+                    "pass" => "pass",
+                    "fail" => "FAIL",
+                    _ => "not evaluated",
+                }
+                .to_string(),
+            );
+            (
+                match o.verdict_word() {
+                    "pass" => "pass",
+                    "fail" => "fail",
+                    _ => "skip",
+                },
+                cells,
+            )
         }),
     );
 

@@ -13,7 +13,12 @@ use crate::runner::record::{ObjectiveSummary, RunRecord};
 pub fn junit(record: &RunRecord) -> String {
     let run_failed = run_error(record);
     let tests = record.objectives.len() + usize::from(run_failed);
-    let failures = record.objectives.iter().filter(|o| !o.passed).count();
+    let failures = record
+        .objectives
+        .iter()
+        .filter(|o| o.evaluated && !o.passed)
+        .count();
+    let skipped = record.objectives.iter().filter(|o| !o.evaluated).count();
     let errors = usize::from(run_failed);
     let time = seconds(record.duration_ns);
     let trials_time = seconds(
@@ -32,7 +37,7 @@ pub fn junit(record: &RunRecord) -> String {
     );
     let _ = writeln!(
         xml,
-        "  <testsuite name=\"{name}\" tests=\"{tests}\" failures=\"{failures}\" errors=\"{errors}\" skipped=\"0\" time=\"{time}\" timestamp=\"{}\">",
+        "  <testsuite name=\"{name}\" tests=\"{tests}\" failures=\"{failures}\" errors=\"{errors}\" skipped=\"{skipped}\" time=\"{time}\" timestamp=\"{}\">",
         started_at(record)
     );
     for o in &record.objectives {
@@ -41,7 +46,14 @@ pub fn junit(record: &RunRecord) -> String {
             "    <testcase classname=\"gpuchaos.{name}\" name=\"{}\" time=\"{trials_time}\"",
             escape_attr(&o.name)
         );
-        if o.passed {
+        if !o.evaluated {
+            // Not a failure of its own: the run's error says why nothing was measured.
+            let _ = writeln!(
+                xml,
+                ">\n      <skipped message=\"{}\"/>\n    </testcase>",
+                escape_attr(&o.detail)
+            );
+        } else if o.passed {
             xml.push_str("/>\n");
         } else {
             let _ = writeln!(

@@ -46,11 +46,22 @@ pub fn markdown(record: &RunRecord) -> String {
         &[&OBJECTIVE_COLUMNS[..], &["verdict"]].concat(),
         record.objectives.iter().map(|o| {
             let mut cells = objective_cells(o);
-            cells.push(if o.passed { "✅ pass" } else { "❌ fail" }.to_string());
+            cells.push(
+                match o.verdict_word() {
+                    "pass" => "✅ pass",
+                    "fail" => "❌ fail",
+                    _ => "⏭️ not evaluated",
+                }
+                .to_string(),
+            );
             cells
         }),
     );
-    let failed: Vec<_> = record.objectives.iter().filter(|o| !o.passed).collect();
+    let failed: Vec<_> = record
+        .objectives
+        .iter()
+        .filter(|o| o.evaluated && !o.passed)
+        .collect();
     if !failed.is_empty() {
         md.push('\n');
         for o in failed {

@@ -197,7 +197,11 @@ pub(crate) fn objective_cells(o: &ObjectiveSummary) -> Vec<String> {
         o.probe.clone(),
         measured(o),
         o.limit_text.clone(),
-        format!("{}/{}", o.trials_passed, o.trials),
+        if o.evaluated {
+            format!("{}/{}", o.trials_passed, o.trials)
+        } else {
+            "-".into()
+        },
     ]
 }
 

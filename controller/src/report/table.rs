@@ -29,7 +29,12 @@ pub fn text_table(record: &RunRecord) -> String {
             o.limit_text.clone(),
             format_opt(o.error_bar, &o.unit),
             format!("{}/{}", o.trials_passed, o.trials),
-            if o.passed { "PASS" } else { "FAIL" }.to_string(),
+            match o.verdict_word() {
+                "pass" => "PASS",
+                "fail" => "FAIL",
+                _ => "NOT EVALUATED",
+            }
+            .to_string(),
         ]
     }));
     // One line per cell: a line break inside a name would break the alignment.

@@ -235,6 +235,7 @@ pub fn summarize(results: &[&ObjectiveResult], unit: &str, limit_text: String) -
         kind: first.map(|r| r.kind.clone()).unwrap_or_default(),
         probe: first.map(|r| r.probe.clone()).unwrap_or_default(),
         passed: !results.is_empty() && passed == results.len(),
+        evaluated: !results.is_empty(),
         unit: unit.to_string(),
         limit_text,
         limit: first.map(|r| r.limit).unwrap_or_default(),

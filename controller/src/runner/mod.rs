@@ -198,6 +198,9 @@ struct Runner {
     exp: Experiment,
     conns: Vec<Conn>,
     injected: Mutex<Vec<Injected>>,
+    /// Each trial as far as it got (start, method end): an abort cancels the trial
+    /// body, and its record must still say when it ran.
+    started: Mutex<Vec<TrialRecord>>,
     abort: CancellationToken,
     abort_reason: Mutex<Option<Abort>>,
 }
@@ -1032,6 +1035,7 @@ pub async fn run(loaded: &Loaded, opts: &RunOptions) -> Result<(RunRecord, u8), 
         exp: exp.clone(),
         conns,
         injected: Mutex::new(Vec::new()),
+        started: Mutex::new(Vec::new()),
         abort: CancellationToken::new(),
         abort_reason: Mutex::new(None),
     });
@@ -1134,8 +1138,12 @@ pub async fn run(loaded: &Loaded, opts: &RunOptions) -> Result<(RunRecord, u8), 
                     start_ns,
                     ..Default::default()
                 };
+                runner.started.lock().unwrap().push(trial.clone());
                 let steps = runner.run_steps(index, plan).await;
                 trial.method_end_ns = Some(runner.shared.clock.now_ns());
+                if let Some(t) = runner.started.lock().unwrap().last_mut() {
+                    t.method_end_ns = trial.method_end_ns;
+                }
                 // Background faults of this trial end before it is evaluated.
                 let open: Vec<usize> = {
                     let inj = runner.injected.lock().unwrap();
@@ -1270,20 +1278,24 @@ pub async fn run(loaded: &Loaded, opts: &RunOptions) -> Result<(RunRecord, u8), 
             .map(|i| i.trial)
             .max()
             .unwrap_or(0);
+        let started = runner.started.lock().unwrap().clone();
+        let max_trial = max_trial.max(started.iter().map(|t| t.index).max().unwrap_or(0));
         for t in 1..=max_trial {
             if !known.contains(&t) {
                 let now = shared.clock.now_ns();
+                let begun = started.iter().find(|s| s.index == t);
                 trials.push(TrialRecord {
                     index: t,
-                    start_ns: 0,
+                    start_ns: begun.map(|s| s.start_ns).unwrap_or(0),
                     first_inject_ns: runner.anchor_fault(t, None).and_then(|f| f.inject_ns),
-                    method_end_ns: None,
+                    method_end_ns: begun.and_then(|s| s.method_end_ns),
                     end_ns: now,
                     faults: Vec::new(),
                     objectives: Vec::new(),
                 });
             }
         }
+        trials.sort_by_key(|t| t.index);
     }
     for t in trials.iter_mut() {
         t.faults = trial_faults(&runner, t.index);
@@ -1292,7 +1304,7 @@ pub async fn run(loaded: &Loaded, opts: &RunOptions) -> Result<(RunRecord, u8), 
     record.objectives = summarize(&exp, &record.trials);
     record.leftovers = leftovers;
     let failure = aborted.or(early);
-    let objectives_failed = record.objectives.iter().any(|o| !o.passed)
+    let objectives_failed = record.objectives.iter().any(|o| o.evaluated && !o.passed)
         || record
             .trials
             .iter()
@@ -1348,7 +1360,8 @@ fn summarize(exp: &Experiment, trials: &[TrialRecord]) -> Vec<ObjectiveSummary> 
             s.kind = o.kind_name().to_string();
             s.probe = o.probe().to_string();
             s.passed = false;
-            s.detail = "not measured: no trial completed".into();
+            s.evaluated = false;
+            s.detail = "not evaluated: no trial got as far as its evaluation".into();
         }
         out.push(s);
     }

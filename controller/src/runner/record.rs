@@ -163,6 +163,23 @@ pub struct ObjectiveResult {
     pub recovered_ns: Option<u64>,
 }
 
+fn evaluated_default() -> bool {
+    true
+}
+
+impl ObjectiveSummary {
+    /// pass | fail | not evaluated
+    pub fn verdict_word(&self) -> &'static str {
+        if !self.evaluated {
+            "not evaluated"
+        } else if self.passed {
+            "pass"
+        } else {
+            "fail"
+        }
+    }
+}
+
 /// One objective over every trial.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ObjectiveSummary {
@@ -170,6 +187,10 @@ pub struct ObjectiveSummary {
     pub kind: String,
     pub probe: String,
     pub passed: bool,
+    /// False when no trial got as far as evaluating it (the run was aborted first):
+    /// such an objective is "not evaluated", neither passed nor failed.
+    #[serde(default = "evaluated_default")]
+    pub evaluated: bool,
     /// s | ratio | count
     pub unit: String,
     /// How the limit reads: "≤ 30s", "≥ 0.99", "p99 ≤ 500ms", "≤ 0 unsafe".
