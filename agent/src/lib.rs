@@ -254,6 +254,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         .start_standing(&cfg.guardrail_proxies)
         .await
         .map_err(ConfigError)?;
+    let network_drains = Arc::clone(&network);
     let drivers: Vec<Arc<dyn FaultDriver>> = vec![process, gpu_memory, network, guardrail];
     let inventory = Arc::new(inventory::Inventory::new(
         gpus,
@@ -333,6 +334,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
             "reverts did not finish within the grace period: the journal keeps them for the next start"
         ),
     }
+    // Reverted proxy faults still letting their connections finish: end them now,
+    // so that no table outlives the agent.
+    network_drains.finish_drains(Duration::from_secs(5)).await;
     stop_servers.cancel();
     drop(handle);
     // Graceful shutdown waits for clients to hang up; an open event stream or an idle

@@ -801,3 +801,80 @@ fn protected_interfaces_are_left_alone() {
     assert!(!http_works(&hosts.a, &format!("{C}:8000")), "to-c is not");
     revert_in(&hosts.a, &agent, fault["id"].as_str().unwrap());
 }
+
+/// Connections the proxy carries when a latency fault is reverted keep flowing:
+/// a request in flight at the revert is answered within the latency it had left,
+/// and the next request on the same connection pays nothing.
+#[test]
+fn proxied_connections_keep_flowing_after_the_revert() {
+    if !privileged() {
+        return;
+    }
+    let Node { hosts, dir, agent } = Node::start();
+    let _web = web_servers(&hosts);
+    let to_b = format!("{B}:8000");
+    let f = inject_in(
+        &hosts.a,
+        &agent,
+        dir.path(),
+        &format!(
+            "kind: network\nduration: 1m\npeers: [\"{B}\"]\nports: [8000]\nlatency: 300ms\nbackend: proxy\n"
+        ),
+    );
+    // Opened during the fault: this connection goes through the proxy.
+    let mut s = connect(&hosts.a, &to_b, Duration::from_secs(5)).expect("connect");
+    let first = http_get(&mut s).expect("a request during the fault");
+    assert!(
+        first >= Duration::from_millis(550),
+        "the fault delays: {first:?}"
+    );
+    // A request in flight when the revert lands: sent, then the fault reverted
+    // about 100 ms later (the answer needs 600 ms in all).
+    let mut s2 = s.try_clone().unwrap();
+    let inflight = std::thread::spawn(move || http_get(&mut s2));
+    std::thread::sleep(Duration::from_millis(100));
+    let t = std::time::Instant::now();
+    revert_in(&hosts.a, &agent, f["id"].as_str().unwrap());
+    let answered = inflight.join().unwrap();
+    assert!(
+        answered.is_ok(),
+        "the request in flight at the revert got no answer: {answered:?} ({:?} after the revert)\n{}",
+        t.elapsed(),
+        agent.log_text()
+    );
+    let took = answered.unwrap();
+    eprintln!("in flight across the revert: answered after {took:?} (at most the 600 ms it had)");
+    assert!(took <= Duration::from_millis(900), "{took:?}");
+    // The same connection, after the revert: no delay, and it works.
+    let after = http_get(&mut s).expect("the proxied connection works after the revert");
+    eprintln!("next request on that connection: {after:?}");
+    assert!(after < Duration::from_millis(100), "{after:?}");
+    // The effect-free table stays only while the connection lives: closed, it goes.
+    drop(s);
+    let gone = wait_until(Duration::from_secs(3), || {
+        hosts.gpuchaos_state(&hosts.a).is_empty()
+    });
+    assert!(gone.is_some(), "left: {:?}", hosts.gpuchaos_state(&hosts.a));
+
+    // A connection still open when the agent stops: the drain ends with the agent,
+    // nothing is left behind.
+    let f = inject_in(
+        &hosts.a,
+        &agent,
+        dir.path(),
+        &format!(
+            "kind: network\nduration: 1m\npeers: [\"{B}\"]\nports: [8000]\nlatency: 50ms\nbackend: proxy\n"
+        ),
+    );
+    let mut s = connect(&hosts.a, &to_b, Duration::from_secs(5)).expect("connect");
+    http_get(&mut s).expect("a request during the fault");
+    revert_in(&hosts.a, &agent, f["id"].as_str().unwrap());
+    assert!(
+        !hosts.gpuchaos_state(&hosts.a).is_empty(),
+        "draining while the connection lives"
+    );
+    let mut agent = agent;
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(agent.wait(), Some(0));
+    assert_eq!(hosts.gpuchaos_state(&hosts.a), Vec::<String>::new());
+}

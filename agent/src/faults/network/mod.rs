@@ -205,7 +205,15 @@ pub struct NetworkDriver {
     /// The agent's own TCP ports, never cut in its own namespace.
     keep_ports: Vec<u16>,
     proxies: Mutex<HashMap<String, proxy::Proxy>>,
+    /// Reverted proxy faults whose connections are still being carried: the table
+    /// (neutralized, effect-free) is deleted once they end or the drain limit passes.
+    drains: tokio_util::task::TaskTracker,
+    drain_stop: tokio_util::sync::CancellationToken,
 }
+
+/// How long connections proxied before a revert may go on after it before they are
+/// closed and the redirect's table deleted.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(120);
 
 fn token() -> String {
     format!("{:08x}", rand::random::<u32>())
@@ -228,7 +236,72 @@ impl NetworkDriver {
             caps,
             keep_ports,
             proxies: Mutex::new(HashMap::new()),
+            drains: tokio_util::task::TaskTracker::new(),
+            drain_stop: tokio_util::sync::CancellationToken::new(),
         }
+    }
+
+    /// Ends every drain now (agent shutdown): remaining proxied connections are
+    /// closed and their tables deleted. Returns once all are done or `within` passes.
+    pub async fn finish_drains(&self, within: Duration) {
+        self.drain_stop.cancel();
+        self.drains.close();
+        let _ = tokio::time::timeout(within, self.drains.wait()).await;
+    }
+
+    /// The revert of a proxy fault in one namespace: the effects go at once (no new
+    /// connection is redirected, nothing is delayed or dropped from now on), the
+    /// proxy stops accepting and delaying, and the connections it already carries
+    /// finish on their way; then the empty table goes.
+    async fn drain_proxy(
+        &self,
+        path: Option<&std::path::Path>,
+        table: &str,
+        key: &str,
+    ) -> Result<(), crate::sys::netns::CmdError> {
+        nft::neutralize(path, table).await?;
+        let Some(p) = self.proxies.lock().ok().and_then(|mut m| m.remove(key)) else {
+            return nft::delete(path, table).await;
+        };
+        p.stop();
+        if p.active() == 0 {
+            p.close_all();
+            return nft::delete(path, table).await;
+        }
+        tracing::info!(
+            table,
+            connections = p.active(),
+            "reverted: letting the connections the proxy carries finish before the table goes"
+        );
+        let path = path.map(std::path::Path::to_path_buf);
+        let table = table.to_string();
+        let stop = self.drain_stop.clone();
+        self.drains.spawn(async move {
+            let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
+            while p.active() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+            if p.active() > 0 {
+                tracing::info!(table = %table, connections = p.active(), "closing the proxied connections still open");
+            }
+            p.close_all();
+            // The connections' tasks see the close and drop their sockets.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            for _ in 0..3 {
+                match nft::delete(path.as_deref(), &table).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::warn!(table = %table, error = %e, "deleting the drained table failed: retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+            tracing::error!(table = %table, "the drained table could not be deleted (it holds no rules); start-up removes it");
+        });
+        Ok(())
     }
 
     fn shaper(&self, spec: &NetworkSpec) -> Result<Option<Shaper>, AgentError> {
@@ -665,10 +738,19 @@ impl NetworkDriver {
             let shown = path
                 .map(|p| format!("nsenter --net={} ", p.display()))
                 .unwrap_or_default();
-            if let Err(e) = nft::delete(path, &plan.table).await {
+            let key = format!("{}/{}", plan.token, ns.label);
+            let proxied = plan.shaper == Some(Shaper::Proxy)
+                && self.proxies.lock().is_ok_and(|m| m.contains_key(&key));
+            let removed = if proxied {
+                // Rules first, table after the proxied connections end.
+                self.drain_proxy(path, &plan.table, &key).await
+            } else {
+                nft::delete(path, &plan.table).await
+            };
+            if let Err(e) = removed {
                 problems.push(format!("{}: {e}", ns.label));
                 leftovers.push(format!("{shown}nft delete table inet {}", plan.table));
-            } else if let Ok(Some(_)) = nft::count_rules(path, &plan.table).await {
+            } else if !proxied && let Ok(Some(_)) = nft::count_rules(path, &plan.table).await {
                 problems.push(format!("{}: table {} is still there", ns.label, plan.table));
                 leftovers.push(format!("{shown}nft delete table inet {}", plan.table));
             } else {

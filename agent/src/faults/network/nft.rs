@@ -326,6 +326,59 @@ fn is_missing(e: &CmdError) -> bool {
     e.message.contains("No such file or directory") || e.message.contains("does not exist")
 }
 
+/// Takes every effect of the table away while keeping the kernel translating the
+/// connections it redirected earlier: filter chains are flushed (no more drops),
+/// and each `type nat` chain gets `ct state new return` in front, so no new
+/// connection is redirected. Deleting the table, or flushing its nat chains, would
+/// cut the connections the proxy still carries: the kernel stops translating them
+/// and their next packet is answered with a reset (seen on this kernel, and the
+/// reason in-flight requests hung after a revert). Absent is fine.
+pub async fn neutralize(ns: Option<&std::path::Path>, table: &str) -> Result<(), CmdError> {
+    let listing = match run_tool(
+        ns,
+        Tool::Nft,
+        &[
+            "-j".into(),
+            "list".into(),
+            "table".into(),
+            "inet".into(),
+            table.into(),
+        ],
+        None,
+    )
+    .await
+    {
+        Ok(out) => out,
+        Err(e) if is_missing(&e) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let v: Value = serde_json::from_str(&listing).map_err(|e| CmdError {
+        command: format!("nft -j list table inet {table}"),
+        message: format!("unreadable JSON: {e}"),
+    })?;
+    let mut script = String::new();
+    for c in v["nftables"].as_array().into_iter().flatten() {
+        let Some(chain) = c.get("chain") else {
+            continue;
+        };
+        let Some(name) = chain["name"].as_str() else {
+            continue;
+        };
+        if chain["type"] == "nat" {
+            script.push_str(&format!(
+                "insert rule inet {table} {name} ct state new return\n"
+            ));
+        } else {
+            script.push_str(&format!("flush chain inet {table} {name}\n"));
+        }
+    }
+    if script.is_empty() {
+        return Ok(());
+    }
+    run_tool(ns, Tool::Nft, &["-f".into(), "-".into()], Some(&script)).await?;
+    Ok(())
+}
+
 /// Deletes the table; absent is fine (idempotent).
 pub async fn delete(ns: Option<&std::path::Path>, table: &str) -> Result<(), CmdError> {
     match run_tool(

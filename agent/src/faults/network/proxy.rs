@@ -9,7 +9,9 @@
 //! bytes leaving the namespace. Only TCP is delayed; UDP and ICMP pass untouched.
 //! Connections that were open before the fault keep their direct path (nftables
 //! redirects new connections only). On revert the listeners close and connections
-//! already proxied go on forwarding without delay until they end.
+//! already proxied go on forwarding without delay until they end (the redirect's
+//! table is neutralized, not deleted, until then: see `nft::neutralize`); a drain that lasts
+//! past its limit closes them ([`Proxy::close_all`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -78,6 +80,8 @@ pub struct Proxy {
     pub counters: Arc<Counters>,
     shaping_on: Arc<AtomicBool>,
     stop: CancellationToken,
+    /// Closes the connections still carried (the end of a drain).
+    close: CancellationToken,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -88,6 +92,7 @@ enum Role {
 
 struct Shared {
     config: Config,
+    close: CancellationToken,
     shaping_on: Arc<AtomicBool>,
     counters: Arc<Counters>,
     sockets: Arc<NsSockets>,
@@ -119,8 +124,10 @@ impl Proxy {
         let shaping_on = Arc::new(AtomicBool::new(true));
         let counters = Arc::new(Counters::default());
         let stop = CancellationToken::new();
+        let close = CancellationToken::new();
         let shared = Arc::new(Shared {
             config,
+            close: close.clone(),
             shaping_on: Arc::clone(&shaping_on),
             counters: Arc::clone(&counters),
             sockets,
@@ -140,7 +147,19 @@ impl Proxy {
             counters,
             shaping_on,
             stop,
+            close,
         })
+    }
+
+    /// Connections still being carried.
+    pub fn active(&self) -> u64 {
+        self.counters.active.load(Ordering::Relaxed)
+    }
+
+    /// Closes every connection still carried (both ends see the close).
+    pub fn close_all(&self) {
+        self.stop();
+        self.close.cancel();
     }
 
     /// Stops accepting and stops delaying: connections already proxied go on
@@ -239,8 +258,12 @@ async fn serve(client: TcpStream, role: Role, shared: &Shared) -> std::io::Resul
         down_bytes,
         &mut rng_down,
     );
-    let (ra, rb) = tokio::join!(a, b);
-    ra.and(rb)
+    tokio::select! {
+        (ra, rb) = async { tokio::join!(a, b) } => ra.and(rb),
+        _ = shared.close.cancelled() => Err(std::io::Error::other(
+            "closed: the drain after the fault's revert reached its limit",
+        )),
+    }
 }
 
 const CHUNK: usize = 16 * 1024;
