@@ -49,14 +49,29 @@ fn the_demo_game_day_passes_and_writes_its_reports() {
         t.elapsed().as_secs() < 180,
         "the demo must take under 3 minutes"
     );
-    let left = Command::new("pgrep")
-        .args(["-f", "gpuchaos-refstack"])
-        .output()
-        .map(|o| o.stdout)
-        .unwrap_or_default();
+    // Only this demo's processes count (other tests run reference stacks at the same
+    // time): they carry the demo's own directory in their environment.
+    let demo_dir = stdout
+        .split("logs in ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("the demo names its log directory")
+        .to_string();
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().chars().all(|c| c.is_ascii_digit()))
+        .filter(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
+            String::from_utf8_lossy(&cmd).contains("gpuchaos-refstack")
+                && String::from_utf8_lossy(&env).contains(&demo_dir)
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     assert!(
         left.is_empty(),
-        "the demo must leave no stack process behind"
+        "the demo must leave no stack process behind: {left:?}"
     );
 }
 

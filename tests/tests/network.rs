@@ -878,3 +878,74 @@ fn proxied_connections_keep_flowing_after_the_revert() {
     assert_eq!(agent.wait(), Some(0));
     assert_eq!(hosts.gpuchaos_state(&hosts.a), Vec::<String>::new());
 }
+
+/// A fault that would hit no traffic is refused with the reason, and one that is
+/// accepted says which interfaces it covers (loopback only when named).
+#[test]
+fn a_fault_that_would_hit_nothing_is_refused_and_coverage_is_shown() {
+    if !privileged() {
+        return;
+    }
+    let Node { hosts, dir, agent } = Node::start();
+    let refused = |yaml: &str| {
+        let f = spec_file(dir.path(), "n.yaml", yaml);
+        gpuchaos_in(
+            &hosts.a,
+            &["--agent", &agent.grpc, "inject", "-f", f.to_str().unwrap()],
+        )
+    };
+    // Peers reached only over lo, lo not named.
+    let out = refused(
+        "kind: network\nduration: 1m\npeers: [\"127.0.0.1\"]\nports: [8000]\nlatency: 100ms\nbackend: proxy\n",
+    );
+    assert_eq!(out.code, 64, "{out:?}");
+    assert!(
+        out.stderr.contains("are reached over lo") && out.stderr.contains("add interface: lo"),
+        "{out:?}"
+    );
+    // A namespace with nothing but lo: no interface to act on.
+    let solo = gpuchaos_tests::netns::Netns::new();
+    let dir2 = tempfile::tempdir().unwrap();
+    let solo_agent = Agent::start_in(&solo.name, &dir2.path().join("state"));
+    let f = spec_file(
+        dir2.path(),
+        "n.yaml",
+        "kind: network\nduration: 1m\nports: [8000]\nlatency: 100ms\nbackend: proxy\n",
+    );
+    let out = gpuchaos_in(
+        &solo.name,
+        &[
+            "--agent",
+            &solo_agent.grpc,
+            "inject",
+            "-f",
+            f.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.code, 64, "{out:?}");
+    assert!(
+        out.stderr.contains("no interface the fault would act on"),
+        "{out:?}"
+    );
+    assert_eq!(hosts.gpuchaos_state(&solo.name), Vec::<String>::new());
+    // Accepted: the status and the inject line name what is covered.
+    let f = inject_in(
+        &hosts.a,
+        &agent,
+        dir.path(),
+        "kind: network\nduration: 1m\nports: [8000]\nlatency: 100ms\nbackend: proxy\n",
+    );
+    let target = f["target"].as_str().unwrap();
+    assert!(
+        target.contains("via ") && target.contains("not lo: add interface: lo"),
+        "{target}"
+    );
+    let ifaces = f["details"]["namespaces"][0]["interfaces"]
+        .as_array()
+        .unwrap();
+    assert!(
+        !ifaces.is_empty() && !ifaces.iter().any(|i| i == "lo"),
+        "{ifaces:?}"
+    );
+    revert_in(&hosts.a, &agent, f["id"].as_str().unwrap());
+}

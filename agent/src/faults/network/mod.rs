@@ -50,6 +50,9 @@ pub struct NsPlan {
     /// Interfaces shaped with tc (egress), and the ifb each one's ingress goes through.
     pub shaped: Vec<String>,
     pub ifbs: Vec<(String, String)>,
+    /// The interfaces the fault acts on (lo only when named), for the status.
+    #[serde(default)]
+    pub covers: Vec<String>,
 }
 
 /// The journaled plan: everything revert needs.
@@ -664,6 +667,7 @@ impl NetworkDriver {
         }
         let mut v = serde_json::json!({
             "where": ns.label,
+            "interfaces": ns.covers,
             "nft_table": if want > 0 { format!("inet {}", plan.table) } else { String::new() },
             "nft_rules": want,
         });
@@ -925,14 +929,27 @@ impl FaultDriver for NetworkDriver {
         let seed = n.seed.unwrap_or_else(rand::random);
         let token = token();
         let mut namespaces = Vec::new();
+        // A fault that can hit no traffic is refused, never reported verified: peers
+        // reached only over loopback are left alone unless lo is named.
+        let loopback_only = !n.peers.is_empty()
+            && n.cidrs()
+                .iter()
+                .all(|c| c.addr.is_loopback() && c.prefix >= 8);
+        if loopback_only && n.interface.as_deref() != Some("lo") {
+            return Err(AgentError::NoTargets(format!(
+                "the peers {} are reached over lo, which a fault leaves alone unless it is named: add interface: lo",
+                n.peers.join(", ")
+            )));
+        }
         for (i, (netns, label)) in self.namespaces(n, seed)?.into_iter().enumerate() {
             let tc_shaped = matches!(shaper, Some(Shaper::Netem | Shaper::Tc));
             let ifaces = self.interfaces(n, &netns, &label)?;
-            if tc_shaped && ifaces.is_empty() {
+            if ifaces.is_empty() {
                 return Err(AgentError::NoTargets(format!(
-                    "{label} has no interface to shape (only loopback or protected ones): name one with interface:"
+                    "{label} has no interface the fault would act on: lo is left alone unless named and the others are protected; to delay or cut local traffic, add interface: lo"
                 )));
             }
+            let covers = ifaces.clone();
             let (shaped, ifbs) = if tc_shaped {
                 let ifbs = if n.direction().ingress() {
                     ifaces
@@ -962,6 +979,7 @@ impl FaultDriver for NetworkDriver {
                 label,
                 shaped,
                 ifbs,
+                covers,
             });
         }
         let plan = NetPlan {
@@ -986,6 +1004,18 @@ impl FaultDriver for NetworkDriver {
         if !n.ports.is_empty() {
             let ports: Vec<String> = n.ports.iter().map(|p| p.to_string()).collect();
             target.push_str(&format!(" port {}", ports.join(",")));
+        }
+        // Say what it covers: traffic over lo (a client on the same node) is not
+        // affected unless lo is named.
+        let mut via: Vec<String> = plan
+            .namespaces
+            .iter()
+            .flat_map(|n| n.covers.clone())
+            .collect();
+        via.dedup();
+        target.push_str(&format!(" via {}", via.join(", ")));
+        if n.interface.is_none() {
+            target.push_str(" (not lo: add interface: lo for local traffic)");
         }
         Ok(Plan {
             target,
@@ -1012,12 +1042,15 @@ impl FaultDriver for NetworkDriver {
                 "namespaces": per_ns,
             })));
             if plan.shaper == Some(Shaper::Proxy)
-                && spec.protocol() != Protocol::Tcp
                 && let Ok(mut d) = details.lock()
             {
-                d["note"] = serde_json::json!(
-                    "the proxy backend delays TCP only: UDP and ICMP pass undelayed, and connections opened before the fault keep their direct path"
+                let mut note = String::from(
+                    "the proxy backend completes a client's TCP handshake at once (connect() does not see the latency, unlike netem) and delays the first bytes instead; connections opened before the fault keep their direct path",
                 );
+                if spec.protocol() != Protocol::Tcp {
+                    note.push_str("; it delays TCP only: UDP and ICMP pass undelayed");
+                }
+                d["note"] = serde_json::json!(note);
             }
             // While active: live proxy counters, and every 2 s the kernel state read
             // back again, so that rules someone else flushed show in the status.
