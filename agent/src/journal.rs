@@ -7,6 +7,12 @@
 //! journal is never rewritten in place. A torn last line (a crash mid-write) is
 //! ignored with a warning; it can only be a record whose effect never started, since
 //! effects wait for the fsync.
+//!
+//! At run time the journal is owned by a thread of its own ([`JournalWriter`]): the
+//! manager queues records and never waits on the disk; an inject waits for its
+//! intent's fsync in the task that then applies the effect. Records waiting together
+//! share one fsync (group commit), and compaction runs in the same queue, so records
+//! stay in order.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, Write};
@@ -101,12 +107,21 @@ impl Journal {
 
     /// Appends one record and waits until it is on disk.
     pub fn append(&mut self, rec: &Record) -> io::Result<()> {
+        self.write_record(rec)?;
+        self.file.sync_data()
+    }
+
+    /// Writes one record without waiting for the disk ([`Journal::sync`] does).
+    fn write_record(&mut self, rec: &Record) -> io::Result<()> {
         let mut line = serde_json::to_vec(rec).map_err(io::Error::other)?;
         line.push(b'\n');
         self.file.write_all(&line)?;
-        self.file.sync_data()?;
         self.bytes += line.len() as u64;
         Ok(())
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.file.sync_data()
     }
 
     pub fn needs_compaction(&self) -> bool {
@@ -140,6 +155,192 @@ impl Journal {
         self.bytes = self.file.metadata()?.len();
         tracing::debug!(open = open.len(), bytes = self.bytes, "journal compacted");
         Ok(())
+    }
+}
+
+enum Job {
+    Append(
+        Record,
+        Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    ),
+    /// Compact if the file has grown past its limit (the open entries as the
+    /// manager sees them when it asks).
+    CompactIfLarge(Vec<OpenEntry>),
+}
+
+/// The journal on a thread of its own: appends queue without blocking the caller;
+/// [`JournalWriter::append`] answers once the record is on disk.
+#[derive(Debug, Clone)]
+pub struct JournalWriter {
+    tx: std::sync::mpsc::Sender<Job>,
+    /// Set in [`JournalWriter::inline`]: records are written by the caller.
+    inline: Option<std::sync::Arc<std::sync::Mutex<Journal>>>,
+    path: PathBuf,
+    /// The file's size past its compaction limit (kept by the thread).
+    large: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Job::Append(r, _) => write!(f, "append {}", r.id()),
+            Job::CompactIfLarge(o) => write!(f, "compact ({} open)", o.len()),
+        }
+    }
+}
+
+impl JournalWriter {
+    /// Moves the journal onto its thread.
+    pub fn start(mut journal: Journal) -> JournalWriter {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let path = journal.path();
+        let large = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(
+            journal.needs_compaction(),
+        ));
+        let large_t = std::sync::Arc::clone(&large);
+        std::thread::Builder::new()
+            .name("gpuchaos-journal".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    // Everything already waiting joins this batch: one fsync for all
+                    // of its appends (group commit), compactions in their place.
+                    let mut batch = vec![first];
+                    while let Ok(more) = rx.try_recv() {
+                        batch.push(more);
+                    }
+                    let mut waiting = Vec::new();
+                    let mut failed: Option<String> = None;
+                    for job in batch {
+                        match job {
+                            Job::Append(rec, reply) => {
+                                if let Err(e) = journal.write_record(&rec) {
+                                    failed.get_or_insert(e.to_string());
+                                }
+                                waiting.push(reply);
+                            }
+                            Job::CompactIfLarge(open) => {
+                                flush(&mut journal, &mut waiting, &mut failed);
+                                if journal.needs_compaction()
+                                    && let Err(e) = journal.compact(&open)
+                                {
+                                    tracing::error!(error = %e, "journal compaction failed");
+                                }
+                            }
+                        }
+                    }
+                    flush(&mut journal, &mut waiting, &mut failed);
+                    large_t.store(
+                        journal.needs_compaction(),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                }
+            })
+            .expect("spawn the journal thread");
+        JournalWriter {
+            tx,
+            inline: None,
+            path,
+            large,
+        }
+    }
+
+    /// A journal written on the caller's thread, each record fsynced before the
+    /// call returns: for unit tests on tokio's paused clock, which moves time on
+    /// whenever the runtime waits on another thread.
+    pub fn inline(journal: Journal) -> JournalWriter {
+        let (tx, _rx) = std::sync::mpsc::channel::<Job>();
+        JournalWriter {
+            tx,
+            path: journal.path(),
+            large: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            inline: Some(std::sync::Arc::new(std::sync::Mutex::new(journal))),
+        }
+    }
+
+    /// Writes the job here when inline; otherwise gives it back.
+    fn write_inline(&self, job: Job) -> Option<Job> {
+        let Some(j) = &self.inline else {
+            return Some(job);
+        };
+        let mut j = j.lock().unwrap_or_else(|e| e.into_inner());
+        match job {
+            Job::Append(rec, reply) => {
+                let r = j.append(&rec).map_err(|e| e.to_string());
+                if let Some(reply) = reply {
+                    let _ = reply.send(r);
+                }
+            }
+            Job::CompactIfLarge(open) => {
+                if j.needs_compaction() {
+                    let _ = j.compact(&open);
+                }
+            }
+        }
+        self.large
+            .store(j.needs_compaction(), std::sync::atomic::Ordering::Relaxed);
+        None
+    }
+
+    /// Whether the file has grown past its compaction limit.
+    pub fn needs_compaction(&self) -> bool {
+        self.large.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Queues a record; the answer comes once it is on disk (or why not).
+    pub fn append(&self, rec: Record) -> tokio::sync::oneshot::Receiver<Result<(), String>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let Some(job) = self.write_inline(Job::Append(rec, Some(tx))) else {
+            return rx;
+        };
+        if let Err(std::sync::mpsc::SendError(Job::Append(_, Some(reply)))) = self.tx.send(job) {
+            let _ = reply.send(Err("the journal thread is gone".into()));
+        }
+        rx
+    }
+
+    /// Queues a record whose durability nobody waits for (`applied`, `reverted`: the
+    /// intent already covers revert; a lost `reverted` means one more idempotent
+    /// revert at start-up). Failures are logged.
+    pub fn append_later(&self, rec: Record) {
+        if let Some(job) = self.write_inline(Job::Append(rec, None)) {
+            let _ = self.tx.send(job);
+        }
+    }
+
+    /// Compacts once the file has grown past its limit.
+    pub fn compact_if_large(&self, open: Vec<OpenEntry>) {
+        if let Some(job) = self.write_inline(Job::CompactIfLarge(open)) {
+            let _ = self.tx.send(job);
+        }
+    }
+}
+
+fn flush(
+    journal: &mut Journal,
+    waiting: &mut Vec<Option<tokio::sync::oneshot::Sender<Result<(), String>>>>,
+    failed: &mut Option<String>,
+) {
+    if waiting.is_empty() {
+        return;
+    }
+    if failed.is_none()
+        && let Err(e) = journal.sync()
+    {
+        *failed = Some(e.to_string());
+    }
+    let result = match failed.take() {
+        Some(e) => {
+            tracing::error!(error = %e, path = %journal.path().display(), "journal write failed");
+            Err(e)
+        }
+        None => Ok(()),
+    };
+    for w in waiting.drain(..).flatten() {
+        let _ = w.send(result.clone());
     }
 }
 
@@ -275,5 +476,30 @@ mod tests {
         assert_eq!(open.len(), 1);
         assert!(open[0].applied);
         assert!(!dir.path().join(format!("{JOURNAL_FILE}.compact")).exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_thread_keeps_order_and_answers_once_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, _) = Journal::open(dir.path()).unwrap();
+        let w = JournalWriter::start(j);
+        // Many appends at once: every one answered, all on disk, in order.
+        let waits: Vec<_> = (0..200)
+            .map(|i| w.append(intent(&format!("f{i}"))))
+            .collect();
+        for r in waits {
+            r.await.unwrap().unwrap();
+        }
+        w.append_later(Record::Reverted {
+            id: "f0".into(),
+            reason: "x".into(),
+            unix_ms: 0,
+        });
+        // An answered append is durable and comes after everything queued before it.
+        w.append(intent("last")).await.unwrap().unwrap();
+        let open = read_open(&dir.path().join(JOURNAL_FILE)).unwrap();
+        assert_eq!(open.len(), 200);
+        assert_eq!(open[0].intent.id(), "f1");
+        assert_eq!(open[199].intent.id(), "last");
     }
 }

@@ -6,6 +6,13 @@
 //! internal channel, so a cancelled RPC can never leave a fault half-applied: the
 //! fault goes on to Active (and is then reverted on schedule) whoever is listening.
 //!
+//! The manager's task never blocks: planning (/proc scans, NVML) runs on the blocking
+//! pool, journal writes on the journal's own thread (an inject's effect waits for
+//! its intent's fsync in the task that applies it), effects in spawned tasks. Its
+//! loop serves commands already waiting (lease renewals among them) before it acts
+//! on an expired duration or lease, and acts on expiries between any two commands,
+//! so a fault's duration holds under any load of requests.
+//!
 //! Lifecycle: `Injecting → Active → Reverting → Reverted`, or `Failed` with a reason
 //! (after the partial effect was reverted). A fault whose revert failed stays in the
 //! table as `Failed` with `leftover` set, and stays open in the journal, so `revert`,
@@ -24,8 +31,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::AgentError;
 use crate::failpoint;
+use crate::faults::Plan;
 use crate::faults::{Applied, ApplyCtx, FaultDriver, RevertError};
-use crate::journal::{Journal, OpenEntry, Record};
+use crate::journal::{Journal, JournalWriter, OpenEntry, Record};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::sys::clock::{mono_ns, unix_ms};
@@ -63,6 +71,9 @@ pub enum Command {
     },
     RenewSession {
         id: String,
+        /// When the renewal reached the agent: one that arrived before the lease ran
+        /// out renews it, even if the manager gets to it a moment later.
+        at: Instant,
         reply: Reply<Result<pb::Session, AgentError>>,
     },
     CloseSession {
@@ -80,6 +91,15 @@ pub enum Command {
 }
 
 enum Internal {
+    /// A plan made off the manager's task.
+    Planned {
+        spec: Box<FaultSpec>,
+        session: Option<String>,
+        result: Result<Plan, AgentError>,
+        reply: Reply<Result<pb::Fault, AgentError>>,
+    },
+    /// The intent record could not be written: nothing was applied.
+    IntentFailed { id: String, error: String },
     Applied {
         id: String,
         result: Result<Applied, String>,
@@ -231,7 +251,7 @@ impl ManagerHandle {
 pub struct Manager {
     drivers: HashMap<&'static str, Arc<dyn FaultDriver>>,
     policy: Arc<Policy>,
-    journal: Journal,
+    journal: JournalWriter,
     metrics: Arc<Metrics>,
     faults: BTreeMap<String, Fault>,
     history: VecDeque<pb::Fault>,
@@ -241,6 +261,9 @@ pub struct Manager {
     internal_rx: mpsc::UnboundedReceiver<Internal>,
     shutting_down: bool,
     shutdown_waiters: Vec<Reply<Vec<pb::Fault>>>,
+    /// Plans on the manager's own task instead of the blocking pool (unit tests on
+    /// tokio's paused clock: see [`Manager::new_inline_io`]).
+    plan_inline: bool,
 }
 
 fn new_id(prefix: &str) -> String {
@@ -253,6 +276,41 @@ impl Manager {
         policy: Arc<Policy>,
         journal: Journal,
         metrics: Arc<Metrics>,
+    ) -> Self {
+        Self::build(
+            drivers,
+            policy,
+            JournalWriter::start(journal),
+            metrics,
+            false,
+        )
+    }
+
+    /// A manager that plans and journals on its own task. Only for unit tests run
+    /// on tokio's paused clock, which would otherwise move time on (lapsing leases,
+    /// ending durations) while the manager waits for the blocking pool or the
+    /// journal's thread.
+    pub fn new_inline_io(
+        drivers: Vec<Arc<dyn FaultDriver>>,
+        policy: Arc<Policy>,
+        journal: Journal,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self::build(
+            drivers,
+            policy,
+            JournalWriter::inline(journal),
+            metrics,
+            true,
+        )
+    }
+
+    fn build(
+        drivers: Vec<Arc<dyn FaultDriver>>,
+        policy: Arc<Policy>,
+        journal: JournalWriter,
+        metrics: Arc<Metrics>,
+        plan_inline: bool,
     ) -> Self {
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(1024);
@@ -269,6 +327,7 @@ impl Manager {
             internal_rx,
             shutting_down: false,
             shutdown_waiters: Vec::new(),
+            plan_inline,
         }
     }
 
@@ -331,11 +390,12 @@ impl Manager {
             };
             match result {
                 Ok(()) => {
-                    if let Err(e) = self.journal.append(&Record::Reverted {
+                    let written = self.journal.append(Record::Reverted {
                         id: id.clone(),
                         reason: "recovery".into(),
                         unix_ms: unix_ms(),
-                    }) {
+                    });
+                    if let Ok(Err(e)) = written.await {
                         tracing::error!(fault.id = %id, error = %e, "journal append failed after recovery revert");
                     }
                     pbf.state = pb::FaultState::Reverted as i32;
@@ -385,10 +445,7 @@ impl Manager {
                 tracing::warn!(fault.kind = %kind, removed = %what, "start-up sweep removed gpuchaos state");
             }
         }
-        let open = self.open_entries();
-        if let Err(e) = self.journal.compact(&open) {
-            tracing::error!(error = %e, "journal compaction failed");
-        }
+        self.journal.compact_if_large(self.open_entries());
         out
     }
 
@@ -407,7 +464,21 @@ impl Manager {
         let mut commands_open = true;
         loop {
             let deadline = self.next_deadline();
+            if deadline.is_some_and(|d| d <= Instant::now()) {
+                // A duration or lease has run out. Commands already waiting go first
+                // (a renewal sent before the lease ran out must win), then the expiry;
+                // handling a command is cheap, so the expiry is at most one batch late.
+                for _ in 0..rx.max_capacity() {
+                    match rx.try_recv() {
+                        Ok(c) => self.handle(c),
+                        Err(_) => break,
+                    }
+                }
+                self.tick();
+                continue;
+            }
             tokio::select! {
+                biased;
                 cmd = rx.recv(), if commands_open => match cmd {
                     Some(c) => self.handle(c),
                     None => {
@@ -592,11 +663,12 @@ impl Manager {
                 };
                 let _ = reply.send(res);
             }
-            Command::RenewSession { id, reply } => {
-                // A lease that ran out is over even before the timer collects the
-                // session: renewing it could hand its lock to two holders.
+            Command::RenewSession { id, at, reply } => {
+                // A lease that ran out before the renewal arrived is over even before
+                // the timer collects the session: renewing it could hand its lock to
+                // two holders.
                 let res = match self.sessions.get_mut(&id) {
-                    Some(s) if s.expires > Instant::now() => {
+                    Some(s) if s.expires > at => {
                         s.expires = Instant::now() + s.ttl;
                         Ok(session_pb(&id, s))
                     }
@@ -727,6 +799,8 @@ impl Manager {
         }
     }
 
+    /// The cheap checks, then the plan on the blocking pool (it scans /proc and asks
+    /// NVML): the manager goes on serving meanwhile.
     #[allow(clippy::type_complexity)]
     fn start_inject(
         &mut self,
@@ -758,16 +832,6 @@ impl Manager {
                 reply,
             );
         }
-        let cap = driver.capability();
-        if !cap.supported {
-            return refuse(
-                AgentError::Unsupported(format!(
-                    "{kind} faults are not supported on this node: {}",
-                    cap.reason
-                )),
-                reply,
-            );
-        }
         if let Err(e) = self.policy.check_duration(spec.duration()) {
             return refuse(AgentError::Refused(e), reply);
         }
@@ -776,14 +840,60 @@ impl Manager {
         {
             return refuse(AgentError::SessionNotFound(s.clone()), reply);
         }
-        let plan = match driver.plan(&spec) {
-            Ok(p) => p,
-            Err(e) => return refuse(e, reply),
+        let tx = self.internal_tx.clone();
+        let plan = move || {
+            let cap = driver.capability();
+            let result = if cap.supported {
+                driver.plan(&spec)
+            } else {
+                Err(AgentError::Unsupported(format!(
+                    "{kind} faults are not supported on this node: {}",
+                    cap.reason
+                )))
+            };
+            let _ = tx.send(Internal::Planned {
+                spec: Box::new(spec),
+                session,
+                result,
+                reply,
+            });
+        };
+        if self.plan_inline {
+            plan();
+        } else {
+            tokio::task::spawn_blocking(plan);
+        }
+        Ok(())
+    }
+
+    /// A plan is ready: journal the intent, register the fault, and apply it once
+    /// the intent is on disk (invariant 1: journal before effect).
+    fn planned(
+        &mut self,
+        spec: FaultSpec,
+        session: Option<String>,
+        plan: Plan,
+        reply: Reply<Result<pb::Fault, AgentError>>,
+    ) {
+        // The world may have moved while the plan was made.
+        if self.shutting_down {
+            let _ = reply.send(Err(AgentError::ShuttingDown));
+            return;
+        }
+        if let Some(s) = &session
+            && !self.sessions.contains_key(s)
+        {
+            let _ = reply.send(Err(AgentError::SessionNotFound(s.clone())));
+            return;
+        }
+        let kind = spec.kind();
+        let Some(driver) = self.drivers.get(kind).cloned() else {
+            let _ = reply.send(Err(AgentError::Internal(format!("no driver for {kind}"))));
+            return;
         };
         let id = new_id("f");
         let spec_json = spec.to_json();
-        // Invariant 1: journal before effect.
-        if let Err(e) = self.journal.append(&Record::Intent {
+        let durable = self.journal.append(Record::Intent {
             id: id.clone(),
             kind: kind.to_string(),
             spec_json: spec_json.clone(),
@@ -791,16 +901,7 @@ impl Manager {
             target: plan.target.clone(),
             plan: plan.revert.clone(),
             unix_ms: unix_ms(),
-        }) {
-            return refuse(
-                AgentError::Internal(format!(
-                    "cannot write the journal {}: {e}; nothing was applied",
-                    self.journal.path().display()
-                )),
-                reply,
-            );
-        }
-        failpoint::hit("after-intent");
+        });
         let mut f = self.blank_fault(
             id.clone(),
             kind,
@@ -823,14 +924,64 @@ impl Manager {
         self.emit_fault(&id);
         let tx = self.internal_tx.clone();
         tokio::spawn(async move {
-            let result = driver.apply(ctx).await;
+            match durable.await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    let _ = tx.send(Internal::IntentFailed { id, error });
+                    return;
+                }
+                Err(_) => {
+                    let _ = tx.send(Internal::IntentFailed {
+                        id,
+                        error: "the journal thread is gone".into(),
+                    });
+                    return;
+                }
+            }
+            failpoint::hit("after-intent");
+            // Reverted (revert, lease, halt) while the intent was being written: no
+            // effect starts; the revert that follows is idempotent.
+            let result = if ctx.cancel.is_cancelled() {
+                Err("stopped before it was applied".to_string())
+            } else {
+                driver.apply(ctx).await
+            };
             let _ = tx.send(Internal::Applied { id, result });
         });
-        Ok(())
     }
 
     fn handle_internal(&mut self, ev: Internal) {
         match ev {
+            Internal::Planned {
+                spec,
+                session,
+                result,
+                reply,
+            } => match result {
+                Ok(plan) => self.planned(*spec, session, plan, reply),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Internal::IntentFailed { id, error } => {
+                let Some(mut f) = self.faults.remove(&id) else {
+                    return;
+                };
+                tracing::error!(fault.id = %id, error = %error, "the intent could not be journaled: nothing was applied");
+                let msg = format!(
+                    "cannot write the journal {}: {error}; nothing was applied",
+                    self.journal.path().display()
+                );
+                for w in f.inject_waiters.drain(..) {
+                    let _ = w.send(Err(AgentError::Internal(msg.clone())));
+                }
+                f.phase = Phase::Failed;
+                f.error = msg;
+                let snapshot = f.to_pb();
+                f.notify_waiters(&snapshot);
+                self.update_active_gauge(f.kind);
+                self.emit(pb::fault_event::Event::Fault(snapshot));
+            }
             Internal::Applied { id, result } => {
                 let Some(f) = self.faults.get_mut(&id) else {
                     return;
@@ -840,12 +991,10 @@ impl Manager {
                         f.details = applied.details;
                         f.background = applied.background;
                         f.applied = true;
-                        if let Err(e) = self.journal.append(&Record::Applied {
+                        self.journal.append_later(Record::Applied {
                             id: id.clone(),
                             unix_ms: unix_ms(),
-                        }) {
-                            tracing::error!(fault.id = %id, error = %e, "journal append (applied) failed; the intent record still covers revert");
-                        }
+                        });
                         failpoint::hit("after-applied");
                         let Some(f) = self.faults.get_mut(&id) else {
                             return;
@@ -893,13 +1042,11 @@ impl Manager {
                 let kind = f.kind;
                 match result {
                     Ok(()) => {
-                        if let Err(e) = self.journal.append(&Record::Reverted {
+                        self.journal.append_later(Record::Reverted {
                             id: id.clone(),
                             reason: f.end_reason.clone(),
                             unix_ms: unix_ms(),
-                        }) {
-                            tracing::error!(fault.id = %id, error = %e, "journal append (reverted) failed; start-up will revert again (idempotent)");
-                        }
+                        });
                         let Some(mut f) = self.faults.remove(&id) else {
                             return;
                         };
@@ -920,10 +1067,7 @@ impl Manager {
                         self.remember(snapshot.clone());
                         self.emit(pb::fault_event::Event::Fault(snapshot));
                         if self.journal.needs_compaction() {
-                            let open = self.open_entries();
-                            if let Err(e) = self.journal.compact(&open) {
-                                tracing::error!(error = %e, "journal compaction failed");
-                            }
+                            self.journal.compact_if_large(self.open_entries());
                         }
                     }
                     Err(e) => {

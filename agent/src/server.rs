@@ -60,7 +60,11 @@ impl Agent for AgentService {
         let id = req.into_inner().session_id;
         let s = self
             .manager
-            .call(|reply| Command::RenewSession { id, reply })
+            .call(|reply| Command::RenewSession {
+                id,
+                at: tokio::time::Instant::now(),
+                reply,
+            })
             .await??;
         Ok(Response::new(s))
     }
