@@ -8,7 +8,7 @@
 # their output shown.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --locked -p gpuchaos-controller >/dev/null
+cargo build --release --locked -p gpuchaos-controller >/dev/null 2>&1
 cli=./target/release/gpuchaos
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -36,7 +36,7 @@ PY
 measure() {
     local label=$1; shift
     /usr/bin/time -f "%e %M" -o "$tmp/time" "$@" >/dev/null 2>"$tmp/err" || true
-    read -r secs kib <"$tmp/time"
+    read -r secs kib < <(tail -1 "$tmp/time")
     printf '%-44s %7.2f s  %7d MiB peak RSS  %s\n' "$label" "$secs" "$((kib / 1024))" \
         "$(head -c 110 "$tmp/err" | tr '\n' ' ')"
 }

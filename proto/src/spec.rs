@@ -517,6 +517,25 @@ pub fn yaml_error(e: serde_saphyr::Error) -> SpecErrors {
             format!("duplicate key `{key}`: write each key once")
         };
     }
+    // The parser's resource budget, in the user's words.
+    if let Some(rest) = m.strip_prefix("budget breached: ") {
+        let kind = rest.split([' ', '{']).next().unwrap_or("");
+        let n: String = rest.chars().filter(|c| c.is_ascii_digit()).collect();
+        let what = match kind {
+            "Nodes" => "values",
+            "Depth" | "InclusionDepth" => "levels of nesting",
+            "Aliases" => "aliases (*ref)",
+            "Anchors" => "anchors (&name)",
+            "Events" => "YAML events",
+            _ => "YAML elements",
+        };
+        m = format!(
+            "the file holds more {what} than the parser accepts ({n} reached); no experiment or spec comes near that: name the right file"
+        );
+    }
+    if m.starts_with("recursion limit exceeded") {
+        m = "the file holds more levels of nesting than the parser accepts; no experiment or spec comes near that: name the right file".into();
+    }
     let mut fe = FieldError::new("", clean_serde_message(&m));
     if let Some(l) = loc {
         fe.line = Some(l.line());
@@ -976,6 +995,17 @@ mod tests {
         ] {
             assert!(fields.contains(&want), "missing {want} in {fields:?}");
         }
+    }
+
+    #[test]
+    fn duplicates_are_said_in_our_words() {
+        let e = FaultSpec::from_yaml_multi("kind: process\nkind: process\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("duplicate key `kind`: write each key once"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -202,3 +202,15 @@ fn limits_that_can_never_apply_and_absurd_durations_are_refused() {
         "{e:?}"
     );
 }
+
+#[test]
+fn the_parsers_limits_are_said_in_our_words() {
+    let deep = format!("probes: {}{}\n", "[".repeat(2000), "]".repeat(2000));
+    let e = errors(&deep);
+    assert!(
+        e[0].message
+            .contains("more levels of nesting than the parser accepts"),
+        "{e:?}"
+    );
+    assert!(!e[0].message.contains("budget breached"), "{e:?}");
+}
