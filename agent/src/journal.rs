@@ -88,6 +88,24 @@ impl Journal {
             Vec::new()
         };
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        // A torn last line (a crash mid-write) is cut off before anything is
+        // appended: a record written onto it would be unreadable.
+        let text_len = std::fs::read(&path).map(|b| {
+            let keep = b
+                .iter()
+                .rposition(|&c| c == b'\n')
+                .map(|i| i + 1)
+                .unwrap_or(0);
+            (b.len(), keep)
+        })?;
+        if text_len.0 != text_len.1 {
+            file.set_len(text_len.1 as u64)?;
+            file.sync_all()?;
+            tracing::warn!(
+                bytes = text_len.0 - text_len.1,
+                "cut a torn last journal line"
+            );
+        }
         let bytes = file.metadata()?.len();
         fsync_dir(dir)?;
         Ok((
@@ -163,6 +181,8 @@ enum Job {
         Record,
         Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
     ),
+    /// Answers once everything queued before it is on disk.
+    Flush(tokio::sync::oneshot::Sender<Result<(), String>>),
     /// Compact if the file has grown past its limit (the open entries as the
     /// manager sees them when it asks).
     CompactIfLarge(Vec<OpenEntry>),
@@ -184,6 +204,7 @@ impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Job::Append(r, _) => write!(f, "append {}", r.id()),
+            Job::Flush(_) => write!(f, "flush"),
             Job::CompactIfLarge(o) => write!(f, "compact ({} open)", o.len()),
         }
     }
@@ -217,6 +238,11 @@ impl JournalWriter {
                                     failed.get_or_insert(e.to_string());
                                 }
                                 waiting.push(reply);
+                            }
+                            Job::Flush(reply) => {
+                                // Everything before it was written with the batch;
+                                // the sync below covers it.
+                                waiting.push(Some(reply));
                             }
                             Job::CompactIfLarge(open) => {
                                 flush(&mut journal, &mut waiting, &mut failed);
@@ -275,6 +301,9 @@ impl JournalWriter {
                     let _ = j.compact(&open);
                 }
             }
+            Job::Flush(reply) => {
+                let _ = reply.send(Ok(()));
+            }
         }
         self.large
             .store(j.needs_compaction(), std::sync::atomic::Ordering::Relaxed);
@@ -309,6 +338,18 @@ impl JournalWriter {
         if let Some(job) = self.write_inline(Job::Append(rec, None)) {
             let _ = self.tx.send(job);
         }
+    }
+
+    /// Answers once every record queued before the call is on disk (a clean exit
+    /// waits for it, so that a reverted fault is never "recovered" at the next start).
+    pub fn flush(&self) -> tokio::sync::oneshot::Receiver<Result<(), String>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if let Some(job) = self.write_inline(Job::Flush(tx))
+            && let Err(std::sync::mpsc::SendError(Job::Flush(reply))) = self.tx.send(job)
+        {
+            let _ = reply.send(Err("the journal thread is gone".into()));
+        }
+        rx
     }
 
     /// Compacts once the file has grown past its limit.
@@ -501,5 +542,25 @@ mod tests {
         assert_eq!(open.len(), 200);
         assert_eq!(open[0].intent.id(), "f1");
         assert_eq!(open[199].intent.id(), "last");
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_so_the_next_record_stays_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        j.append(&intent("a")).unwrap();
+        drop(j);
+        let path = dir.path().join(JOURNAL_FILE);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"rec\":\"intent\",\"id\":\"torn").unwrap();
+        drop(f);
+        // Restart: the torn bytes go, and a record appended now is read back.
+        let (mut j, open) = Journal::open(dir.path()).unwrap();
+        assert_eq!(open.len(), 1);
+        j.append(&intent("b")).unwrap();
+        drop(j);
+        let (_, open) = Journal::open(dir.path()).unwrap();
+        let ids: Vec<&str> = open.iter().map(|e| e.intent.id()).collect();
+        assert_eq!(ids, ["a", "b"]);
     }
 }

@@ -82,6 +82,10 @@ pub struct StateDirError(pub String);
 /// not to the open file: a child that inherited the descriptor (one caught between
 /// fork and exec when the agent was SIGKILLed) does not keep it, so a dead agent's
 /// lock never blocks its successor, and F_GETLK names the live holder.
+///
+/// The price of POSIX semantics: closing *any* descriptor of `agent.lock` in this
+/// process releases the lock, so nothing else in the agent opens that file, and
+/// this is called once per process.
 #[derive(Debug)]
 pub struct StateLock {
     _file: File,
@@ -115,6 +119,13 @@ pub fn lock_state_dir(dir: &std::path::Path) -> Result<StateLock, StateDirError>
             let _ = file.set_len(0);
             let _ = writeln!(file, "{}", std::process::id());
             Ok(StateLock { _file: file })
+        }
+        Err(errno) if !matches!(errno, nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES) => {
+            Err(StateDirError(format!(
+                "cannot lock {}: {}; the state directory needs a local filesystem that supports POSIX locks (not every network filesystem does)",
+                path.display(),
+                errno.desc().to_lowercase()
+            )))
         }
         Err(_) => {
             // Who holds it: the kernel knows (F_GETLK), whatever the file says.
@@ -233,12 +244,15 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     } else {
         Ok(())
     };
-    let network = Arc::new(NetworkDriver::new(
-        Arc::clone(&process),
-        Arc::clone(&policy),
-        net_caps,
-        vec![grpc_addr.port(), metrics_addr.port()],
-    ));
+    let network = Arc::new(
+        NetworkDriver::new(
+            Arc::clone(&process),
+            Arc::clone(&policy),
+            net_caps,
+            vec![grpc_addr.port(), metrics_addr.port()],
+        )
+        .with_drain_file(&cfg.state_dir),
+    );
     let gpu_memory = Arc::new(GpuMemoryDriver::new(
         gpus.clone(),
         Arc::clone(&policy),

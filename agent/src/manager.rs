@@ -479,6 +479,9 @@ impl Manager {
             }
             tokio::select! {
                 biased;
+                // Effects reporting back first (bounded by the tasks in flight), then
+                // commands, then timers.
+                Some(ev) = self.internal_rx.recv() => self.handle_internal(ev),
                 cmd = rx.recv(), if commands_open => match cmd {
                     Some(c) => self.handle(c),
                     None => {
@@ -488,13 +491,22 @@ impl Manager {
                         self.revert_all("shutdown");
                     }
                 },
-                Some(ev) = self.internal_rx.recv() => self.handle_internal(ev),
                 _ = sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => self.tick(),
             }
             if self.shutting_down && !self.faults.values().any(|f| f.phase != Phase::Failed) {
                 let all: Vec<pb::Fault> = self.faults.values().map(Fault::to_pb).collect();
-                for w in self.shutdown_waiters.drain(..) {
-                    let _ = w.send(all.clone());
+                if !self.shutdown_waiters.is_empty() {
+                    // The `reverted` records reach the disk before the agent may exit.
+                    let waiters: Vec<_> = self.shutdown_waiters.drain(..).collect();
+                    let flushed = self.journal.flush();
+                    tokio::spawn(async move {
+                        if let Ok(Err(e)) = flushed.await {
+                            tracing::error!(error = %e, "the journal could not be flushed at shutdown: the next start reverts again (idempotent)");
+                        }
+                        for w in waiters {
+                            let _ = w.send(all.clone());
+                        }
+                    });
                 }
                 if !commands_open {
                     return;
@@ -667,8 +679,19 @@ impl Manager {
                 // A lease that ran out before the renewal arrived is over even before
                 // the timer collects the session: renewing it could hand its lock to
                 // two holders.
+                // A renewal handled after the lease ran out (it arrived in time) must
+                // not hand a lock back that another session took meanwhile.
+                let now = Instant::now();
+                let lock_taken = self.sessions.get(&id).is_some_and(|s| {
+                    s.expires <= now
+                        && !s.lock.is_empty()
+                        && self
+                            .sessions
+                            .iter()
+                            .any(|(other, o)| other != &id && o.lock == s.lock && o.expires > now)
+                });
                 let res = match self.sessions.get_mut(&id) {
-                    Some(s) if s.expires > at => {
+                    Some(s) if s.expires > at && !lock_taken => {
                         s.expires = Instant::now() + s.ttl;
                         Ok(session_pb(&id, s))
                     }

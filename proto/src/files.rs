@@ -38,8 +38,14 @@ fn too_large(what: &str, max: u64) -> ReadError {
 /// sockets are refused before anything is read; a file that grows while being read
 /// stops at the limit.
 pub fn read_capped(path: &Path, max: u64) -> Result<Vec<u8>, ReadError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let shown = path.display();
-    let file = std::fs::File::open(path)
+    // O_NONBLOCK: opening a FIFO must not wait for a writer (the type check below
+    // refuses it); reads of a regular file are not affected by the flag.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)
         .map_err(|e| ReadError(format!("cannot read {shown}: {}", io_text(&e))))?;
     let meta = file
         .metadata()
@@ -141,6 +147,16 @@ mod tests {
         std::fs::remove_file(&f).unwrap();
         let e = read_capped(&f, 10).unwrap_err();
         assert!(e.0.contains("no such file or directory"), "{e}");
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_writer() {
+        let dir = std::env::temp_dir().join(format!("gpuchaos-fifo-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        nix::unistd::mkfifo(&dir, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = read_capped(&dir, MAX_YAML_BYTES).unwrap_err();
+        std::fs::remove_file(&dir).unwrap();
+        assert!(e.0.contains("not a regular file"), "{e}");
     }
 
     #[test]

@@ -86,7 +86,9 @@ pub fn shorten_quoted(msg: &str) -> String {
         }
         let end = j.min(b.len());
         let inner = &msg[i + 1..end.max(i + 1)];
-        if inner.len() > MAX_QUOTED {
+        // A value shortened once already ends in "…": leave it.
+        let already = inner.ends_with('…') && inner.len() <= MAX_QUOTED + '…'.len_utf8();
+        if inner.len() > MAX_QUOTED && !already {
             let mut cut = MAX_QUOTED;
             while !inner.is_char_boundary(cut) {
                 cut -= 1;
@@ -995,6 +997,31 @@ mod tests {
         ] {
             assert!(fields.contains(&want), "missing {want} in {fields:?}");
         }
+    }
+
+    #[test]
+    fn long_values_are_shortened_once_and_the_advice_kept() {
+        let long = "x".repeat(5000);
+        let once = shorten_quoted(&format!(
+            "regex {long:?} does not compile: write a simpler pattern"
+        ));
+        assert!(
+            once.contains("(5000 bytes)") && once.ends_with("write a simpler pattern"),
+            "{once}"
+        );
+        assert!(once.len() < 200, "{once}");
+        assert_eq!(
+            shorten_quoted(&once),
+            once,
+            "shortening twice changes nothing"
+        );
+        // Multi-byte characters are cut on a boundary.
+        let wide = shorten_quoted(&format!("{:?} is bad: fix it", "é".repeat(300)));
+        assert!(wide.ends_with("fix it"), "{wide}");
+        assert_eq!(
+            shorten_quoted("short \"value\" kept"),
+            "short \"value\" kept"
+        );
     }
 
     #[test]

@@ -207,7 +207,9 @@ fn a_ramp_fills_in_steps() {
         first < total * 80 / 100 / 2,
         "the first of 4 steps only: {first}"
     );
-    let reached = wait_until(Duration::from_secs(5), || {
+    // A deadline, not a speed bound: on a loaded 2-core CI machine (every test at
+    // once) the fake driver's allocations slow down; the ramp's shape is what counts.
+    let reached = wait_until(Duration::from_secs(20), || {
         within_one_percent(n.used(0), total * 80 / 100)
     });
     let reached = reached.expect("the ramp never reached its target");

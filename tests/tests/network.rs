@@ -949,3 +949,43 @@ fn a_fault_that_would_hit_nothing_is_refused_and_coverage_is_shown() {
     );
     revert_in(&hosts.a, &agent, f["id"].as_str().unwrap());
 }
+
+/// An agent SIGKILLed while a reverted proxy fault in a workload's namespace is still
+/// letting its connections finish: the next start finds that namespace (the drain
+/// list in the state directory) and removes the table.
+#[test]
+fn a_drain_cut_short_by_sigkill_is_cleaned_up_at_the_next_start() {
+    if !privileged() {
+        return;
+    }
+    let mut hosts = Hosts::three();
+    let _web = web_servers(&hosts);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut agent = Agent::start(&state);
+    let m = marker();
+    let a = hosts.a.clone();
+    hosts.spawn(&a, "sleep", &[&format!("86400.{m}")]);
+    let spec = spec_file(
+        dir.path(),
+        "w.yaml",
+        &format!(
+            "kind: network\nduration: 1m\ntarget: {{netns_of: {{cmdline: '^sleep 86400\\.{m}$'}}}}\npeers: [\"{B}\"]\nports: [8000]\nlatency: 50ms\nbackend: proxy\n"
+        ),
+    );
+    let f = inject_active(None, &agent, &spec);
+    let mut s = connect(&hosts.a, &format!("{B}:8000"), Duration::from_secs(5)).expect("connect");
+    http_get(&mut s).expect("a request through the proxy");
+    let out = gpuchaos(&["--agent", &agent.grpc, "revert", f["id"].as_str().unwrap()]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        !hosts.gpuchaos_state(&hosts.a).is_empty(),
+        "the table stays while the proxied connection lives"
+    );
+    assert!(state.join("network-drains.json").exists());
+    agent.kill9();
+    drop(s);
+    let _agent = Agent::start(&state);
+    assert_eq!(hosts.gpuchaos_state(&hosts.a), Vec::<String>::new());
+    assert!(!state.join("network-drains.json").exists());
+}

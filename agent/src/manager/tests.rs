@@ -25,6 +25,17 @@ async fn rig_with(
     policy: Arc<Policy>,
     dir: tempfile::TempDir,
 ) -> (Rig, Vec<pb::Fault>) {
+    rig_io(procs, policy, dir, true).await
+}
+
+/// `inline`: plan and journal on the manager's task (tests on the paused clock);
+/// otherwise the production paths (blocking pool, journal thread).
+async fn rig_io(
+    procs: Arc<FakeProcs>,
+    policy: Arc<Policy>,
+    dir: tempfile::TempDir,
+    inline: bool,
+) -> (Rig, Vec<pb::Fault>) {
     let driver: Arc<dyn FaultDriver> = Arc::new(ProcessDriver::new(
         procs.clone(),
         Arc::new(NoGpus),
@@ -32,7 +43,11 @@ async fn rig_with(
     ));
     let (journal, open) = Journal::open(dir.path()).unwrap();
     let metrics = Arc::new(Metrics::new());
-    let mut m = Manager::new_inline_io(vec![driver], policy, journal, metrics.clone());
+    let mut m = if inline {
+        Manager::new_inline_io(vec![driver], policy, journal, metrics.clone())
+    } else {
+        Manager::new(vec![driver], policy, journal, metrics.clone())
+    };
     let recovered = m.recover(open).await;
     let (handle, _task) = m.spawn();
     (
@@ -587,4 +602,82 @@ async fn a_waiting_renewal_wins_over_the_lease_expiry() {
             "the lease lapsed although its renewal was waiting"
         );
     }
+}
+
+/// The production paths (plans on the blocking pool, the journal on its thread):
+/// no signal before the intent is on disk, a revert sent while the intent is being
+/// written stops the effect, and a clean shutdown leaves the journal closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_io_paths_keep_journal_before_effect() {
+    let (r, _) = rig_io(
+        workers(),
+        policy(|_| {}),
+        tempfile::tempdir().unwrap(),
+        false,
+    )
+    .await;
+    let path = r.dir.path().join(crate::journal::JOURNAL_FILE);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    *r.procs.hook.lock().unwrap() = Some(Box::new(move |pid, sig| {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        s2.lock()
+            .unwrap()
+            .push((pid, sig, text.contains("\"rec\":\"intent\"")));
+    }));
+    for _ in 0..20 {
+        let f = r.inject(PAUSE_100, None).await.unwrap();
+        assert_eq!(f.state, pb::FaultState::Active as i32);
+        r.revert(&f.id).await.unwrap();
+    }
+    assert!(
+        seen.lock()
+            .unwrap()
+            .iter()
+            .all(|(_, _, journaled)| *journaled),
+        "a signal before the intent was on disk: {:?}",
+        seen.lock().unwrap()
+    );
+    // A revert racing the inject: whatever the order, the fault ends reverted and
+    // the process is not left stopped.
+    for _ in 0..20 {
+        let h = r.handle.clone();
+        let inject = tokio::spawn(async move {
+            h.call(|reply| Command::Inject {
+                spec: Box::new(spec(PAUSE_100)),
+                session: None,
+                reply,
+            })
+            .await
+        });
+        let _ = r
+            .handle
+            .call(|reply| Command::RevertAll {
+                reason: "halt",
+                reply,
+            })
+            .await;
+        let _ = inject.await;
+        let _ = r
+            .handle
+            .call(|reply| Command::RevertAll {
+                reason: "halt",
+                reply,
+            })
+            .await;
+    }
+    let left = r
+        .handle
+        .call(|reply| Command::Shutdown { reply })
+        .await
+        .unwrap();
+    assert!(left.iter().all(|f| f.leftover.is_empty()), "{left:?}");
+    // Every `reverted` record is on disk once shutdown has answered.
+    let open = crate::journal::read_open(&r.dir.path().join(crate::journal::JOURNAL_FILE)).unwrap();
+    assert!(
+        open.is_empty(),
+        "the journal still holds {} open intents",
+        open.len()
+    );
+    assert_eq!(r.procs.state(100), Some('S'), "the worker was left stopped");
 }

@@ -149,7 +149,10 @@ fn yaml_files_in(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
         if hidden {
             continue;
         }
-        if p.is_dir() {
+        // Symlinked directories are not followed (a link to `.` would never end);
+        // symlinked files are read like any other.
+        let is_real_dir = std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_dir());
+        if is_real_dir {
             yaml_files_in(&p, out);
         } else if p
             .extension()

@@ -52,6 +52,9 @@ struct Abort {
     code: u8,
     verdict: &'static str,
     reason: String,
+    /// A stop condition fired: the service is in danger, so every agent reverts
+    /// every fault it holds (`halt`), this run's or not.
+    halt_all: bool,
 }
 
 /// The agents an experiment runs against: its own, or the command line's.
@@ -213,6 +216,7 @@ impl Runner {
             code: exit::ABORTED,
             verdict: "aborted",
             reason,
+            halt_all: true,
         });
     }
 
@@ -290,6 +294,7 @@ impl Runner {
                             exit::INJECT_FAILED
                         },
                         verdict: "inject-failed",
+                        halt_all: false,
                         reason: msg,
                     });
                 }
@@ -822,6 +827,7 @@ fn watch_stop_conditions(
                         runner_c.abort_with(Abort {
                             code: exit::ABORTED,
                             verdict: "aborted",
+                            halt_all: false,
                             reason,
                         });
                         return;
@@ -1052,11 +1058,12 @@ pub async fn run(loaded: &Loaded, opts: &RunOptions) -> Result<(RunRecord, u8), 
                 _ = interrupt.cancelled() => {
                     let reason = format!("interrupted by {}", why.lock().unwrap());
                     r.shared.event("abort", 0, reason.clone());
-                    r.abort_with(Abort { code: exit::ABORTED, verdict: "aborted", reason });
+                    r.abort_with(Abort { code: exit::ABORTED, verdict: "aborted", reason, halt_all: false });
                 }
                 _ = lost.cancelled() => r.abort_with(Abort {
                     code: exit::ABORTED,
                     verdict: "aborted",
+                    halt_all: false,
                     reason: "a session lease lapsed on an agent, which reverted this run's faults: the measurements would be wrong".into(),
                 }),
             }
@@ -1110,6 +1117,7 @@ pub async fn run(loaded: &Loaded, opts: &RunOptions) -> Result<(RunRecord, u8), 
                         return Some(Abort {
                             code: exit::ABORTED,
                             verdict: "aborted",
+                            halt_all: false,
                             reason: format!(
                                 "steady state before the first trial: {e}; nothing was injected"
                             ),
@@ -1121,6 +1129,7 @@ pub async fn run(loaded: &Loaded, opts: &RunOptions) -> Result<(RunRecord, u8), 
                 return Some(Abort {
                     code: e.code,
                     verdict: "error",
+                    halt_all: false,
                     reason: e.message,
                 });
             }
@@ -1242,9 +1251,7 @@ pub async fn run(loaded: &Loaded, opts: &RunOptions) -> Result<(RunRecord, u8), 
         _ = runner.abort.cancelled() => None,
     };
     let aborted = runner.abort_reason.lock().unwrap().clone();
-    let stop_fired = aborted
-        .as_ref()
-        .is_some_and(|a| a.reason.starts_with("stop condition"));
+    let stop_fired = aborted.as_ref().is_some_and(|a| a.halt_all);
     let leftovers = runner.rollback(stop_fired).await;
     stop.cancel();
     tracker.close();

@@ -106,8 +106,10 @@ impl Shared {
     pub fn sample_done(&self, ticket: u64, s: Sample) {
         {
             let mut tl = self.timeline.lock().unwrap();
-            tl.in_flight.remove(&ticket);
-            tl.samples.push(s);
+            // Already recorded as unanswered at the run's end: not twice.
+            if tl.in_flight.remove(&ticket).is_some() {
+                tl.samples.push(s);
+            }
         }
         self.changed.notify_waiters();
     }

@@ -212,7 +212,21 @@ pub struct NetworkDriver {
     /// (neutralized, effect-free) is deleted once they end or the drain limit passes.
     drains: tokio_util::task::TaskTracker,
     drain_stop: tokio_util::sync::CancellationToken,
+    /// Where the drains under way are written down (state directory), so that a
+    /// start-up after a SIGKILL during a drain finds their namespaces.
+    drain_file: Option<PathBuf>,
+    drain_list: Mutex<Vec<DrainEntry>>,
 }
+
+/// A drain under way, as written in the drain file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct DrainEntry {
+    table: String,
+    ns: NsPlan,
+}
+
+/// The drain file's name in the state directory.
+pub const DRAIN_FILE: &str = "network-drains.json";
 
 /// How long connections proxied before a revert may go on after it before they are
 /// closed and the redirect's table deleted.
@@ -241,7 +255,66 @@ impl NetworkDriver {
             proxies: Mutex::new(HashMap::new()),
             drains: tokio_util::task::TaskTracker::new(),
             drain_stop: tokio_util::sync::CancellationToken::new(),
+            drain_file: None,
+            drain_list: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Keeps the list of drains under way in `state_dir` (see [`DRAIN_FILE`]).
+    pub fn with_drain_file(mut self, state_dir: &std::path::Path) -> Self {
+        self.drain_file = Some(state_dir.join(DRAIN_FILE));
+        self
+    }
+
+    /// Writes the drain list (new file, fsync, rename); a failure is logged (the
+    /// start-up sweep of the node's own namespace still covers that one).
+    fn save_drains(&self, list: &[DrainEntry]) {
+        let Some(path) = &self.drain_file else {
+            return;
+        };
+        let write = || -> std::io::Result<()> {
+            if list.is_empty() {
+                return match std::fs::remove_file(path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                };
+            }
+            let tmp = path.with_extension("json.tmp");
+            let body = serde_json::to_vec(list).map_err(std::io::Error::other)?;
+            {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&body)?;
+                f.sync_all()?;
+            }
+            std::fs::rename(&tmp, path)
+        };
+        if let Err(e) = write() {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the drain list");
+        }
+    }
+
+    fn drain_started(&self, e: DrainEntry) {
+        if let Ok(mut l) = self.drain_list.lock() {
+            l.push(e);
+            self.save_drains(&l);
+        }
+    }
+
+    fn drain_ended(&self, table: &str) {
+        if let Ok(mut l) = self.drain_list.lock() {
+            l.retain(|d| d.table != table);
+            self.save_drains(&l);
+        }
+    }
+
+    /// The drains a previous run left under way (it died during them).
+    fn leftover_drains(&self) -> Vec<DrainEntry> {
+        self.drain_file
+            .as_ref()
+            .and_then(|p| std::fs::read(p).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
     }
 
     /// Ends every drain now (agent shutdown): remaining proxied connections are
@@ -257,10 +330,11 @@ impl NetworkDriver {
     /// proxy stops accepting and delaying, and the connections it already carries
     /// finish on their way; then the empty table goes.
     async fn drain_proxy(
-        &self,
+        self: &Arc<Self>,
         path: Option<&std::path::Path>,
         table: &str,
         key: &str,
+        ns: &NsPlan,
     ) -> Result<(), crate::sys::netns::CmdError> {
         nft::neutralize(path, table).await?;
         let Some(p) = self.proxies.lock().ok().and_then(|mut m| m.remove(key)) else {
@@ -279,6 +353,11 @@ impl NetworkDriver {
         let path = path.map(std::path::Path::to_path_buf);
         let table = table.to_string();
         let stop = self.drain_stop.clone();
+        self.drain_started(DrainEntry {
+            table: table.clone(),
+            ns: ns.clone(),
+        });
+        let me = Arc::clone(self);
         self.drains.spawn(async move {
             let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
             while p.active() > 0 && tokio::time::Instant::now() < deadline {
@@ -295,7 +374,10 @@ impl NetworkDriver {
             tokio::time::sleep(Duration::from_millis(50)).await;
             for _ in 0..3 {
                 match nft::delete(path.as_deref(), &table).await {
-                    Ok(()) => return,
+                    Ok(()) => {
+                        me.drain_ended(&table);
+                        return;
+                    }
                     Err(e) => {
                         tracing::warn!(table = %table, error = %e, "deleting the drained table failed: retrying");
                         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -728,7 +810,7 @@ impl NetworkDriver {
         out
     }
 
-    async fn revert_plan(&self, plan: NetPlan) -> Result<(), RevertError> {
+    async fn revert_plan(self: &Arc<Self>, plan: NetPlan) -> Result<(), RevertError> {
         let mut problems = Vec::new();
         let mut leftovers = Vec::new();
         for ns in &plan.namespaces {
@@ -747,7 +829,7 @@ impl NetworkDriver {
                 && self.proxies.lock().is_ok_and(|m| m.contains_key(&key));
             let removed = if proxied {
                 // Rules first, table after the proxied connections end.
-                self.drain_proxy(path, &plan.table, &key).await
+                self.drain_proxy(path, &plan.table, &key, ns).await
             } else {
                 nft::delete(path, &plan.table).await
             };
@@ -1132,22 +1214,24 @@ impl FaultDriver for NetworkDriver {
                 return Vec::new();
             }
             let mut paths: Vec<Option<PathBuf>> = vec![None];
-            for p in plans {
-                let Ok(plan) = serde_json::from_value::<NetPlan>(p) else {
-                    continue;
-                };
-                for ns in plan.namespaces {
-                    if let Some(Some(path)) = ns_path(&ns)
-                        && !paths.contains(&Some(path.clone()))
-                    {
-                        paths.push(Some(path));
-                    }
+            // Namespaces of drains a killed agent left under way, and of open plans.
+            let drained: Vec<NsPlan> = self.leftover_drains().into_iter().map(|d| d.ns).collect();
+            let planned = plans
+                .into_iter()
+                .filter_map(|p| serde_json::from_value::<NetPlan>(p).ok())
+                .flat_map(|plan| plan.namespaces);
+            for ns in drained.into_iter().chain(planned) {
+                if let Some(Some(path)) = ns_path(&ns)
+                    && !paths.contains(&Some(path.clone()))
+                {
+                    paths.push(Some(path));
                 }
             }
             let mut removed = Vec::new();
             for p in &paths {
                 removed.extend(Self::sweep_ns(p.as_deref()).await);
             }
+            self.save_drains(&[]);
             removed
         })
     }
