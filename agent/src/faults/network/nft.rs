@@ -287,39 +287,30 @@ pub async fn apply(ns: Option<&std::path::Path>, rules: &Rules) -> Result<(), Cm
     Ok(())
 }
 
+/// The table as `nft -j` lists it, or None when it is absent.
+async fn list_table(ns: Option<&std::path::Path>, table: &str) -> Result<Option<Value>, CmdError> {
+    let args = ["-j", "list", "table", "inet", table].map(String::from);
+    match run_tool(ns, Tool::Nft, &args, None).await {
+        Ok(out) => serde_json::from_str(&out).map(Some).map_err(|e| CmdError {
+            command: format!("nft -j list table inet {table}"),
+            message: format!("unreadable JSON: {e}"),
+        }),
+        Err(e) if is_missing(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Reads the table back: the number of rules it holds, or None when it is absent.
 pub async fn count_rules(
     ns: Option<&std::path::Path>,
     table: &str,
 ) -> Result<Option<usize>, CmdError> {
-    match run_tool(
-        ns,
-        Tool::Nft,
-        &[
-            "-j".into(),
-            "list".into(),
-            "table".into(),
-            "inet".into(),
-            table.into(),
-        ],
-        None,
-    )
-    .await
-    {
-        Ok(out) => {
-            let v: Value = serde_json::from_str(&out).map_err(|e| CmdError {
-                command: format!("nft -j list table inet {table}"),
-                message: format!("unreadable JSON: {e}"),
-            })?;
-            let n = v["nftables"]
-                .as_array()
-                .map(|a| a.iter().filter(|o| o.get("rule").is_some()).count())
-                .unwrap_or(0);
-            Ok(Some(n))
-        }
-        Err(e) if is_missing(&e) => Ok(None),
-        Err(e) => Err(e),
-    }
+    Ok(list_table(ns, table).await?.map(|v| {
+        v["nftables"]
+            .as_array()
+            .map(|a| a.iter().filter(|o| o.get("rule").is_some()).count())
+            .unwrap_or(0)
+    }))
 }
 
 fn is_missing(e: &CmdError) -> bool {
@@ -334,28 +325,9 @@ fn is_missing(e: &CmdError) -> bool {
 /// and their next packet is answered with a reset (seen on this kernel, and the
 /// reason in-flight requests hung after a revert). Absent is fine.
 pub async fn neutralize(ns: Option<&std::path::Path>, table: &str) -> Result<(), CmdError> {
-    let listing = match run_tool(
-        ns,
-        Tool::Nft,
-        &[
-            "-j".into(),
-            "list".into(),
-            "table".into(),
-            "inet".into(),
-            table.into(),
-        ],
-        None,
-    )
-    .await
-    {
-        Ok(out) => out,
-        Err(e) if is_missing(&e) => return Ok(()),
-        Err(e) => return Err(e),
+    let Some(v) = list_table(ns, table).await? else {
+        return Ok(());
     };
-    let v: Value = serde_json::from_str(&listing).map_err(|e| CmdError {
-        command: format!("nft -j list table inet {table}"),
-        message: format!("unreadable JSON: {e}"),
-    })?;
     let mut script = String::new();
     for c in v["nftables"].as_array().into_iter().flatten() {
         let Some(chain) = c.get("chain") else {
