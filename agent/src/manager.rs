@@ -201,14 +201,37 @@ impl Fault {
 
     /// Answers everyone waiting on this fault's inject or revert.
     fn notify_waiters(&mut self, snapshot: &pb::Fault) {
-        for w in self.inject_waiters.drain(..) {
-            let _ = w.send(Ok(snapshot.clone()));
-        }
-        for w in self.revert_waiters.drain(..) {
-            let _ = w.send(snapshot.clone());
+        for w in self
+            .inject_waiters
+            .drain(..)
+            .map(Waiter::Inject)
+            .chain(self.revert_waiters.drain(..).map(Waiter::Revert))
+        {
+            w.send(snapshot);
         }
     }
+}
 
+/// Someone waiting for a fault: its inject's reply, or a revert's.
+enum Waiter {
+    Inject(Reply<Result<pb::Fault, AgentError>>),
+    Revert(Reply<pb::Fault>),
+}
+
+impl Waiter {
+    fn send(self, snapshot: &pb::Fault) {
+        match self {
+            Waiter::Inject(w) => {
+                let _ = w.send(Ok(snapshot.clone()));
+            }
+            Waiter::Revert(w) => {
+                let _ = w.send(snapshot.clone());
+            }
+        }
+    }
+}
+
+impl Fault {
     fn is_open(&self) -> bool {
         match self.phase {
             Phase::Injecting | Phase::Active | Phase::Reverting => true,
@@ -1065,7 +1088,9 @@ impl Manager {
                 let kind = f.kind;
                 match result {
                     Ok(()) => {
-                        self.journal.append_later(Record::Reverted {
+                        // Whoever waits for this revert hears of it once the journal
+                        // says so on disk (a restart then has nothing to redo).
+                        let durable = self.journal.append(Record::Reverted {
                             id: id.clone(),
                             reason: f.end_reason.clone(),
                             unix_ms: unix_ms(),
@@ -1086,7 +1111,20 @@ impl Manager {
                         self.metrics.reverted(kind, &f.end_reason, secs);
                         tracing::info!(fault.id = %id, fault.kind = kind, reason = %f.end_reason, "reverted");
                         let snapshot = f.to_pb();
-                        f.notify_waiters(&snapshot);
+                        let mut waiting = std::mem::take(&mut f.inject_waiters)
+                            .into_iter()
+                            .map(Waiter::Inject)
+                            .collect::<Vec<_>>();
+                        waiting.extend(f.revert_waiters.drain(..).map(Waiter::Revert));
+                        let answer = snapshot.clone();
+                        tokio::spawn(async move {
+                            if let Ok(Err(e)) = durable.await {
+                                tracing::error!(error = %e, "journal append (reverted) failed; start-up will revert again (idempotent)");
+                            }
+                            for w in waiting {
+                                w.send(&answer);
+                            }
+                        });
                         self.remember(snapshot.clone());
                         self.emit(pb::fault_event::Event::Fault(snapshot));
                         if self.journal.needs_compaction() {
