@@ -15,7 +15,7 @@
 //! stay in order.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -82,29 +82,29 @@ impl Journal {
     pub fn open(dir: &Path) -> io::Result<(Journal, Vec<OpenEntry>)> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(JOURNAL_FILE);
-        let open = if path.exists() {
-            read_open(&path)?
-        } else {
-            Vec::new()
+        // One read serves both the replay and the check of the last line.
+        let text = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
         };
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
-        // A torn last line (a crash mid-write) is cut off before anything is
-        // appended: a record written onto it would be unreadable.
-        let text_len = std::fs::read(&path).map(|b| {
-            let keep = b
-                .iter()
-                .rposition(|&c| c == b'\n')
-                .map(|i| i + 1)
-                .unwrap_or(0);
-            (b.len(), keep)
-        })?;
-        if text_len.0 != text_len.1 {
-            file.set_len(text_len.1 as u64)?;
+        let open = parse_open(&String::from_utf8_lossy(&text), &path)?;
+        let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
+        // A last line without its newline (a crash mid-write) must not run into the
+        // next record: a complete record gets its newline, a torn one is cut off.
+        let keep = text
+            .iter()
+            .rposition(|&c| c == b'\n')
+            .map(|i| i + 1)
+            .unwrap_or(0);
+        if keep < text.len() {
+            if serde_json::from_slice::<Record>(&text[keep..]).is_ok() {
+                file.write_all(b"\n")?;
+            } else {
+                file.set_len(keep as u64)?;
+                tracing::warn!(bytes = text.len() - keep, "cut a torn last journal line");
+            }
             file.sync_all()?;
-            tracing::warn!(
-                bytes = text_len.0 - text_len.1,
-                "cut a torn last journal line"
-            );
         }
         let bytes = file.metadata()?.len();
         fsync_dir(dir)?;
@@ -387,15 +387,19 @@ fn flush(
 
 /// Reads a journal file and returns the intents not marked reverted, in order.
 pub fn read_open(path: &Path) -> io::Result<Vec<OpenEntry>> {
-    let f = File::open(path)?;
+    parse_open(&std::fs::read_to_string(path)?, path)
+}
+
+/// The intents not marked reverted in a journal's text (read from `path`).
+fn parse_open(text: &str, path: &Path) -> io::Result<Vec<OpenEntry>> {
     let mut open: Vec<OpenEntry> = Vec::new();
-    let lines: Vec<String> = io::BufReader::new(f).lines().collect::<Result<_, _>>()?;
+    let lines: Vec<&str> = text.lines().collect();
     let n = lines.len();
     for (i, line) in lines.into_iter().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let rec: Record = match serde_json::from_str(&line) {
+        let rec: Record = match serde_json::from_str(line) {
             Ok(r) => r,
             Err(e) if i + 1 == n => {
                 tracing::warn!(line = i + 1, error = %e, "ignoring a torn last journal line (crash mid-write)");
@@ -562,5 +566,16 @@ mod tests {
         let (_, open) = Journal::open(dir.path()).unwrap();
         let ids: Vec<&str> = open.iter().map(|e| e.intent.id()).collect();
         assert_eq!(ids, ["a", "b"]);
+        // A complete record that lost only its newline is kept, not cut.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&serde_json::to_vec(&intent("c")).unwrap())
+            .unwrap();
+        drop(f);
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        j.append(&intent("d")).unwrap();
+        drop(j);
+        let (_, open) = Journal::open(dir.path()).unwrap();
+        let ids: Vec<&str> = open.iter().map(|e| e.intent.id()).collect();
+        assert_eq!(ids, ["a", "b", "c", "d"]);
     }
 }

@@ -194,20 +194,9 @@ async fn bind(
         };
         AddressError(format!(
             "cannot listen on {addr} for {what}: {}; {hint}",
-            io_text(&e)
+            gpuchaos_proto::files::io_text(&e)
         ))
     })
-}
-
-/// An I/O error as a person reads it: "address already in use", without the
-/// "(os error 98)" tail.
-fn io_text(e: &std::io::Error) -> String {
-    let s = e.to_string();
-    let s = match s.find(" (os error") {
-        Some(i) => s[..i].to_string(),
-        None => s,
-    };
-    s.to_lowercase()
 }
 
 /// Runs the agent until `shutdown` is cancelled, then reverts every fault and returns.
@@ -220,7 +209,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         StateDirError(format!(
             "cannot open the journal in {}: {}; check the directory's permissions and free space",
             cfg.state_dir.display(),
-            io_text(&e)
+            gpuchaos_proto::files::io_text(&e)
         ))
     })?;
 
