@@ -133,19 +133,11 @@ fn main() -> std::process::ExitCode {
     let result = rt.block_on(async {
         let shutdown = CancellationToken::new();
         let s = shutdown.clone();
+        let mut signals = gpuchaos_proto::signal::Terminations::install()
+            .map_err(|e| anyhow::anyhow!("cannot install the SIGTERM and SIGINT handlers: {e}"))?;
         tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                tracing::error!("cannot install signal handlers");
-                return;
-            };
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
-            }
+            let which = signals.recv().await;
+            tracing::info!("{which} received");
             s.cancel();
         });
         gpuchaos_agent::run(cfg, shutdown).await

@@ -1,4 +1,5 @@
-//! Linux signal names and numbers (x86-64 and arm64 agree on 1-31).
+//! Linux signal names and numbers (x86-64 and arm64 agree on 1-31), and the one
+//! way every gpuchaos binary waits for SIGTERM or SIGINT ([`Terminations`]).
 
 const SIGNALS: &[(&str, i32)] = &[
     ("SIGHUP", 1),
@@ -56,6 +57,34 @@ pub fn name(number: i32) -> String {
         .find(|&&(_, v)| v == number)
         .map(|&(n, _)| n.to_string())
         .unwrap_or_else(|| format!("signal {number}"))
+}
+
+/// SIGTERM and SIGINT, installed once: what the agent, `run`, `serve` and
+/// `inject --attach` stop on. Installing fails only outside a Tokio runtime or when
+/// the process may not handle signals; each caller says what that means for it.
+#[derive(Debug)]
+pub struct Terminations {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Terminations {
+    pub fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Terminations {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Waits for the next SIGTERM or SIGINT and names it. Cancel-safe: may be
+    /// polled again and again in a `select!` loop.
+    pub async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }
 
 #[cfg(test)]
