@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use gpuchaos_agent::sys::cuda::Cuda;
+use gpuchaos_cuda::Cuda;
 use hyper::StatusCode;
 use tokio::net::TcpListener;
 
