@@ -9,14 +9,20 @@
 use std::fmt;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
+mod duration;
 mod gpu;
 mod guardrail;
 mod network;
+mod process;
+mod target;
+pub use duration::*;
 pub use gpu::*;
 pub use guardrail::*;
 pub use network::*;
+pub use process::*;
+pub use target::*;
 
 /// A problem with one field of a spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,110 +172,93 @@ impl fmt::Display for SpecErrors {
 
 impl std::error::Error for SpecErrors {}
 
-/// A duration written the human way: `250ms`, `30s`, `2m`, `1h 30m`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct HumanDuration(pub Duration);
+// ---------------------------------------------------------------------------
+// The fault kinds. Adding one: its spec file under spec/ (a struct implementing
+// [`KindSpec`]), one line in `fault_kinds!` below, its driver in the agent
+// (agent/src/faults/, one line in `faults::drivers`), and its docs.
+// ---------------------------------------------------------------------------
 
-impl HumanDuration {
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let t = text.trim();
-        if t.starts_with('-') {
-            return Err(format!(
-                "invalid duration {text:?}: durations cannot be negative"
-            ));
+/// What every kind's spec gives the shared code.
+pub trait KindSpec {
+    /// How long the fault lasts (the agent enforces it locally).
+    fn duration(&self) -> Duration;
+    /// The seed of any randomness in the fault, when the user fixed one.
+    fn seed(&self) -> Option<u64>;
+    /// Every semantic problem, each under its field (parsing already checked shapes).
+    fn validate(&self, errs: &mut Vec<FieldError>);
+    /// One line for plans and the CLI: `process pause name "^vllm", pick 1`.
+    fn summary(&self) -> String;
+}
+
+/// A kind's spec type as registered in [`FaultSpec`] (implemented by
+/// `fault_kinds!`): its name, and the way in and out of the enum.
+pub trait Kind: KindSpec + Sized {
+    /// The `kind:` a spec names, e.g. `gpu_memory`.
+    const KIND: &'static str;
+    /// This kind's spec, when `spec` is of this kind.
+    fn of(spec: &FaultSpec) -> Option<&Self>;
+    fn into_spec(self) -> FaultSpec;
+}
+
+macro_rules! fault_kinds {
+    ($($variant:ident($ty:ty) = $name:literal,)+) => {
+        /// One fault, of any kind. The `kind` field selects the variant.
+        #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+        #[derive(Debug, Clone, PartialEq, Serialize)]
+        #[serde(tag = "kind")]
+        #[allow(clippy::large_enum_variant)]
+        pub enum FaultSpec {
+            $(#[serde(rename = $name)] $variant($ty),)+
         }
-        if !t.is_empty() && t.chars().all(|c| c.is_ascii_digit() || c == '.') {
-            return Err(format!(
-                "invalid duration {text:?}: add a unit, e.g. \"{t}s\" or \"{t}ms\""
-            ));
-        }
-        let d = humantime::parse_duration(t).map_err(|e| {
-            format!("invalid duration {text:?}: {e}; write it like 250ms, 30s, 2m or 1h")
-        })?;
-        if d > Self::MAX {
-            return Err(format!(
-                "duration {text:?} is longer than {} days: no fault, wait, limit or lease lasts that long; write it in hours or days",
-                Self::MAX.as_secs() / 86_400
-            ));
-        }
-        Ok(HumanDuration(d))
-    }
 
-    /// The longest duration any field accepts (30 days): `wait: 99999999999h` is a
-    /// typo, not a plan.
-    pub const MAX: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
-}
+        /// Every fault kind a spec may name.
+        pub const KINDS: &[&str] = &[$($name),+];
 
-#[cfg(feature = "schema")]
-impl schemars::JsonSchema for HumanDuration {
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        "Duration".into()
-    }
-    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({
-            "type": "string",
-            "description": "A duration with a unit: 250ms, 30s, 2m, 1h 30m",
-            "pattern": "^\\s*[0-9]+(\\.[0-9]+)?\\s*[a-zµ]+(\\s*[0-9]+(\\.[0-9]+)?\\s*[a-zµ]+)*\\s*$"
-        })
-    }
-}
-
-impl fmt::Display for HumanDuration {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", humantime::format_duration(self.0))
-    }
-}
-
-impl Serialize for HumanDuration {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_string())
-    }
-}
-
-impl<'de> Deserialize<'de> for HumanDuration {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = HumanDuration;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a duration such as \"30s\" or \"2m\"")
+        $(impl Kind for $ty {
+            const KIND: &'static str = $name;
+            fn of(spec: &FaultSpec) -> Option<&Self> {
+                #[allow(unreachable_patterns)]
+                match spec {
+                    FaultSpec::$variant(s) => Some(s),
+                    _ => None,
+                }
             }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<HumanDuration, E> {
-                HumanDuration::parse(v).map_err(E::custom)
+            fn into_spec(self) -> FaultSpec {
+                FaultSpec::$variant(self)
             }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<HumanDuration, E> {
-                Err(E::custom(format!(
-                    "invalid duration {v}: add a unit, e.g. \"{v}s\" or \"{v}ms\""
-                )))
+        })+
+
+        impl FaultSpec {
+            fn inner(&self) -> &dyn KindSpec {
+                match self {
+                    $(FaultSpec::$variant(s) => s,)+
+                }
             }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<HumanDuration, E> {
-                Err(E::custom(format!(
-                    "invalid duration {v}: durations need a unit and cannot be negative"
-                )))
+
+            /// The kind's name, as written after `kind:`.
+            pub fn kind(&self) -> &'static str {
+                match self {
+                    $(FaultSpec::$variant(_) => $name,)+
+                }
             }
-            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<HumanDuration, E> {
-                Err(E::custom(format!(
-                    "invalid duration {v}: add a unit, e.g. \"{v}s\""
-                )))
+
+            /// The rest of a spec (everything but `kind`), typed as `kind` says.
+            fn by_kind<'de, D: Deserializer<'de>>(kind: &str, rest: D) -> Result<FaultSpec, D::Error> {
+                match kind {
+                    $($name => <$ty>::deserialize(rest).map(FaultSpec::$variant),)+
+                    other => Err(unknown_kind(other)),
+                }
             }
         }
-        d.deserialize_any(V)
-    }
+    };
 }
 
-/// One fault, of any kind. The `kind` field selects the variant.
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum FaultSpec {
-    Process(ProcessSpec),
-    GpuMemory(GpuMemorySpec),
-    Network(NetworkSpec),
-    Guardrail(Box<GuardrailSpec>),
+fault_kinds! {
+    Process(ProcessSpec) = "process",
+    GpuMemory(GpuMemorySpec) = "gpu_memory",
+    Network(NetworkSpec) = "network",
+    Guardrail(GuardrailSpec) = "guardrail",
 }
-
-/// Every fault kind a spec may name.
-pub const KINDS: &[&str] = &["process", "gpu_memory", "network", "guardrail"];
 
 /// Deserializes without buffering when `kind` comes first (the usual way to write a
 /// spec), so errors keep their YAML line and column and their field path: the rest
@@ -305,17 +294,7 @@ impl<'de> serde::de::Visitor<'de> for FaultVisitor {
         };
         if first == "kind" {
             let kind: String = map.next_value()?;
-            return match kind.as_str() {
-                "process" => ProcessSpec::deserialize(MapAccessDeserializer::new(map))
-                    .map(FaultSpec::Process),
-                "network" => NetworkSpec::deserialize(MapAccessDeserializer::new(map))
-                    .map(FaultSpec::Network),
-                "gpu_memory" => GpuMemorySpec::deserialize(MapAccessDeserializer::new(map))
-                    .map(FaultSpec::GpuMemory),
-                "guardrail" => GuardrailSpec::deserialize(MapAccessDeserializer::new(map))
-                    .map(|g| FaultSpec::Guardrail(Box::new(g))),
-                other => Err(unknown_kind(other)),
-            };
+            return FaultSpec::by_kind(&kind, MapAccessDeserializer::new(map));
         }
         let mut obj = serde_json::Map::new();
         obj.insert(first, map.next_value()?);
@@ -332,66 +311,34 @@ impl<'de> serde::de::Visitor<'de> for FaultVisitor {
             }
             None => return Err(A::Error::missing_field("kind")),
         };
-        let rest = serde_json::Value::Object(obj);
-        let located = |e: serde_path_to_error::Error<serde_json::Error>| {
-            let path = e.path().to_string();
-            A::Error::custom(format!("{path}: {}", e.into_inner()))
-        };
-        match kind.as_str() {
-            "process" => serde_path_to_error::deserialize(rest)
-                .map(FaultSpec::Process)
-                .map_err(located),
-            "network" => serde_path_to_error::deserialize(rest)
-                .map(FaultSpec::Network)
-                .map_err(located),
-            "gpu_memory" => serde_path_to_error::deserialize(rest)
-                .map(FaultSpec::GpuMemory)
-                .map_err(located),
-            "guardrail" => serde_path_to_error::deserialize(rest)
-                .map(|g| FaultSpec::Guardrail(Box::new(g)))
-                .map_err(located),
-            other => Err(unknown_kind(other)),
-        }
+        let mut track = serde_path_to_error::Track::new();
+        let rest =
+            serde_path_to_error::Deserializer::new(serde_json::Value::Object(obj), &mut track);
+        FaultSpec::by_kind(&kind, rest).map_err(|e| {
+            let path = track.path().to_string();
+            A::Error::custom(format!("{path}: {e}"))
+        })
     }
 }
 
 impl FaultSpec {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            FaultSpec::Process(_) => "process",
-            FaultSpec::Network(_) => "network",
-            FaultSpec::GpuMemory(_) => "gpu_memory",
-            FaultSpec::Guardrail(_) => "guardrail",
-        }
-    }
-
     pub fn duration(&self) -> Duration {
-        match self {
-            FaultSpec::Process(p) => p.duration.0,
-            FaultSpec::Network(n) => n.duration.0,
-            FaultSpec::GpuMemory(g) => g.duration.0,
-            FaultSpec::Guardrail(g) => g.duration.0,
-        }
+        self.inner().duration()
     }
 
     pub fn seed(&self) -> Option<u64> {
-        match self {
-            FaultSpec::Process(p) => p.seed,
-            FaultSpec::Network(n) => n.seed,
-            FaultSpec::GpuMemory(g) => g.seed,
-            FaultSpec::Guardrail(g) => g.seed,
-        }
+        self.inner().seed()
+    }
+
+    /// One line for plans and the CLI: `process pause name "^vllm", pick 1`.
+    pub fn summary(&self) -> String {
+        self.inner().summary()
     }
 
     /// Every semantic problem at once (parsing already checked shapes and types).
     pub fn validate(&self) -> Result<(), SpecErrors> {
         let mut errs = Vec::new();
-        match self {
-            FaultSpec::Process(p) => p.validate(&mut errs),
-            FaultSpec::Network(n) => n.validate(&mut errs),
-            FaultSpec::GpuMemory(g) => g.validate(&mut errs),
-            FaultSpec::Guardrail(g) => g.validate(&mut errs),
-        }
+        self.inner().validate(&mut errs);
         if errs.is_empty() {
             Ok(())
         } else {
@@ -561,339 +508,6 @@ fn clean_serde_message(msg: &str) -> String {
     m.to_string()
 }
 
-/// The `process` kind: kill, terminate, pause or crash-loop workers.
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProcessSpec {
-    pub duration: HumanDuration,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seed: Option<u64>,
-    pub target: ProcessTarget,
-    pub action: ProcessAction,
-    /// `kill` only: the signal to send (default SIGKILL).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub signal: Option<String>,
-    /// `terminate` only: time between SIGTERM and SIGKILL (default 5s).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub grace: Option<HumanDuration>,
-    /// `crash-loop` only: time between kill rounds (default 10s).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub interval: Option<HumanDuration>,
-}
-
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ProcessAction {
-    Kill,
-    Terminate,
-    Pause,
-    CrashLoop,
-}
-
-impl ProcessAction {
-    pub fn name(self) -> &'static str {
-        match self {
-            ProcessAction::Kill => "kill",
-            ProcessAction::Terminate => "terminate",
-            ProcessAction::Pause => "pause",
-            ProcessAction::CrashLoop => "crash-loop",
-        }
-    }
-}
-
-/// Which processes a fault hits. Every selector given must match (they are ANDed).
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProcessTarget {
-    /// One pid or a list of pids.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pid: Option<OneOrMany<u32>>,
-    /// Regex on the process name (/proc/PID/comm, at most 15 characters).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    /// Regex on the full command line (arguments joined by spaces).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cmdline: Option<String>,
-    /// A cgroup v2 path (`/kubepods.slice/...`): processes in it or below it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cgroup: Option<String>,
-    /// Processes using this GPU (index or UUID), as NVML reports them.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gpu: Option<GpuRef>,
-    /// How many of the matching processes to hit (default all).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pick: Option<Pick>,
-}
-
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum OneOrMany<T> {
-    One(T),
-    Many(Vec<T>),
-}
-
-impl<T: Clone> OneOrMany<T> {
-    pub fn to_vec(&self) -> Vec<T> {
-        match self {
-            OneOrMany::One(t) => vec![t.clone()],
-            OneOrMany::Many(v) => v.clone(),
-        }
-    }
-}
-
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum GpuRef {
-    Index(u32),
-    Uuid(String),
-}
-
-impl fmt::Display for GpuRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            GpuRef::Index(i) => write!(f, "GPU {i}"),
-            GpuRef::Uuid(u) => write!(f, "GPU {u}"),
-        }
-    }
-}
-
-/// How many of the matched targets to hit: `all`, `{count: N}` or `{percent: P}`.
-/// A percentage rounds down but never below one target.
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Pick {
-    All,
-    Count(u32),
-    Percent(f64),
-}
-
-impl Pick {
-    /// How many of `matched` targets this pick takes.
-    pub fn amount(self, matched: usize) -> usize {
-        match self {
-            Pick::All => matched,
-            Pick::Count(n) => (n as usize).min(matched),
-            Pick::Percent(p) => {
-                if matched == 0 {
-                    0
-                } else {
-                    ((matched as f64 * p / 100.0).floor() as usize).clamp(1, matched)
-                }
-            }
-        }
-    }
-
-    pub fn validate(self, field: &str, errs: &mut Vec<FieldError>) {
-        match self {
-            Pick::All => {}
-            Pick::Count(0) => errs.push(FieldError::new(
-                format!("{field}.count"),
-                "must be at least 1 (remove the fault to hit nothing)",
-            )),
-            Pick::Count(_) => {}
-            Pick::Percent(p) if !(p > 0.0 && p <= 100.0) => errs.push(FieldError::new(
-                format!("{field}.percent"),
-                format!("{p} is out of range: use a percentage above 0 and at most 100"),
-            )),
-            Pick::Percent(_) => {}
-        }
-    }
-}
-
-impl ProcessTarget {
-    /// The selector in one line: `name "^vllm", cmdline "worker", pick 1`.
-    pub fn describe(&self) -> String {
-        let mut parts = Vec::new();
-        if let Some(p) = &self.pid {
-            parts.push(format!("pid {:?}", p.to_vec()));
-        }
-        if let Some(n) = &self.name {
-            parts.push(format!("name {n:?}"));
-        }
-        if let Some(c) = &self.cmdline {
-            parts.push(format!("cmdline {c:?}"));
-        }
-        if let Some(c) = &self.cgroup {
-            parts.push(format!("cgroup {c:?}"));
-        }
-        if let Some(g) = &self.gpu {
-            parts.push(format!("processes on {g}"));
-        }
-        match self.pick {
-            Some(Pick::Count(n)) => parts.push(format!("pick {n}")),
-            Some(Pick::Percent(p)) => parts.push(format!("pick {p}%")),
-            _ => {}
-        }
-        parts.join(", ")
-    }
-
-    /// Checks a selector; errors are reported under `prefix` (`target`).
-    pub fn validate_selector(&self, prefix: &str, errs: &mut Vec<FieldError>) {
-        let t = self;
-        if t.pid.is_none()
-            && t.name.is_none()
-            && t.cmdline.is_none()
-            && t.cgroup.is_none()
-            && t.gpu.is_none()
-        {
-            errs.push(FieldError::new(
-                prefix.to_string(),
-                "no selector: give at least one of pid, name, cmdline, cgroup or gpu",
-            ));
-        }
-        if let Some(p) = &t.pid {
-            let pids = p.to_vec();
-            if pids.is_empty() {
-                errs.push(FieldError::new(
-                    format!("{prefix}.pid"),
-                    "the list of pids is empty",
-                ));
-            }
-            if pids.contains(&0) {
-                errs.push(FieldError::new(
-                    format!("{prefix}.pid"),
-                    "pid 0 is not a process",
-                ));
-            }
-        }
-        for (field, re) in [("name", &t.name), ("cmdline", &t.cmdline)] {
-            if let Some(re) = re
-                && let Err(e) = compile_regex(re)
-            {
-                errs.push(FieldError::new(format!("{prefix}.{field}"), e));
-            }
-        }
-        if let Some(cg) = &t.cgroup
-            && (!cg.starts_with('/') || cg.contains("..") || cg.contains('\0'))
-        {
-            errs.push(FieldError::new(
-                format!("{prefix}.cgroup"),
-                format!(
-                    "{cg:?} is not a cgroup path: write it as in /proc/PID/cgroup, starting with / and without .."
-                ),
-            ));
-        }
-        if let Some(GpuRef::Uuid(u)) = &t.gpu
-            && !u.starts_with("GPU-")
-            && !u.starts_with("MIG-")
-        {
-            errs.push(FieldError::new(
-                format!("{prefix}.gpu"),
-                format!("{u:?} is neither a GPU index nor a UUID (GPU-… or MIG-…)"),
-            ));
-        }
-        if let Some(p) = t.pick {
-            p.validate(&format!("{prefix}.pick"), errs);
-        }
-    }
-}
-
-/// Shortest crash-loop interval: faster than this is a fork bomb in reverse.
-pub const MIN_CRASH_LOOP_INTERVAL: Duration = Duration::from_millis(100);
-
-impl ProcessSpec {
-    fn validate(&self, errs: &mut Vec<FieldError>) {
-        validate_duration(self.duration, errs);
-        self.target.validate_selector("target", errs);
-        let only = |field: &str, present: bool, action: &str, errs: &mut Vec<FieldError>| {
-            if present {
-                errs.push(FieldError::new(
-                    field,
-                    format!(
-                        "only applies to action {action}, not {}: remove it",
-                        self.action.name()
-                    ),
-                ));
-            }
-        };
-        only(
-            "signal",
-            self.signal.is_some() && self.action != ProcessAction::Kill,
-            "kill",
-            errs,
-        );
-        only(
-            "grace",
-            self.grace.is_some() && self.action != ProcessAction::Terminate,
-            "terminate",
-            errs,
-        );
-        only(
-            "interval",
-            self.interval.is_some() && self.action != ProcessAction::CrashLoop,
-            "crash-loop",
-            errs,
-        );
-        if let Some(s) = &self.signal
-            && crate::signal::parse(s).is_none()
-        {
-            errs.push(FieldError::new(
-                "signal",
-                format!("unknown signal {s:?}: use a name such as SIGKILL, SIGTERM or SIGINT, or a number 1-31"),
-            ));
-        }
-        if let Some(s) = &self.signal
-            && matches!(crate::signal::parse(s), Some(19) | Some(18))
-        {
-            errs.push(FieldError::new(
-                "signal",
-                "SIGSTOP/SIGCONT are not kill signals: use action: pause, which resumes the process on revert",
-            ));
-        }
-        if let Some(g) = self.grace
-            && g.0.is_zero()
-        {
-            errs.push(FieldError::new(
-                "grace",
-                "must be above zero (use action: kill for an immediate SIGKILL)",
-            ));
-        }
-        if let Some(i) = self.interval
-            && i.0 < MIN_CRASH_LOOP_INTERVAL
-        {
-            errs.push(FieldError::new(
-                "interval",
-                format!(
-                    "{i} is too short: crash-loop kills at most every {}",
-                    HumanDuration(MIN_CRASH_LOOP_INTERVAL)
-                ),
-            ));
-        }
-    }
-
-    pub fn signal_number(&self) -> i32 {
-        self.signal
-            .as_deref()
-            .and_then(crate::signal::parse)
-            .unwrap_or(9)
-    }
-
-    pub fn grace(&self) -> Duration {
-        self.grace.map(|g| g.0).unwrap_or(Duration::from_secs(5))
-    }
-
-    pub fn interval(&self) -> Duration {
-        self.interval
-            .map(|g| g.0)
-            .unwrap_or(Duration::from_secs(10))
-    }
-}
-
-fn validate_duration(d: HumanDuration, errs: &mut Vec<FieldError>) {
-    if d.0.is_zero() {
-        errs.push(FieldError::new(
-            "duration",
-            "must be above zero: every fault needs a bounded duration, e.g. 30s",
-        ));
-    }
-}
-
 /// One spec from YAML, errors as text: for the kinds' unit tests.
 #[cfg(test)]
 pub(crate) fn parse_for_test(yaml: &str) -> Result<FaultSpec, String> {
@@ -1058,6 +672,25 @@ mod tests {
         assert_eq!(e.0[0].field, "target.pick.count", "{e}");
         let e = FaultSpec::from_json(r#"{"kind":"teleport","duration":"5s"}"#).unwrap_err();
         assert!(e.to_string().contains("teleport"), "{e}");
+    }
+
+    #[test]
+    fn every_registered_kind_is_dispatched_by_its_name() {
+        for kind in KINDS {
+            for text in [
+                format!(r#"{{"kind":"{kind}"}}"#),
+                format!(r#"{{"x":1,"kind":"{kind}"}}"#),
+            ] {
+                let e = FaultSpec::from_json(&text).unwrap_err().to_string();
+                assert!(!e.contains("unknown fault kind"), "{kind}: {e}");
+            }
+        }
+        let e = FaultSpec::from_json(r#"{"duration":"5s","kind":"teleport"}"#).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("known kinds are process, gpu_memory, network, guardrail"),
+            "{e}"
+        );
     }
 
     #[test]

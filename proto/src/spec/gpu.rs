@@ -4,7 +4,7 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::{FieldError, GpuRef, HumanDuration, validate_duration};
+use super::{FieldError, GpuRef, HumanDuration, KindSpec, validate_duration};
 
 /// The `gpu_memory` kind.
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -219,8 +219,31 @@ impl schemars::JsonSchema for ByteSize {
 /// Shortest ramp: anything faster is a step, say so.
 pub const MIN_RAMP_MS: u64 = 200;
 
-impl GpuMemorySpec {
-    pub(super) fn validate(&self, errs: &mut Vec<FieldError>) {
+impl GpuMemorySpec {}
+
+impl KindSpec for GpuMemorySpec {
+    fn duration(&self) -> std::time::Duration {
+        self.duration.0
+    }
+
+    fn seed(&self) -> Option<u64> {
+        self.seed
+    }
+
+    fn summary(&self) -> String {
+        let gpus = match &self.target.gpus {
+            GpuSet::All => "all GPUs".to_string(),
+            GpuSet::List(v) => v
+                .iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
+        let ramp = self.ramp.map(|r| format!(", ramp {r}")).unwrap_or_default();
+        format!("gpu_memory fill {} on {gpus}{ramp}", self.fill)
+    }
+
+    fn validate(&self, errs: &mut Vec<FieldError>) {
         validate_duration(self.duration, errs);
         if let GpuSet::List(v) = &self.target.gpus {
             if v.is_empty() {

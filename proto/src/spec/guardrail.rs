@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{FieldError, HumanDuration, validate_duration};
+use super::{FieldError, HumanDuration, KindSpec, validate_duration};
 
 /// The `guardrail` kind.
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -200,8 +200,26 @@ impl GuardrailSpec {
             .collect();
         format!("{} ({})", parts.join(", "), self.preset.name())
     }
+}
 
-    pub(super) fn validate(&self, errs: &mut Vec<FieldError>) {
+impl KindSpec for GuardrailSpec {
+    fn duration(&self) -> std::time::Duration {
+        self.duration.0
+    }
+
+    fn seed(&self) -> Option<u64> {
+        self.seed
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "guardrail {} at {}",
+            self.effect(),
+            self.listen.as_deref().unwrap_or("?")
+        )
+    }
+
+    fn validate(&self, errs: &mut Vec<FieldError>) {
         validate_duration(self.duration, errs);
         match (&self.listen, &self.intercept) {
             (None, None) => errs.push(FieldError::new(
@@ -366,7 +384,7 @@ mod tests {
 
     fn parse(yaml: &str) -> Result<GuardrailSpec, String> {
         super::super::parse_for_test(yaml).map(|s| match s {
-            FaultSpec::Guardrail(g) => *g,
+            FaultSpec::Guardrail(g) => g,
             other => panic!("another kind: {other:?}"),
         })
     }
@@ -382,7 +400,7 @@ mod tests {
             g.effect(),
             "flip_verdict 100%, delay 50% (openai-moderation)"
         );
-        let spec = FaultSpec::Guardrail(Box::new(g));
+        let spec = FaultSpec::Guardrail(g);
         assert_eq!(FaultSpec::from_json(&spec.to_json()).unwrap(), spec);
     }
 

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::{FieldError, HumanDuration, ProcessTarget, validate_duration};
+use super::{FieldError, HumanDuration, KindSpec, ProcessTarget, validate_duration};
 
 /// The `network` kind.
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -367,8 +367,39 @@ impl NetworkSpec {
         }
         parts.join(", ")
     }
+}
 
-    pub(super) fn validate(&self, errs: &mut Vec<FieldError>) {
+impl KindSpec for NetworkSpec {
+    fn duration(&self) -> std::time::Duration {
+        self.duration.0
+    }
+
+    fn seed(&self) -> Option<u64> {
+        self.seed
+    }
+
+    fn summary(&self) -> String {
+        let mut parts = vec![format!("network {}", self.effect())];
+        if let Some(t) = &self.target {
+            parts.push(format!("in the netns of {}", t.netns_of.describe()));
+        }
+        if let Some(i) = &self.interface {
+            parts.push(format!("dev {i}"));
+        }
+        if !self.peers.is_empty() {
+            parts.push(format!("peers={}", self.peers.join(",")));
+        }
+        if !self.ports.is_empty() {
+            let p: Vec<String> = self.ports.iter().map(|p| p.to_string()).collect();
+            parts.push(format!("ports={}", p.join(",")));
+        }
+        if let Some(d) = self.direction {
+            parts.push(format!("{d:?}").to_lowercase());
+        }
+        parts.join(" ")
+    }
+
+    fn validate(&self, errs: &mut Vec<FieldError>) {
         validate_duration(self.duration, errs);
         let effects = [
             self.partition.is_some(),

@@ -302,7 +302,7 @@ impl FaultDriver for GuardrailDriver {
             let plan: GuardrailPlan =
                 serde_json::from_value(ctx.plan).map_err(|e| format!("bad plan: {e}"))?;
             if let Some(table) = &plan.table {
-                let active = Arc::new(Active::new((*spec).clone(), plan.seed, plan.token.clone()));
+                let active = Arc::new(Active::new(spec.clone(), plan.seed, plan.token.clone()));
                 let proxy = self.apply_transparent(&plan, &active, table).await?;
                 let details = Arc::new(Mutex::new(serde_json::json!({
                     "mode": "transparent",
@@ -347,7 +347,7 @@ impl FaultDriver for GuardrailDriver {
                     p
                 }
             };
-            let active = Arc::new(Active::new((*spec).clone(), plan.seed, plan.token.clone()));
+            let active = Arc::new(Active::new(spec.clone(), plan.seed, plan.token.clone()));
             proxy.attach(Arc::clone(&active))?;
             // Whether the guardrail answers at all: not a reason to refuse the fault
             // (a dead guardrail is a fault too), but the status must say so.
