@@ -121,7 +121,7 @@ pub fn main(args: &[String]) -> ExitCode {
     for (p, _) in held {
         let _ = cuda.mem_free(p);
     }
-    let _ = cuda.ctx_destroy(ctx);
+    let _ = ctx.destroy();
     ExitCode::SUCCESS
 }
 

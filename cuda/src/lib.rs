@@ -200,8 +200,9 @@ impl Cuda {
         ))
     }
 
-    /// Creates a context on the device and makes it current on this thread.
-    pub fn ctx_create(&self, ordinal: i32) -> Result<Context, CudaError> {
+    /// Creates a context on the device and makes it current on this thread. Dropping the
+    /// context destroys it; [`Context::destroy`] does too, and says whether it could.
+    pub fn ctx_create(&self, ordinal: i32) -> Result<Context<'_>, CudaError> {
         let mut dev: c_int = 0;
         // SAFETY: `dev` outlives the call.
         self.check(
@@ -214,15 +215,17 @@ impl Cuda {
             unsafe { (self.ctx_create)(&mut ctx, 0, dev) },
             "cuCtxCreate",
         )?;
-        Ok(Context(ctx as usize))
+        Ok(Context {
+            cuda: self,
+            raw: ctx,
+        })
     }
 
-    pub fn ctx_destroy(&self, ctx: Context) -> Result<(), CudaError> {
-        // SAFETY: a context this library created.
-        self.check(
-            unsafe { (self.ctx_destroy)(ctx.0 as *mut c_void) },
-            "cuCtxDestroy",
-        )
+    /// Only for [`Context`], which calls it once.
+    fn ctx_destroy(&self, ctx: *mut c_void) -> Result<(), CudaError> {
+        // SAFETY: a context this library created, not yet destroyed: its `Context`
+        // owned it until now.
+        self.check(unsafe { (self.ctx_destroy)(ctx) }, "cuCtxDestroy")
     }
 
     pub fn mem_alloc(&self, bytes: usize) -> Result<u64, CudaError> {
@@ -249,22 +252,153 @@ impl Cuda {
     }
 }
 
-/// A CUDA context handle (opaque).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Context(usize);
+/// A CUDA context, which owns its destruction: dropping it destroys it (and with it
+/// every allocation made in it), or [`Context::destroy`] does and says whether it could.
+/// It borrows the [`Cuda`] that created it, so the library cannot be unloaded under it,
+/// and it stays on the thread that created it, where it is current.
+///
+/// A context is destroyed once, so destroying it again does not compile:
+///
+/// ```compile_fail
+/// fn twice(cuda: &gpuchaos_cuda::Cuda) -> Result<(), gpuchaos_cuda::CudaError> {
+///     let ctx = cuda.ctx_create(0)?;
+///     ctx.destroy()?;
+///     ctx.destroy()
+/// }
+/// ```
+pub struct Context<'a> {
+    cuda: &'a Cuda,
+    raw: *mut c_void,
+}
+
+impl Context<'_> {
+    /// Destroys the context now (cuCtxDestroy), for a caller that wants the error.
+    pub fn destroy(self) -> Result<(), CudaError> {
+        // Not dropped: Drop would destroy it a second time.
+        let this = std::mem::ManuallyDrop::new(self);
+        this.cuda.ctx_destroy(this.raw)
+    }
+}
+
+impl Drop for Context<'_> {
+    fn drop(&mut self) {
+        // No one to tell: a context the driver could not destroy is freed with the
+        // process.
+        let _ = self.cuda.ctx_destroy(self.raw);
+    }
+}
+
+impl std::fmt::Debug for Context<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Context").field(&self.raw).finish()
+    }
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::{Path, PathBuf};
 
     #[test]
     fn a_missing_library_is_an_error_that_says_what_to_do() {
-        let e = Cuda::open(Some(std::path::Path::new("/nonexistent/libcuda.so.1")))
+        let e = Cuda::open(Some(Path::new("/nonexistent/libcuda.so.1")))
             .err()
             .unwrap();
         assert!(
             e.contains("no CUDA driver") && e.contains("--cuda-lib"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_library_that_is_not_libcuda_is_an_error_that_names_the_missing_symbol() {
+        let e = Cuda::open(Some(Path::new("libc.so.6"))).err().unwrap();
+        assert!(
+            e.starts_with("libc.so.6 lacks cuInit: ") && e.ends_with("(is it really libcuda?)"),
+            "{e}"
+        );
+    }
+
+    /// The fake driver (the `gpuchaos-fakegpu` cdylib) next to this test binary's
+    /// directory: target/debug/deps/TEST-hash → target/debug/libgpuchaos_fakegpu.so.
+    fn fake_driver() -> Option<PathBuf> {
+        let exe = std::env::current_exe().ok()?;
+        let p = exe.parent()?.parent()?.join("libgpuchaos_fakegpu.so");
+        p.exists().then_some(p)
+    }
+
+    /// Set in the child that runs the test's body.
+    const CHILD: &str = "GPUCHAOS_CUDA_TEST_CHILD";
+    const NAME: &str = "tests::a_context_is_destroyed_when_dropped_or_destroyed";
+
+    #[test]
+    fn a_context_is_destroyed_when_dropped_or_destroyed() {
+        let Some(lib) = fake_driver() else {
+            eprintln!(
+                "skipped: the fake driver is not built (cargo build -p gpuchaos-fakegpu, or cargo build --workspace)"
+            );
+            return;
+        };
+        // The fake driver reads its configuration from the environment: the body runs
+        // in a child of this test binary, with its own state file, rather than change
+        // this process's environment under other tests' threads.
+        if std::env::var_os(CHILD).is_none() {
+            let state = std::env::temp_dir()
+                .join(format!("gpuchaos-cuda-test-{}.json", std::process::id()));
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+                .env(CHILD, "1")
+                .env("GPUCHAOS_FAKE_GPU_STATE", &state)
+                .env("GPUCHAOS_FAKE_GPUS", "1x8GiB")
+                .env("GPUCHAOS_FAKE_GPU_CONTEXT", "64MiB")
+                .env_remove("GPUCHAOS_FAKE_GPU_DRIVER")
+                .env_remove("GPUCHAOS_FAKE_GPU_COMPUTE_MODE")
+                .output()
+                .unwrap();
+            let mut lock = state.clone().into_os_string();
+            lock.push(".lock");
+            let _ = std::fs::remove_file(&state);
+            let _ = std::fs::remove_file(lock);
+            let (stdout, stderr) = (
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+            );
+            assert!(
+                out.status.success() && stdout.contains("1 passed"),
+                "the child failed or did not run the test ({}):\n{stdout}\n{stderr}",
+                out.status
+            );
+            return;
+        }
+
+        const CTX: u64 = 64 << 20;
+        const ALLOC: u64 = 2 << 20;
+        let cuda = Cuda::open(Some(&lib)).unwrap();
+        cuda.init().unwrap();
+        // What the device holds, seen from the current context.
+        let used = || {
+            let (free, total) = cuda.mem_get_info().unwrap();
+            total - free
+        };
+        let a = cuda.ctx_create(0).unwrap();
+        assert_eq!(used(), CTX);
+        let b = cuda.ctx_create(0).unwrap();
+        cuda.mem_alloc(ALLOC as usize).unwrap();
+        assert_eq!(used(), 2 * CTX + ALLOC);
+
+        drop(a);
+        assert_eq!(used(), CTX + ALLOC, "dropping a context destroys it");
+
+        b.destroy().unwrap();
+        // b was current: no context is now.
+        let e = cuda.mem_get_info().err().unwrap();
+        assert_eq!(e.name, "CUDA_ERROR_INVALID_CONTEXT", "{e}");
+        let c = cuda.ctx_create(0).unwrap();
+        assert_eq!(
+            used(),
+            CTX,
+            "destroy freed the context and its allocation, and only c is left"
+        );
+        drop(c);
     }
 }

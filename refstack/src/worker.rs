@@ -39,10 +39,11 @@ pub async fn run(a: WorkerArgs) -> std::process::ExitCode {
             return std::process::ExitCode::from(4);
         }
     };
-    // The context must live on this thread; the KV cache is held until exit.
+    // The context must live on this thread; it and the KV cache in it are held until
+    // exit (dropping the context would free the cache).
     let kv = (|| {
         cuda.init().map_err(|e| (4u8, e.to_string()))?;
-        let _ctx = cuda.ctx_create(a.gpu).map_err(|e| (3u8, e.to_string()))?;
+        let ctx = cuda.ctx_create(a.gpu).map_err(|e| (3u8, e.to_string()))?;
         let (free, total) = cuda.mem_get_info().map_err(|e| (4u8, e.to_string()))?;
         if free < a.kv_bytes {
             return Err((
@@ -56,12 +57,16 @@ pub async fn run(a: WorkerArgs) -> std::process::ExitCode {
             ));
         }
         cuda.mem_alloc(a.kv_bytes as usize)
-            .map_err(|e| (3u8, e.to_string()))
+            .map_err(|e| (3u8, e.to_string()))?;
+        Ok(ctx)
     })();
-    if let Err((code, e)) = kv {
-        eprintln!("worker {}: {e}", a.id);
-        return std::process::ExitCode::from(code);
-    }
+    let _ctx = match kv {
+        Ok(ctx) => ctx,
+        Err((code, e)) => {
+            eprintln!("worker {}: {e}", a.id);
+            return std::process::ExitCode::from(code);
+        }
+    };
     let listener = match TcpListener::bind(&a.listen).await {
         Ok(l) => l,
         Err(e) => {
