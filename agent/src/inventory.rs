@@ -6,9 +6,10 @@ use std::sync::Arc;
 use gpuchaos_proto::pb;
 
 use crate::faults::FaultDriver;
-use crate::policy::{ALL_KINDS, Policy};
+use crate::policy::Policy;
 use crate::sys::clock::{mono_ns, unix_ms};
 use crate::sys::gpu::GpuQuery;
+use gpuchaos_proto::spec::KINDS;
 
 pub struct Inventory {
     pub hostname: String,
@@ -47,7 +48,7 @@ impl Inventory {
     }
 
     pub fn capabilities(&self) -> Vec<pb::Capability> {
-        ALL_KINDS
+        KINDS
             .iter()
             .map(|kind| {
                 let driver = self.drivers.iter().find(|d| d.kind() == *kind);

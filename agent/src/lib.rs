@@ -222,7 +222,12 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
 
     let gpus = Arc::new(Gpus::open(cfg.nvml_lib.clone().map(Into::into)));
     let procs = Arc::new(sys::RealProcesses::default());
-    let process = Arc::new(ProcessDriver::new(procs, gpus.clone(), Arc::clone(&policy)));
+    let selector = Arc::new(faults::select::Selector::new(
+        procs,
+        gpus.clone(),
+        Arc::clone(&policy),
+    ));
+    let process = Arc::new(ProcessDriver::new(Arc::clone(&selector)));
     let net_caps = tokio::task::spawn_blocking(NetCaps::detect)
         .await
         .context("probing the network tools")?;
@@ -233,9 +238,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     } else {
         Ok(())
     };
+    let tools: Arc<dyn sys::tools::Tools> = Arc::new(sys::tools::RealTools);
     let network = Arc::new(
         NetworkDriver::new(
-            Arc::clone(&process),
+            selector,
+            Arc::clone(&tools),
             Arc::clone(&policy),
             net_caps,
             vec![grpc_addr.port(), metrics_addr.port()],
@@ -252,13 +259,19 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         Arc::clone(&metrics),
         transparent_ok,
         vec![grpc_addr.port(), metrics_addr.port()],
+        tools,
     ));
     guardrail
         .start_standing(&cfg.guardrail_proxies)
         .await
         .map_err(ConfigError)?;
     let network_drains = Arc::clone(&network);
-    let drivers: Vec<Arc<dyn FaultDriver>> = vec![process, gpu_memory, network, guardrail];
+    let drivers: Vec<Arc<dyn FaultDriver>> = vec![
+        faults::typed(process),
+        faults::typed(gpu_memory),
+        faults::typed(network),
+        faults::typed(guardrail),
+    ];
     let inventory = Arc::new(inventory::Inventory::new(
         gpus,
         drivers.clone(),

@@ -423,7 +423,7 @@ impl Manager {
                     }
                     pbf.state = pb::FaultState::Reverted as i32;
                     self.metrics.reverted(
-                        leak_kind(&kind),
+                        registered_kind(&kind),
                         "recovery",
                         started.elapsed().as_secs_f64(),
                     );
@@ -434,7 +434,7 @@ impl Manager {
                 Err(e) => {
                     tracing::error!(fault.id = %id, fault.kind = %kind, error = %e.message, leftover = %e.leftover,
                         "start-up recovery could not revert a fault: it stays in the journal and in status");
-                    self.metrics.failed(leak_kind(&kind), "revert");
+                    self.metrics.failed(registered_kind(&kind), "revert");
                     pbf.state = pb::FaultState::Failed as i32;
                     pbf.error = e.message.clone();
                     pbf.leftover = e.leftover.clone();
@@ -1277,9 +1277,10 @@ fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86400 * 365)
 }
 
-/// Maps a kind name read from the journal onto the static name metrics use.
-fn leak_kind(kind: &str) -> &'static str {
-    crate::policy::ALL_KINDS
+/// The registered name of a kind read from the journal ("unknown" for any other
+/// text), so that metric labels stay a closed set.
+fn registered_kind(kind: &str) -> &'static str {
+    gpuchaos_proto::spec::KINDS
         .iter()
         .find(|k| **k == kind)
         .copied()

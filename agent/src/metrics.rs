@@ -108,7 +108,7 @@ impl Metrics {
             "Answers through the guardrail proxy, by what was done to them",
             guardrail.clone(),
         );
-        for k in crate::policy::ALL_KINDS {
+        for k in gpuchaos_proto::spec::KINDS {
             active.get_or_create(&labels(&[("kind", k)])).set(0);
         }
         Metrics {

@@ -18,14 +18,11 @@
 
 use std::time::Duration;
 
-use gpuchaos_proto::spec::{FieldError, HumanDuration, SpecErrors};
+use gpuchaos_proto::spec::{FieldError, HumanDuration, KINDS, SpecErrors};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 use crate::sys::ProcStat;
-
-/// Every fault kind the agent knows of.
-pub const ALL_KINDS: &[&str] = &["process", "gpu_memory", "network", "guardrail"];
 
 /// Names that are always protected, whatever the policy file says.
 const BUILT_IN_PROTECTED_NAMES: &[&str] = &["^sshd$", "^sshd-session$", "^gpuchaos-agent$"];
@@ -49,7 +46,7 @@ impl Default for PolicyFile {
         PolicyFile {
             max_duration: HumanDuration(Duration::from_secs(3600)),
             max_session_ttl: HumanDuration(Duration::from_secs(600)),
-            enabled_kinds: ALL_KINDS.iter().map(|s| s.to_string()).collect(),
+            enabled_kinds: KINDS.iter().map(|s| s.to_string()).collect(),
             protected_names: vec![
                 "^systemd".into(),
                 "^(init|kubelet|containerd|dockerd|crio)$".into(),
@@ -138,12 +135,12 @@ impl Policy {
         names.extend(compile("protected_names", &file.protected_names));
         let cmdlines = compile("protected_cmdlines", &file.protected_cmdlines);
         for k in &file.enabled_kinds {
-            if !ALL_KINDS.contains(&k.as_str()) {
+            if !KINDS.contains(&k.as_str()) {
                 errs.push(FieldError::new(
                     "enabled_kinds",
                     format!(
                         "unknown fault kind {k:?}: known kinds are {}",
-                        ALL_KINDS.join(", ")
+                        KINDS.join(", ")
                     ),
                 ));
             }

@@ -18,13 +18,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use gpuchaos_proto::spec::{ByteSize, FaultSpec, GpuMemorySpec, GpuRef, GpuSet};
+use gpuchaos_proto::spec::{ByteSize, GpuMemorySpec, GpuRef, GpuSet};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::sync::Mutex as AsyncMutex;
+use tokio_util::sync::CancellationToken;
 
-use super::{Applied, ApplyCtx, BoxFut, Capability, FaultDriver, Plan, RevertError};
+use super::{Applied, KindDriver, Planned, RevertError, Support};
 use crate::error::AgentError;
 use crate::policy::Policy;
 use crate::sys::gpu::{GpuInfo, GpuQuery};
@@ -197,7 +198,7 @@ impl GpuMemoryDriver {
         goal: &GpuGoal,
         token: &str,
         steps: u64,
-        cancel: &tokio_util::sync::CancellationToken,
+        cancel: &CancellationToken,
     ) -> Result<(Helper, serde_json::Value, u64), String> {
         let label = format!("GPU {} ({})", goal.index, goal.uuid);
         // A revert, an expiry or a lapsed lease stops a slow start at once; the
@@ -256,7 +257,7 @@ impl GpuMemoryDriver {
     async fn apply_plan(
         self: Arc<Self>,
         plan: GpuPlan,
-        cancel: tokio_util::sync::CancellationToken,
+        cancel: CancellationToken,
     ) -> Result<Applied, String> {
         let ramp = plan.ramp_ms.map(Duration::from_millis);
         let steps = ramp
@@ -501,32 +502,25 @@ fn pct(part: u64, total: u64) -> f64 {
     }
 }
 
-impl FaultDriver for GpuMemoryDriver {
-    fn kind(&self) -> &'static str {
-        "gpu_memory"
-    }
+impl KindDriver for GpuMemoryDriver {
+    type Spec = GpuMemorySpec;
+    type Plan = GpuPlan;
 
-    fn capability(&self) -> Capability {
+    fn capability(&self) -> Support {
         let (supported, reason) = match (self.gpus.list(), &self.cuda) {
             (Err(e), _) => (false, e),
             (Ok(l), _) if l.is_empty() => (false, "NVML lists no GPU on this node".to_string()),
             (Ok(_), Err(e)) => (false, e.clone()),
             (Ok(_), Ok(())) => (true, String::new()),
         };
-        Capability {
-            kind: "gpu_memory",
+        Support {
             supported,
             reason,
             backends: vec![],
         }
     }
 
-    fn plan(&self, spec: &FaultSpec) -> Result<Plan, AgentError> {
-        let FaultSpec::GpuMemory(g) = spec else {
-            return Err(AgentError::Internal(
-                "gpu_memory driver given another kind".into(),
-            ));
-        };
+    fn plan(&self, g: &GpuMemorySpec) -> Result<Planned<GpuPlan>, AgentError> {
         let list = self.gpus.list().map_err(AgentError::Unsupported)?;
         let chosen = select(&list, g)?;
         let max = self.policy.file.max_gpu_fill_percent;
@@ -604,32 +598,27 @@ impl FaultDriver for GpuMemoryDriver {
             gpus: goals,
             ramp_ms: g.ramp.map(|r| r.0.as_millis() as u64),
         };
-        Ok(Plan {
-            target,
-            revert: serde_json::to_value(&plan).map_err(|e| AgentError::Internal(e.to_string()))?,
-        })
+        Ok(Planned { target, plan })
     }
 
-    fn apply(self: Arc<Self>, ctx: ApplyCtx) -> BoxFut<Result<Applied, String>> {
-        Box::pin(async move {
-            let plan: GpuPlan =
-                serde_json::from_value(ctx.plan).map_err(|e| format!("bad plan: {e}"))?;
-            self.apply_plan(plan, ctx.cancel).await
-        })
+    async fn apply(
+        self: Arc<Self>,
+        _spec: GpuMemorySpec,
+        plan: GpuPlan,
+        cancel: CancellationToken,
+    ) -> Result<Applied, String> {
+        self.apply_plan(plan, cancel).await
     }
 
-    fn revert(self: Arc<Self>, plan: serde_json::Value) -> BoxFut<Result<(), RevertError>> {
-        Box::pin(async move {
-            let plan: GpuPlan =
-                serde_json::from_value(plan.clone()).map_err(|e| RevertError {
-                    message: format!("unreadable gpu_memory plan in the journal: {e}"),
-                    leftover: format!(
-                        "unknown: look for `gpuchaos-agent {}` processes (ps -ef) and kill them; the plan was {plan}",
-                        crate::gpu_helper::ARG
-                    ),
-                })?;
-            self.revert_plan(plan).await
-        })
+    async fn revert(self: Arc<Self>, plan: GpuPlan) -> Result<(), RevertError> {
+        self.revert_plan(plan).await
+    }
+
+    fn unreadable_plan_leftover(&self, plan: &str) -> String {
+        format!(
+            "unknown: look for `gpuchaos-agent {}` processes (ps -ef) and kill them; the plan was {plan}",
+            crate::gpu_helper::ARG
+        )
     }
 }
 

@@ -9,18 +9,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gpuchaos_proto::signal;
-use gpuchaos_proto::spec::{FaultSpec, Pick, ProcessAction, ProcessSpec, ProcessTarget};
-use rand::SeedableRng;
-use rand::rngs::StdRng;
+use gpuchaos_proto::spec::{ProcessAction, ProcessSpec};
 use serde::{Deserialize, Serialize};
 use tokio::time::{Instant, sleep};
+use tokio_util::sync::CancellationToken;
 
-use super::{Applied, ApplyCtx, BoxFut, Capability, FaultDriver, Plan, RevertError};
+pub use super::select::{Selector, Target};
+use super::{Applied, KindDriver, Planned, RevertError, Support};
 use crate::error::AgentError;
 use crate::failpoint;
-use crate::policy::{Lineage, Policy, cgroup_within};
 use crate::sys::Processes;
-use crate::sys::gpu::GpuQuery;
 
 const SIGKILL: i32 = 9;
 const SIGTERM: i32 = 15;
@@ -35,20 +33,6 @@ const KILL_VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
 const RESUME_VERIFY_TIMEOUT: Duration = Duration::from_secs(2);
 const POLL: Duration = Duration::from_millis(1);
 
-/// A process identified beyond its pid.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Target {
-    pub pid: u32,
-    pub start_time: u64,
-    pub comm: String,
-}
-
-impl std::fmt::Display for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "pid {} ({})", self.pid, self.comm)
-    }
-}
-
 /// The journaled plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessPlan {
@@ -60,16 +44,14 @@ pub struct ProcessPlan {
 
 pub struct ProcessDriver {
     procs: Arc<dyn Processes>,
-    gpus: Arc<dyn GpuQuery>,
-    policy: Arc<Policy>,
+    selector: Arc<Selector>,
 }
 
 impl ProcessDriver {
-    pub fn new(procs: Arc<dyn Processes>, gpus: Arc<dyn GpuQuery>, policy: Arc<Policy>) -> Self {
+    pub fn new(selector: Arc<Selector>) -> Self {
         ProcessDriver {
-            procs,
-            gpus,
-            policy,
+            procs: Arc::clone(selector.procs()),
+            selector,
         }
     }
 
@@ -80,127 +62,6 @@ impl ProcessDriver {
 
     fn stopped(&self, t: &Target) -> bool {
         matches!(self.procs.stat(t.pid), Ok(Some(s)) if s.start_time == t.start_time && s.is_stopped())
-    }
-
-    /// Every process the selector matches, checked against the policy, sorted by pid.
-    pub fn select(&self, sel: &ProcessTarget) -> Result<Vec<Target>, AgentError> {
-        let io = |e: std::io::Error| AgentError::Internal(format!("reading /proc: {e}"));
-        let compile = |field: &str, re: &Option<String>| {
-            re.as_deref()
-                .map(gpuchaos_proto::spec::compile_regex)
-                .transpose()
-                .map_err(|e| {
-                    AgentError::InvalidSpec(gpuchaos_proto::spec::SpecErrors(vec![
-                        gpuchaos_proto::spec::FieldError::new(field, e),
-                    ]))
-                })
-        };
-        let name_re = compile("target.name", &sel.name)?;
-        let cmd_re = compile("target.cmdline", &sel.cmdline)?;
-        let all = self.procs.pids().map_err(io)?;
-        let mut stats = Vec::with_capacity(all.len());
-        for pid in &all {
-            if let Some(s) = self.procs.stat(*pid).map_err(io)? {
-                stats.push(s);
-            }
-        }
-        let parents: Vec<(u32, u32)> = stats.iter().map(|s| (s.pid, s.ppid)).collect();
-        let lineage = Lineage::compute(self.procs.self_pid(), &parents);
-
-        let mut candidates: Vec<u32> = match &sel.pid {
-            Some(p) => {
-                let wanted = p.to_vec();
-                for pid in &wanted {
-                    if !stats.iter().any(|s| s.pid == *pid && !s.is_dead()) {
-                        return Err(AgentError::NoTargets(format!(
-                            "target.pid: no process with pid {pid} on this node"
-                        )));
-                    }
-                }
-                wanted
-            }
-            None => stats.iter().map(|s| s.pid).collect(),
-        };
-        if let Some(gpu) = &sel.gpu {
-            let on_gpu = self.gpus.processes_on(gpu).map_err(|e| {
-                AgentError::Unsupported(format!("target.gpu: cannot list processes on {gpu}: {e}"))
-            })?;
-            candidates.retain(|p| on_gpu.contains(p));
-        }
-
-        let mut matched = Vec::new();
-        let mut protected = Vec::new();
-        for pid in candidates {
-            let Some(stat) = stats.iter().find(|s| s.pid == pid) else {
-                continue;
-            };
-            if stat.is_dead() {
-                continue;
-            }
-            if let Some(re) = &name_re
-                && !re.is_match(&stat.comm)
-            {
-                continue;
-            }
-            let cmdline = self
-                .procs
-                .cmdline(pid)
-                .map_err(io)?
-                .unwrap_or_default()
-                .join(" ");
-            if let Some(re) = &cmd_re
-                && !re.is_match(&cmdline)
-            {
-                continue;
-            }
-            let cgroup = self.procs.cgroup(pid).map_err(io)?.unwrap_or_default();
-            if let Some(cg) = &sel.cgroup
-                && !cgroup_within(&cgroup, cg)
-            {
-                continue;
-            }
-            if let Err(p) = self.policy.check_process(stat, &cmdline, &cgroup, &lineage) {
-                protected.push(p);
-                continue;
-            }
-            matched.push(Target {
-                pid,
-                start_time: stat.start_time,
-                comm: stat.comm.clone(),
-            });
-        }
-        if !protected.is_empty() {
-            let shown: Vec<String> = protected.iter().take(3).map(|p| p.to_string()).collect();
-            let more = if protected.len() > 3 {
-                format!(" (and {} more)", protected.len() - 3)
-            } else {
-                String::new()
-            };
-            return Err(AgentError::Refused(format!(
-                "the selector matches protected processes: {}{more}; narrow the selector",
-                shown.join("; ")
-            )));
-        }
-        if matched.is_empty() {
-            return Err(AgentError::NoTargets(format!(
-                "target: {} matched no process on this node; check with `ps -eo pid,comm,args`",
-                describe_selector(sel)
-            )));
-        }
-        Ok(matched)
-    }
-
-    /// Picks `pick` of the matched targets with a seeded RNG (the same seed and the
-    /// same process table give the same choice).
-    pub fn pick(targets: Vec<Target>, pick: Option<Pick>, seed: u64) -> Vec<Target> {
-        let n = pick.unwrap_or(Pick::All).amount(targets.len());
-        if n >= targets.len() {
-            return targets;
-        }
-        let mut rng = StdRng::seed_from_u64(seed);
-        let mut idx = rand::seq::index::sample(&mut rng, targets.len(), n).into_vec();
-        idx.sort_unstable();
-        idx.into_iter().map(|i| targets[i].clone()).collect()
     }
 
     /// Sends `sig` to each target still alive. Returns the targets signalled.
@@ -377,8 +238,8 @@ impl ProcessDriver {
             round += 1;
             // A replacement has a new pid: re-select every round. Matching nothing is
             // normal while the supervisor restarts the worker.
-            let targets = match self.select(&spec.target) {
-                Ok(t) => Self::pick(t, spec.target.pick, seed.wrapping_add(round)),
+            let targets = match self.selector.select(&spec.target) {
+                Ok(t) => Selector::pick(t, spec.target.pick, seed.wrapping_add(round)),
                 Err(AgentError::NoTargets(_)) => Vec::new(),
                 Err(e) => {
                     tracing::warn!(error = %e, round, "crash-loop: selection failed; skipping this round");
@@ -461,19 +322,13 @@ fn list(targets: &[Target]) -> String {
     v.join(", ")
 }
 
-fn describe_selector(sel: &ProcessTarget) -> String {
-    format!("{{{}}}", sel.describe())
-}
+impl KindDriver for ProcessDriver {
+    type Spec = ProcessSpec;
+    type Plan = ProcessPlan;
 
-impl FaultDriver for ProcessDriver {
-    fn kind(&self) -> &'static str {
-        "process"
-    }
-
-    fn capability(&self) -> Capability {
+    fn capability(&self) -> Support {
         let root = nix::unistd::geteuid().is_root();
-        Capability {
-            kind: "process",
+        Support {
             supported: true,
             reason: if root {
                 String::new()
@@ -487,177 +342,68 @@ impl FaultDriver for ProcessDriver {
         }
     }
 
-    fn plan(&self, spec: &FaultSpec) -> Result<Plan, AgentError> {
-        let FaultSpec::Process(p) = spec else {
-            return Err(AgentError::Internal(
-                "process driver given another kind".into(),
-            ));
-        };
-        let matched = self.select(&p.target)?;
+    fn plan(&self, p: &ProcessSpec) -> Result<Planned<ProcessPlan>, AgentError> {
+        let matched = self.selector.select(&p.target)?;
         let seed = p.seed.unwrap_or_else(rand::random);
-        let targets = Self::pick(matched, p.target.pick, seed);
+        let targets = Selector::pick(matched, p.target.pick, seed);
         let plan = ProcessPlan {
             action: p.action,
             targets,
             seed,
         };
-        Ok(Plan {
+        Ok(Planned {
             target: list(&plan.targets),
-            revert: serde_json::to_value(&plan).map_err(|e| AgentError::Internal(e.to_string()))?,
+            plan,
         })
     }
 
-    fn apply(self: Arc<Self>, ctx: ApplyCtx) -> BoxFut<Result<Applied, String>> {
-        Box::pin(async move {
-            let FaultSpec::Process(spec) = ctx.spec else {
-                return Err("process driver given another kind".to_string());
-            };
-            let plan: ProcessPlan =
-                serde_json::from_value(ctx.plan).map_err(|e| format!("bad plan: {e}"))?;
-            self.apply_plan(spec, plan, ctx.cancel).await
-        })
+    async fn apply(
+        self: Arc<Self>,
+        spec: ProcessSpec,
+        plan: ProcessPlan,
+        cancel: CancellationToken,
+    ) -> Result<Applied, String> {
+        self.apply_plan(spec, plan, cancel).await
     }
 
-    fn revert(self: Arc<Self>, plan: serde_json::Value) -> BoxFut<Result<(), RevertError>> {
-        Box::pin(async move {
-            let plan: ProcessPlan =
-                serde_json::from_value(plan.clone()).map_err(|e| RevertError {
-                    message: format!("unreadable process plan in the journal: {e}"),
-                    leftover: format!("unknown: check the processes recorded in {plan}"),
-                })?;
-            self.revert_plan(plan).await
-        })
+    async fn revert(self: Arc<Self>, plan: ProcessPlan) -> Result<(), RevertError> {
+        self.revert_plan(plan).await
+    }
+
+    fn unreadable_plan_leftover(&self, plan: &str) -> String {
+        format!("unknown: check the processes recorded in {plan}")
     }
 }
 
 #[cfg(test)]
 pub mod tests {
     use super::*;
-    use crate::policy::PolicyFile;
-    use crate::sys::ProcStat;
-    use nix::errno::Errno;
-    use std::collections::BTreeMap;
-    use std::io;
+    use crate::faults::{ApplyCtx, FaultDriver};
+    use crate::policy::{Policy, PolicyFile};
+    use crate::sys::fake::{FakeProcs, NoGpus, workers};
+    use gpuchaos_proto::spec::FaultSpec;
 
-    /// A process table in memory that records every signal and applies its effect.
-    #[derive(Default)]
-    pub struct FakeProcs {
-        pub table: Mutex<BTreeMap<u32, (ProcStat, String)>>,
-        pub signals: Mutex<Vec<(u32, i32)>>,
-        /// Signals these pids ignore (SIGSTOP never takes, SIGKILL never kills).
-        pub stubborn: Mutex<Vec<u32>>,
-        /// Called before each signal takes effect (tests check the journal here).
-        #[allow(clippy::type_complexity)]
-        pub hook: Mutex<Option<Box<dyn Fn(u32, i32) + Send>>>,
-    }
-
-    impl FakeProcs {
-        pub fn add(&self, pid: u32, comm: &str, cmdline: &str) {
-            self.table.lock().unwrap().insert(
-                pid,
-                (
-                    ProcStat {
-                        pid,
-                        comm: comm.into(),
-                        state: 'S',
-                        ppid: 1,
-                        flags: 0,
-                        start_time: pid as u64 * 10,
-                    },
-                    cmdline.into(),
-                ),
-            );
-        }
-        pub fn state(&self, pid: u32) -> Option<char> {
-            self.table.lock().unwrap().get(&pid).map(|(s, _)| s.state)
-        }
-    }
-
-    impl Processes for FakeProcs {
-        fn pids(&self) -> io::Result<Vec<u32>> {
-            Ok(self.table.lock().unwrap().keys().copied().collect())
-        }
-        fn stat(&self, pid: u32) -> io::Result<Option<ProcStat>> {
-            Ok(self.table.lock().unwrap().get(&pid).map(|(s, _)| s.clone()))
-        }
-        fn cmdline(&self, pid: u32) -> io::Result<Option<Vec<String>>> {
-            Ok(self
-                .table
-                .lock()
-                .unwrap()
-                .get(&pid)
-                .map(|(_, c)| c.split(' ').map(String::from).collect()))
-        }
-        fn cgroup(&self, _pid: u32) -> io::Result<Option<String>> {
-            Ok(Some("/test.slice".into()))
-        }
-        fn signal(&self, pid: u32, sig: i32) -> Result<(), Errno> {
-            if let Some(h) = self.hook.lock().unwrap().as_ref() {
-                h(pid, sig);
-            }
-            self.signals.lock().unwrap().push((pid, sig));
-            if self.stubborn.lock().unwrap().contains(&pid) {
-                return Ok(());
-            }
-            let mut t = self.table.lock().unwrap();
-            let Some((s, _)) = t.get_mut(&pid) else {
-                return Err(Errno::ESRCH);
-            };
-            match sig {
-                SIGSTOP => s.state = 'T',
-                SIGCONT => s.state = 'S',
-                _ => {
-                    t.remove(&pid);
-                }
-            }
-            Ok(())
-        }
-        fn self_pid(&self) -> u32 {
-            4
-        }
-    }
-
-    pub struct NoGpus;
-    impl GpuQuery for NoGpus {
-        fn list(&self) -> Result<Vec<crate::sys::gpu::GpuInfo>, String> {
-            Err("no NVIDIA driver".into())
-        }
-        fn processes_on(&self, _: &gpuchaos_proto::spec::GpuRef) -> Result<Vec<u32>, String> {
-            Err("no NVIDIA driver".into())
-        }
-    }
-
-    pub fn driver(procs: Arc<FakeProcs>) -> Arc<ProcessDriver> {
-        Arc::new(ProcessDriver::new(
+    pub fn selector(procs: Arc<FakeProcs>) -> Arc<Selector> {
+        Arc::new(Selector::new(
             procs,
             Arc::new(NoGpus),
             Arc::new(Policy::new(PolicyFile::default()).unwrap()),
         ))
     }
 
-    fn spec(yaml: &str) -> FaultSpec {
-        FaultSpec::from_yaml_multi(yaml).unwrap().remove(0)
+    /// The driver as the manager holds it (through the typed adapter).
+    pub fn driver(procs: Arc<FakeProcs>) -> Arc<dyn FaultDriver> {
+        crate::faults::typed(Arc::new(ProcessDriver::new(selector(procs))))
     }
 
-    pub fn workers() -> Arc<FakeProcs> {
-        let p = Arc::new(FakeProcs::default());
-        p.add(1, "init", "/sbin/init");
-        p.add(4, "gpuchaos-agent", "gpuchaos-agent");
-        for pid in 100..110 {
-            p.add(
-                pid,
-                "vllm-worker",
-                &format!("python -m vllm.worker --rank {}", pid - 100),
-            );
-        }
-        p.add(200, "sshd", "/usr/sbin/sshd -D");
-        p
+    fn spec(yaml: &str) -> FaultSpec {
+        FaultSpec::from_yaml_multi(yaml).unwrap().remove(0)
     }
 
     #[test]
     fn selection_by_name_cmdline_and_seeded_pick() {
         let d = driver(workers());
-        let all = d
+        let all = selector(workers())
             .select(
                 &as_process(&spec(
                     "kind: process\nduration: 1s\ntarget: {name: ^vllm}\naction: pause\n",

@@ -3,8 +3,9 @@
 
 use super::*;
 use crate::faults::process::ProcessDriver;
-use crate::faults::process::tests::{FakeProcs, NoGpus, workers};
+use crate::faults::select::Selector;
 use crate::policy::PolicyFile;
+use crate::sys::fake::{FakeProcs, NoGpus, workers};
 use gpuchaos_proto::spec::HumanDuration;
 
 struct Rig {
@@ -36,11 +37,11 @@ async fn rig_io(
     dir: tempfile::TempDir,
     inline: bool,
 ) -> (Rig, Vec<pb::Fault>) {
-    let driver: Arc<dyn FaultDriver> = Arc::new(ProcessDriver::new(
+    let driver = crate::faults::typed(Arc::new(ProcessDriver::new(Arc::new(Selector::new(
         procs.clone(),
         Arc::new(NoGpus),
         policy.clone(),
-    ));
+    )))));
     let (journal, open) = Journal::open(dir.path()).unwrap();
     let metrics = Arc::new(Metrics::new());
     let mut m = if inline {

@@ -4,8 +4,12 @@
 
 pub mod clock;
 pub mod cuda;
+#[cfg(test)]
+pub mod fake;
 pub mod gpu;
 pub mod netns;
+pub mod nft;
 pub mod procfs;
+pub mod tools;
 
 pub use procfs::{ProcStat, Processes, RealProcesses};

@@ -1,19 +1,18 @@
-//! Network namespaces and the network tools (nft, tc, ip) run inside them.
+//! Network namespaces, and the names of the network tools (nft, tc, ip) run inside
+//! them (see [`super::tools`] for how they run).
 //!
 //! A namespace is identified by its nsfs inode, recorded with the pid it was found
 //! through, so a revert (after a restart, say) finds it again through any process or
 //! bind mount (`ip netns`) that still holds it, and knows it is gone when none does:
 //! then everything the fault put into it went with it.
 //!
-//! Tools run as subprocesses with argument vectors, never through a shell; in another
-//! namespace through `nsenter --net=PATH`. Sockets in another namespace are created on
+//! Sockets in another namespace are created on
 //! a dedicated thread that entered it with setns and runs nothing else (setns changes
 //! only the calling thread; a socket keeps the namespace it was created in).
 
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -144,76 +143,6 @@ pub struct CmdError {
 impl std::fmt::Display for CmdError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "`{}` failed: {}", self.command, self.message)
-    }
-}
-
-/// How long one nft/tc/ip call may take before it counts as failed.
-const TOOL_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Runs a tool in the agent's namespace (`ns` None) or in the namespace at `ns`,
-/// with `stdin` fed to it; returns stdout.
-pub async fn run_tool(
-    ns: Option<&Path>,
-    tool: Tool,
-    args: &[String],
-    stdin: Option<&str>,
-) -> Result<String, CmdError> {
-    use tokio::io::AsyncWriteExt;
-    let shown = format!("{} {}", tool.binary(), args.join(" "));
-    let err = |message: String| CmdError {
-        command: shown.clone(),
-        message,
-    };
-    let bin = tool.find().ok_or_else(|| err(tool.missing()))?;
-    let mut cmd = match ns {
-        None => tokio::process::Command::new(&bin),
-        Some(path) => {
-            let nsenter = Tool::Nsenter
-                .find()
-                .ok_or_else(|| err(Tool::Nsenter.missing()))?;
-            let mut c = tokio::process::Command::new(nsenter);
-            c.arg(format!("--net={}", path.display()))
-                .arg("--")
-                .arg(&bin);
-            c
-        }
-    };
-    cmd.args(args)
-        .stdin(if stdin.is_some() {
-            std::process::Stdio::piped()
-        } else {
-            std::process::Stdio::null()
-        })
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| err(format!("cannot start {}: {e}", bin.display())))?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes())
-            .await
-            .map_err(|e| err(format!("cannot write its input: {e}")))?;
-        drop(pipe);
-    }
-    let out = tokio::time::timeout(TOOL_TIMEOUT, child.wait_with_output())
-        .await
-        .map_err(|_| err(format!("no answer within {TOOL_TIMEOUT:?}")))?
-        .map_err(|e| err(e.to_string()))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let msg = stderr
-            .lines()
-            .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('^'))
-            .collect::<Vec<_>>()
-            .join(" / ");
-        Err(err(if msg.is_empty() {
-            format!("exit status {}", out.status)
-        } else {
-            msg
-        }))
     }
 }
 
@@ -380,7 +309,9 @@ mod tests {
     async fn missing_tools_name_their_package() {
         assert_eq!(Tool::Nft.package(), "nftables");
         assert!(Tool::Tc.missing().contains("iproute2"));
-        let e = run_tool(None, Tool::Ip, &["-j".into(), "nonsense-verb".into()], None)
+        use crate::sys::tools::{RealTools, Tools};
+        let e = RealTools
+            .run(None, Tool::Ip, &["-j".into(), "nonsense-verb".into()], None)
             .await
             .unwrap_err();
         assert!(e.to_string().contains("ip -j nonsense-verb"), "{e}");

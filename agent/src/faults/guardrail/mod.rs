@@ -16,13 +16,16 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use gpuchaos_proto::spec::FaultSpec;
+use gpuchaos_proto::spec::GuardrailSpec;
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use self::proxy::{Active, GuardrailProxy, Upstream};
-use super::{Applied, ApplyCtx, BoxFut, Capability, FaultDriver, Plan, RevertError};
+use super::{Applied, KindDriver, Planned, RevertError, Support};
 use crate::error::AgentError;
 use crate::metrics::Metrics;
+use crate::sys::nft;
+use crate::sys::tools::{Ns, Tool, Tools};
 
 /// The mark on transparent-mode upstream connections, which the redirect skips.
 pub const GUARDRAIL_MARK: u32 = 0x4743_0002;
@@ -57,6 +60,7 @@ pub struct GuardrailDriver {
     transparent_ok: Result<(), String>,
     /// The agent's own ports: intercepting them would cut the controller off.
     keep_ports: Vec<u16>,
+    tools: Arc<dyn Tools>,
 }
 
 impl GuardrailDriver {
@@ -64,6 +68,7 @@ impl GuardrailDriver {
         metrics: Arc<Metrics>,
         transparent_ok: Result<(), String>,
         keep_ports: Vec<u16>,
+        tools: Arc<dyn Tools>,
     ) -> Self {
         GuardrailDriver {
             metrics,
@@ -71,6 +76,7 @@ impl GuardrailDriver {
             transparent: Mutex::new(HashMap::new()),
             transparent_ok,
             keep_ports,
+            tools,
         }
     }
 
@@ -113,35 +119,33 @@ impl GuardrailDriver {
         }
         proxy.attach(Arc::clone(active))?;
         let script = Self::redirect_script(table, intercept, proxy.listen.port());
-        crate::sys::netns::run_tool(
-            None,
-            crate::sys::netns::Tool::Nft,
-            &["-f".into(), "-".into()],
-            Some(&script),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        self.tools
+            .run(None, Tool::Nft, &["-f".into(), "-".into()], Some(&script))
+            .await
+            .map_err(|e| e.to_string())?;
         // A redirect catches new connections only: abort this namespace's open ones to
         // the guardrail (keep-alive pools), so that they reconnect through the proxy.
-        let killed = crate::sys::netns::run_tool(
-            None,
-            crate::sys::netns::Tool::Ss,
-            &[
-                "-K".into(),
-                "dst".into(),
-                intercept.ip().to_string(),
-                "dport".into(),
-                "=".into(),
-                intercept.port().to_string(),
-            ],
-            None,
-        )
-        .await;
+        let killed = self
+            .tools
+            .run(
+                None,
+                Tool::Ss,
+                &[
+                    "-K".into(),
+                    "dst".into(),
+                    intercept.ip().to_string(),
+                    "dport".into(),
+                    "=".into(),
+                    intercept.port().to_string(),
+                ],
+                None,
+            )
+            .await;
         if let Err(e) = killed {
             tracing::warn!(error = %e, "could not close the open connections to the guardrail; they keep their direct path");
         }
         // Read back before calling it active: three rules.
-        match crate::faults::network::nft::count_rules(None, table).await {
+        match nft::count_rules(Ns::new(&*self.tools, None), table).await {
             Ok(Some(3)) => Ok(proxy),
             Ok(n) => Err(format!(
                 "verify: table inet {table} holds {n:?} rules, 3 expected: something else is rewriting nftables; retry"
@@ -182,12 +186,11 @@ impl GuardrailDriver {
     }
 }
 
-impl FaultDriver for GuardrailDriver {
-    fn kind(&self) -> &'static str {
-        "guardrail"
-    }
+impl KindDriver for GuardrailDriver {
+    type Spec = GuardrailSpec;
+    type Plan = GuardrailPlan;
 
-    fn capability(&self) -> Capability {
+    fn capability(&self) -> Support {
         let mut backends = vec!["explicit".to_string()];
         let reason = match &self.transparent_ok {
             Ok(()) => {
@@ -196,20 +199,14 @@ impl FaultDriver for GuardrailDriver {
             }
             Err(e) => format!("transparent mode (intercept:) unavailable: {e}"),
         };
-        Capability {
-            kind: "guardrail",
+        Support {
             supported: true,
             reason,
             backends,
         }
     }
 
-    fn plan(&self, spec: &FaultSpec) -> Result<Plan, AgentError> {
-        let FaultSpec::Guardrail(g) = spec else {
-            return Err(AgentError::Internal(
-                "guardrail driver given another kind".into(),
-            ));
-        };
+    fn plan(&self, g: &GuardrailSpec) -> Result<Planned<GuardrailPlan>, AgentError> {
         if let Some(i) = &g.intercept {
             if let Err(e) = &self.transparent_ok {
                 return Err(AgentError::Unsupported(format!(
@@ -241,10 +238,9 @@ impl FaultDriver for GuardrailDriver {
                 seed: g.seed.unwrap_or_else(rand::random),
                 token,
             };
-            return Ok(Plan {
+            return Ok(Planned {
                 target: format!("guardrail at {intercept} (intercepted): {}", g.effect()),
-                revert: serde_json::to_value(&plan)
-                    .map_err(|e| AgentError::Internal(e.to_string()))?,
+                plan,
             });
         }
         let listen: SocketAddr = g
@@ -288,149 +284,144 @@ impl FaultDriver for GuardrailDriver {
             seed: g.seed.unwrap_or_else(rand::random),
             token: format!("{:016x}", rand::random::<u64>()),
         };
-        Ok(Plan {
+        Ok(Planned {
             target: format!("guardrail proxy {listen} → {upstream}: {}", g.effect()),
-            revert: serde_json::to_value(&plan).map_err(|e| AgentError::Internal(e.to_string()))?,
+            plan,
         })
     }
 
-    fn apply(self: Arc<Self>, ctx: ApplyCtx) -> BoxFut<Result<Applied, String>> {
-        Box::pin(async move {
-            let FaultSpec::Guardrail(spec) = ctx.spec else {
-                return Err("guardrail driver given another kind".into());
-            };
-            let plan: GuardrailPlan =
-                serde_json::from_value(ctx.plan).map_err(|e| format!("bad plan: {e}"))?;
-            if let Some(table) = &plan.table {
-                let active = Arc::new(Active::new(spec.clone(), plan.seed, plan.token.clone()));
-                let proxy = self.apply_transparent(&plan, &active, table).await?;
-                let details = Arc::new(Mutex::new(serde_json::json!({
-                    "mode": "transparent",
-                    "intercept": plan.listen.to_string(),
-                    "proxy_port": proxy.listen.port(),
-                    "nft_table": format!("inet {table}"),
-                    "preset": spec.preset.name(),
-                    "seed": plan.seed,
-                    "upstream_error": "",
-                    "answers": active.stats.json(),
-                })));
-                if let Ok(mut slot) = active.details.lock() {
-                    *slot = Some(Arc::clone(&details));
-                }
-                return Ok(Applied {
-                    details,
-                    background: None,
-                });
-            }
-            let proxy = match self.find(&plan.listen) {
-                Some((p, _)) => p,
-                None => {
-                    let upstream = Upstream::parse(&plan.upstream)?;
-                    let p = GuardrailProxy::start(plan.listen, upstream, Arc::clone(&self.metrics))
-                        .await
-                        .map_err(|e| {
-                            format!(
-                                "cannot listen on {}: {e} (is something else there? pick a free address)",
-                                plan.listen
-                            )
-                        })?;
-                    self.proxies
-                        .lock()
-                        .map_err(|_| "proxy table poisoned")?
-                        .insert(
-                            plan.listen,
-                            Entry {
-                                proxy: Arc::clone(&p),
-                                standing: false,
-                            },
-                        );
-                    p
-                }
-            };
+    async fn apply(
+        self: Arc<Self>,
+        spec: GuardrailSpec,
+        plan: GuardrailPlan,
+        _cancel: CancellationToken,
+    ) -> Result<Applied, String> {
+        if let Some(table) = &plan.table {
             let active = Arc::new(Active::new(spec.clone(), plan.seed, plan.token.clone()));
-            proxy.attach(Arc::clone(&active))?;
-            // Whether the guardrail answers at all: not a reason to refuse the fault
-            // (a dead guardrail is a fault too), but the status must say so.
-            let reach = match tokio::time::timeout(
-                Duration::from_secs(2),
-                tokio::net::TcpStream::connect(&proxy.upstream.host_port),
-            )
-            .await
-            {
-                Ok(Ok(_)) => String::new(),
-                Ok(Err(e)) => format!(
-                    "cannot connect to the guardrail at {} ({e}): the proxy answers 502 until it comes back",
-                    plan.upstream
-                ),
-                Err(_) => format!(
-                    "the guardrail at {} did not accept a connection within 2s",
-                    plan.upstream
-                ),
-            };
+            let proxy = self.apply_transparent(&plan, &active, table).await?;
             let details = Arc::new(Mutex::new(serde_json::json!({
-                "mode": "explicit",
-                "listen": proxy.listen.to_string(),
-                "upstream": plan.upstream,
+                "mode": "transparent",
+                "intercept": plan.listen.to_string(),
+                "proxy_port": proxy.listen.port(),
+                "nft_table": format!("inet {table}"),
                 "preset": spec.preset.name(),
-                "proxy": if plan.standing { "standing (stays, passing answers untouched, after the fault)" } else { "started for this fault (stops with it)" },
                 "seed": plan.seed,
-                "upstream_error": reach,
+                "upstream_error": "",
                 "answers": active.stats.json(),
             })));
             if let Ok(mut slot) = active.details.lock() {
                 *slot = Some(Arc::clone(&details));
             }
-            Ok(Applied {
+            return Ok(Applied {
                 details,
                 background: None,
-            })
+            });
+        }
+        let proxy = match self.find(&plan.listen) {
+            Some((p, _)) => p,
+            None => {
+                let upstream = Upstream::parse(&plan.upstream)?;
+                let p = GuardrailProxy::start(plan.listen, upstream, Arc::clone(&self.metrics))
+                    .await
+                    .map_err(|e| {
+                        format!(
+                            "cannot listen on {}: {e} (is something else there? pick a free address)",
+                            plan.listen
+                        )
+                    })?;
+                self.proxies
+                    .lock()
+                    .map_err(|_| "proxy table poisoned")?
+                    .insert(
+                        plan.listen,
+                        Entry {
+                            proxy: Arc::clone(&p),
+                            standing: false,
+                        },
+                    );
+                p
+            }
+        };
+        let active = Arc::new(Active::new(spec.clone(), plan.seed, plan.token.clone()));
+        proxy.attach(Arc::clone(&active))?;
+        // Whether the guardrail answers at all: not a reason to refuse the fault
+        // (a dead guardrail is a fault too), but the status must say so.
+        let reach = match tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::TcpStream::connect(&proxy.upstream.host_port),
+        )
+        .await
+        {
+            Ok(Ok(_)) => String::new(),
+            Ok(Err(e)) => format!(
+                "cannot connect to the guardrail at {} ({e}): the proxy answers 502 until it comes back",
+                plan.upstream
+            ),
+            Err(_) => format!(
+                "the guardrail at {} did not accept a connection within 2s",
+                plan.upstream
+            ),
+        };
+        let details = Arc::new(Mutex::new(serde_json::json!({
+            "mode": "explicit",
+            "listen": proxy.listen.to_string(),
+            "upstream": plan.upstream,
+            "preset": spec.preset.name(),
+            "proxy": if plan.standing { "standing (stays, passing answers untouched, after the fault)" } else { "started for this fault (stops with it)" },
+            "seed": plan.seed,
+            "upstream_error": reach,
+            "answers": active.stats.json(),
+        })));
+        if let Ok(mut slot) = active.details.lock() {
+            *slot = Some(Arc::clone(&details));
+        }
+        Ok(Applied {
+            details,
+            background: None,
         })
     }
 
-    fn revert(self: Arc<Self>, plan: serde_json::Value) -> BoxFut<Result<(), RevertError>> {
-        Box::pin(async move {
-            let plan: GuardrailPlan =
-                serde_json::from_value(plan.clone()).map_err(|e| RevertError {
-                    message: format!("unreadable guardrail plan in the journal: {e}"),
-                    leftover: "nothing in the kernel: a guardrail proxy dies with the agent".into(),
-                })?;
-            if let Some(table) = &plan.table {
-                // The redirect first (new connections go straight to the guardrail
-                // again), then the proxy.
-                let r = crate::faults::network::nft::delete(None, table).await;
-                // While the redirect stands, the proxy must keep serving it (detached:
-                // untouched answers), or the guardrail would be unreachable.
-                let proxy = self.transparent.lock().ok().and_then(|mut m| {
-                    if r.is_ok() {
-                        m.remove(&plan.token)
-                    } else {
-                        m.get(&plan.token).cloned()
-                    }
-                });
-                if let Some(p) = proxy {
-                    if r.is_ok() {
-                        p.stop();
-                    } else {
-                        p.detach(&plan.token);
-                    }
+    fn unreadable_plan_leftover(&self, _plan: &str) -> String {
+        "nothing in the kernel: a guardrail proxy dies with the agent".into()
+    }
+
+    async fn revert(self: Arc<Self>, plan: GuardrailPlan) -> Result<(), RevertError> {
+        if let Some(table) = &plan.table {
+            // The redirect first (new connections go straight to the guardrail
+            // again), then the proxy.
+            let r = nft::delete(Ns::new(&*self.tools, None), table).await;
+            // While the redirect stands, the proxy must keep serving it (detached:
+            // untouched answers), or the guardrail would be unreachable.
+            let proxy = self.transparent.lock().ok().and_then(|mut m| {
+                if r.is_ok() {
+                    m.remove(&plan.token)
+                } else {
+                    m.get(&plan.token).cloned()
                 }
-                return r.map_err(|e| RevertError {
-                    message: e.to_string(),
-                    leftover: format!("nft delete table inet {table}"),
-                });
-            }
-            let mut proxies = match self.proxies.lock() {
-                Ok(p) => p,
-                Err(p) => p.into_inner(),
-            };
-            if let Some(e) = proxies.get(&plan.listen) {
-                e.proxy.detach(&plan.token);
-                if !e.standing && e.proxy.active().is_none() {
-                    e.proxy.stop();
-                    proxies.remove(&plan.listen);
+            });
+            if let Some(p) = proxy {
+                if r.is_ok() {
+                    p.stop();
+                } else {
+                    p.detach(&plan.token);
                 }
             }
-            Ok(())
-        })
+            return r.map_err(|e| RevertError {
+                message: e.to_string(),
+                leftover: format!("nft delete table inet {table}"),
+            });
+        }
+        let mut proxies = match self.proxies.lock() {
+            Ok(p) => p,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(e) = proxies.get(&plan.listen) {
+            e.proxy.detach(&plan.token);
+            if !e.standing && e.proxy.active().is_none() {
+                e.proxy.stop();
+                proxies.remove(&plan.listen);
+            }
+        }
+        Ok(())
     }
 }

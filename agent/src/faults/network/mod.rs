@@ -9,7 +9,6 @@
 //! table, reserved qdisc and ifb from the namespaces the journal names and the agent's
 //! own.
 
-pub mod nft;
 pub mod proxy;
 pub mod tc;
 
@@ -18,15 +17,19 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use gpuchaos_proto::spec::{Backend, FaultSpec, NetworkSpec, Protocol};
+use gpuchaos_proto::spec::{Backend, NetworkSpec, Protocol};
 use serde::{Deserialize, Serialize};
 
-use super::process::ProcessDriver;
-use super::{Applied, ApplyCtx, BoxFut, Capability, FaultDriver, Plan, RevertError};
+use super::select::Selector;
+use tokio_util::sync::CancellationToken;
+
+use super::{Applied, KindDriver, Planned, RevertError, Support};
 use crate::error::AgentError;
 use crate::failpoint;
 use crate::policy::Policy;
-use crate::sys::netns::{self, NetnsRef, NsSockets, Tool};
+use crate::sys::netns::{self, NetnsRef, NsSockets};
+use crate::sys::nft;
+use crate::sys::tools::{CmdError, Ns, Tool, Tools};
 
 /// How the fault delays or shapes traffic, when it does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +86,10 @@ pub struct NetCaps {
     /// ingress shaping fault loads it.
     pub ifb: bool,
 }
+
+/// Capability numbers from linux/capability.h.
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
 
 /// Is this capability bit set in /proc/self/status's CapEff?
 fn has_capability(bit: u32) -> bool {
@@ -183,7 +190,7 @@ impl NetCaps {
         };
         NetCaps {
             privileged: nix::unistd::geteuid().is_root()
-                || (has_capability(12) && has_capability(21)),
+                || (has_capability(CAP_NET_ADMIN) && has_capability(CAP_SYS_ADMIN)),
             nft: Tool::Nft.find().is_some(),
             tc: tc_ok,
             tc_why,
@@ -202,7 +209,8 @@ impl NetCaps {
 }
 
 pub struct NetworkDriver {
-    processes: Arc<ProcessDriver>,
+    selector: Arc<Selector>,
+    tools: Arc<dyn Tools>,
     policy: Arc<Policy>,
     caps: NetCaps,
     /// The agent's own TCP ports, never cut in its own namespace.
@@ -242,13 +250,15 @@ fn internal(e: impl std::fmt::Display) -> AgentError {
 
 impl NetworkDriver {
     pub fn new(
-        processes: Arc<ProcessDriver>,
+        selector: Arc<Selector>,
+        tools: Arc<dyn Tools>,
         policy: Arc<Policy>,
         caps: NetCaps,
         keep_ports: Vec<u16>,
     ) -> Self {
         NetworkDriver {
-            processes,
+            selector,
+            tools,
             policy,
             caps,
             keep_ports,
@@ -261,6 +271,11 @@ impl NetworkDriver {
     }
 
     /// Keeps the list of drains under way in `state_dir` (see [`DRAIN_FILE`]).
+    /// Where tools run for a namespace (None: the agent's own).
+    fn ns<'a>(&'a self, path: Option<&'a std::path::Path>) -> Ns<'a> {
+        Ns::new(&*self.tools, path)
+    }
+
     pub fn with_drain_file(mut self, state_dir: &std::path::Path) -> Self {
         self.drain_file = Some(state_dir.join(DRAIN_FILE));
         self
@@ -335,15 +350,15 @@ impl NetworkDriver {
         table: &str,
         key: &str,
         ns: &NsPlan,
-    ) -> Result<(), crate::sys::netns::CmdError> {
-        nft::neutralize(path, table).await?;
+    ) -> Result<(), CmdError> {
+        nft::neutralize(self.ns(path), table).await?;
         let Some(p) = self.proxies.lock().ok().and_then(|mut m| m.remove(key)) else {
-            return nft::delete(path, table).await;
+            return nft::delete(self.ns(path), table).await;
         };
         p.stop();
         if p.active() == 0 {
             p.close_all();
-            return nft::delete(path, table).await;
+            return nft::delete(self.ns(path), table).await;
         }
         tracing::info!(
             table,
@@ -373,7 +388,7 @@ impl NetworkDriver {
             // The connections' tasks see the close and drop their sockets.
             tokio::time::sleep(Duration::from_millis(50)).await;
             for _ in 0..3 {
-                match nft::delete(path.as_deref(), &table).await {
+                match nft::delete(me.ns(path.as_deref()), &table).await {
                     Ok(()) => {
                         me.drain_ended(&table);
                         return;
@@ -448,8 +463,8 @@ impl NetworkDriver {
         let Some(t) = &spec.target else {
             return Ok(vec![(None, "node".into())]);
         };
-        let matched = self.processes.select(&t.netns_of)?;
-        let picked = ProcessDriver::pick(matched, t.netns_of.pick, seed);
+        let matched = self.selector.select(&t.netns_of)?;
+        let picked = Selector::pick(matched, t.netns_of.pick, seed);
         let own = netns::own_ino().map_err(internal)?;
         let mut out: Vec<(Option<NetnsRef>, String)> = Vec::new();
         let mut seen = Vec::new();
@@ -628,7 +643,7 @@ impl NetworkDriver {
         }
         let want_rules = rules.rule_count();
         if want_rules > 0 {
-            nft::apply(path, &rules)
+            nft::apply(self.ns(path), &rules)
                 .await
                 .map_err(|e| format!("{}: {e}", ns.label))?;
         }
@@ -642,7 +657,7 @@ impl NetworkDriver {
             let shape = self.shape(spec, plan, ns, shaper);
             let d = spec.direction();
             for dev in &ns.shaped {
-                let qs = tc::qdiscs(path, dev)
+                let qs = tc::qdiscs(self.ns(path), dev)
                     .await
                     .map_err(|e| format!("{}: {e}", ns.label))?;
                 tc::check_free(dev, &qs, d.egress(), d.ingress())
@@ -661,13 +676,13 @@ impl NetworkDriver {
                 tc_cmds.extend(tc);
                 tc_cmds.extend(shape.commands(ifb, true));
             }
-            if let Err((e, done)) = tc::batch(path, Tool::Ip, &ip_cmds).await {
-                tc::undo(path, &ip_cmds[..done]).await;
+            if let Err((e, done)) = tc::batch(self.ns(path), Tool::Ip, &ip_cmds).await {
+                tc::undo(self.ns(path), &ip_cmds[..done]).await;
                 return Err(format!("{}: {e}", ns.label));
             }
-            if let Err((e, done)) = tc::batch(path, Tool::Tc, &tc_cmds).await {
-                tc::undo(path, &tc_cmds[..done]).await;
-                tc::undo(path, &ip_cmds).await;
+            if let Err((e, done)) = tc::batch(self.ns(path), Tool::Tc, &tc_cmds).await {
+                tc::undo(self.ns(path), &tc_cmds[..done]).await;
+                tc::undo(self.ns(path), &ip_cmds).await;
                 return Err(format!("{}: {e}", ns.label));
             }
             // Read every device back before calling it active.
@@ -678,7 +693,7 @@ impl NetworkDriver {
             }
             devs.extend(ns.ifbs.iter().map(|(_, i)| i));
             for dev in devs {
-                let qs = tc::qdiscs(path, dev)
+                let qs = tc::qdiscs(self.ns(path), dev)
                     .await
                     .map_err(|e| format!("{}: verify: {e}", ns.label))?;
                 if !qs.iter().any(|q| q.root && q.handle == tc::ROOT_HANDLE) {
@@ -698,7 +713,7 @@ impl NetworkDriver {
                         ns.label
                     ));
                 }
-                let n = tc::filters_to(path, dev, &shape.class)
+                let n = tc::filters_to(self.ns(path), dev, &shape.class)
                     .await
                     .map_err(|e| format!("{}: verify: {e}", ns.label))?;
                 if n != want_filters {
@@ -709,7 +724,7 @@ impl NetworkDriver {
                 }
             }
             for (dev, ifb) in &ns.ifbs {
-                if !tc::ingress_filters(path, dev, ifb)
+                if !tc::ingress_filters(self.ns(path), dev, ifb)
                     .await
                     .map_err(|e| format!("{}: verify: {e}", ns.label))?
                     .0
@@ -734,7 +749,7 @@ impl NetworkDriver {
         proxy_ports: Option<nft::ProxyPorts>,
     ) -> Result<serde_json::Value, String> {
         if want > 0 {
-            let got = nft::count_rules(path, &plan.table)
+            let got = nft::count_rules(self.ns(path), &plan.table)
                 .await
                 .map_err(|e| format!("{}: verify: {e}", ns.label))?;
             if got != Some(want) {
@@ -782,7 +797,7 @@ impl NetworkDriver {
             };
             let path = path.as_deref();
             if *want > 0 {
-                match nft::count_rules(path, &plan.table).await {
+                match nft::count_rules(self.ns(path), &plan.table).await {
                     Ok(Some(n)) if n == *want => {}
                     Ok(Some(n)) => out.push(format!(
                         "{}: table inet {} holds {n} rules, {want} were applied",
@@ -796,7 +811,7 @@ impl NetworkDriver {
                 }
             }
             for dev in tc_devs {
-                if let Ok(qs) = tc::qdiscs(path, dev).await
+                if let Ok(qs) = tc::qdiscs(self.ns(path), dev).await
                     && !qs.iter().any(|q| q.root && q.handle == tc::ROOT_HANDLE)
                 {
                     out.push(format!(
@@ -831,12 +846,14 @@ impl NetworkDriver {
                 // Rules first, table after the proxied connections end.
                 self.drain_proxy(path, &plan.table, &key, ns).await
             } else {
-                nft::delete(path, &plan.table).await
+                nft::delete(self.ns(path), &plan.table).await
             };
             if let Err(e) = removed {
                 problems.push(format!("{}: {e}", ns.label));
                 leftovers.push(format!("{shown}nft delete table inet {}", plan.table));
-            } else if !proxied && let Ok(Some(_)) = nft::count_rules(path, &plan.table).await {
+            } else if !proxied
+                && let Ok(Some(_)) = nft::count_rules(self.ns(path), &plan.table).await
+            {
                 problems.push(format!("{}: table {} is still there", ns.label, plan.table));
                 leftovers.push(format!("{shown}nft delete table inet {}", plan.table));
             } else {
@@ -851,7 +868,9 @@ impl NetworkDriver {
                     .iter()
                     .find(|(d, _)| d == dev)
                     .map(|(_, i)| i.as_str());
-                if let Err(e) = tc::clean(path, dev, Some(&tc::class_of(&plan.token)), ifb).await {
+                if let Err(e) =
+                    tc::clean(self.ns(path), dev, Some(&tc::class_of(&plan.token)), ifb).await
+                {
                     problems.push(format!("{}: {e}", ns.label));
                     leftovers.push(format!(
                         "{shown}tc qdisc del dev {dev} root; {shown}tc qdisc del dev {dev} ingress{}",
@@ -872,32 +891,33 @@ impl NetworkDriver {
     }
 
     /// Removes every trace of gpuchaos from one namespace. Returns what it removed.
-    async fn sweep_ns(path: Option<&std::path::Path>) -> Vec<String> {
+    async fn sweep_ns(&self, path: Option<&std::path::Path>) -> Vec<String> {
         let mut removed = Vec::new();
         let where_ = path
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "the agent's namespace".into());
-        if let Ok(tables) = nft::own_tables(path).await {
+        if let Ok(tables) = nft::own_tables(self.ns(path)).await {
             for (family, name) in tables {
-                let r = netns::run_tool(
-                    path,
-                    Tool::Nft,
-                    &[
-                        "delete".into(),
-                        "table".into(),
-                        family.clone(),
-                        name.clone(),
-                    ],
-                    None,
-                )
-                .await;
+                let r = self
+                    .ns(path)
+                    .run(
+                        Tool::Nft,
+                        &[
+                            "delete".into(),
+                            "table".into(),
+                            family.clone(),
+                            name.clone(),
+                        ],
+                        None,
+                    )
+                    .await;
                 match r {
                     Ok(_) => removed.push(format!("{where_}: nft table {family} {name}")),
                     Err(e) => tracing::error!(error = %e, "sweep: cannot delete a gpuchaos table"),
                 }
             }
         }
-        let Ok(links) = tc::ip(path, &["-j", "-d", "link", "show"]).await else {
+        let Ok(links) = tc::ip(self.ns(path), &["-j", "-d", "link", "show"]).await else {
             return removed;
         };
         let links: Vec<serde_json::Value> = serde_json::from_str::<serde_json::Value>(links.trim())
@@ -917,18 +937,21 @@ impl NetworkDriver {
             .map(str::to_string)
             .collect();
         for dev in names.iter().filter(|n| !tc::is_our_ifb(n)) {
-            let Ok(qs) = tc::qdiscs(path, dev).await else {
+            let Ok(qs) = tc::qdiscs(self.ns(path), dev).await else {
                 continue;
             };
             let ours_root = qs.iter().any(|q| q.root && q.handle == tc::ROOT_HANDLE);
             let ours_ingress = qs.iter().any(|q| q.kind == "ingress")
-                && matches!(tc::ingress_filters(path, dev, "gci*").await, Ok((true, _)));
-            if ours_root && tc::clean(path, dev, None, None).await.is_ok() {
+                && matches!(
+                    tc::ingress_filters(self.ns(path), dev, "gci*").await,
+                    Ok((true, _))
+                );
+            if ours_root && tc::clean(self.ns(path), dev, None, None).await.is_ok() {
                 removed.push(format!("{where_}: root qdisc {} on {dev}", tc::ROOT_HANDLE));
             }
             if ours_ingress
                 && tc::tc(
-                    path,
+                    self.ns(path),
                     &["qdisc", "del", "dev", dev, "ingress"].map(str::to_string),
                 )
                 .await
@@ -938,7 +961,7 @@ impl NetworkDriver {
             }
         }
         for ifb in &our_ifbs {
-            if tc::ip(path, &["link", "del", ifb]).await.is_ok() {
+            if tc::ip(self.ns(path), &["link", "del", ifb]).await.is_ok() {
                 removed.push(format!("{where_}: ifb {ifb}"));
             }
         }
@@ -955,12 +978,11 @@ fn ns_path(ns: &NsPlan) -> Option<Option<PathBuf>> {
     }
 }
 
-impl FaultDriver for NetworkDriver {
-    fn kind(&self) -> &'static str {
-        "network"
-    }
+impl KindDriver for NetworkDriver {
+    type Spec = NetworkSpec;
+    type Plan = NetPlan;
 
-    fn capability(&self) -> Capability {
+    fn capability(&self) -> Support {
         let c = &self.caps;
         let mut backends = Vec::new();
         if c.nft {
@@ -995,18 +1017,14 @@ impl FaultDriver for NetworkDriver {
             }
             (true, notes.join("; "))
         };
-        Capability {
-            kind: "network",
+        Support {
             supported,
             reason,
             backends,
         }
     }
 
-    fn plan(&self, spec: &FaultSpec) -> Result<Plan, AgentError> {
-        let FaultSpec::Network(n) = spec else {
-            return Err(internal("network driver given another kind"));
-        };
+    fn plan(&self, n: &NetworkSpec) -> Result<Planned<NetPlan>, AgentError> {
         let shaper = self.shaper(n)?;
         let seed = n.seed.unwrap_or_else(rand::random);
         let token = token();
@@ -1099,140 +1117,345 @@ impl FaultDriver for NetworkDriver {
         if n.interface.is_none() {
             target.push_str(" (not lo: add interface: lo for local traffic)");
         }
-        Ok(Plan {
-            target,
-            revert: serde_json::to_value(&plan).map_err(internal)?,
-        })
+        Ok(Planned { target, plan })
     }
 
-    fn apply(self: Arc<Self>, ctx: ApplyCtx) -> BoxFut<Result<Applied, String>> {
-        Box::pin(async move {
-            let FaultSpec::Network(spec) = ctx.spec else {
-                return Err("network driver given another kind".into());
-            };
-            let plan: NetPlan =
-                serde_json::from_value(ctx.plan).map_err(|e| format!("bad plan: {e}"))?;
-            let mut per_ns = Vec::new();
-            for ns in &plan.namespaces {
-                per_ns.push(self.apply_ns(&spec, &plan, ns).await?);
+    async fn apply(
+        self: Arc<Self>,
+        spec: NetworkSpec,
+        plan: NetPlan,
+        cancel: CancellationToken,
+    ) -> Result<Applied, String> {
+        let mut per_ns = Vec::new();
+        for ns in &plan.namespaces {
+            per_ns.push(self.apply_ns(&spec, &plan, ns).await?);
+        }
+        let details = Arc::new(Mutex::new(serde_json::json!({
+            "effect": spec.effect(),
+            "direction": format!("{:?}", spec.direction()).to_lowercase(),
+            "backend": plan.shaper.map(|s| format!("{s:?}").to_lowercase()).unwrap_or_else(|| "nftables".into()),
+            "seed": plan.seed,
+            "namespaces": per_ns,
+        })));
+        if plan.shaper == Some(Shaper::Proxy)
+            && let Ok(mut d) = details.lock()
+        {
+            let mut note = String::from(
+                "the proxy backend completes a client's TCP handshake at once (connect() does not see the latency, unlike netem) and delays the first bytes instead; connections opened before the fault keep their direct path",
+            );
+            if spec.protocol() != Protocol::Tcp {
+                note.push_str("; it delays TCP only: UDP and ICMP pass undelayed");
             }
-            let details = Arc::new(Mutex::new(serde_json::json!({
-                "effect": spec.effect(),
-                "direction": format!("{:?}", spec.direction()).to_lowercase(),
-                "backend": plan.shaper.map(|s| format!("{s:?}").to_lowercase()).unwrap_or_else(|| "nftables".into()),
-                "seed": plan.seed,
-                "namespaces": per_ns,
-            })));
-            if plan.shaper == Some(Shaper::Proxy)
-                && let Ok(mut d) = details.lock()
-            {
-                let mut note = String::from(
-                    "the proxy backend completes a client's TCP handshake at once (connect() does not see the latency, unlike netem) and delays the first bytes instead; connections opened before the fault keep their direct path",
-                );
-                if spec.protocol() != Protocol::Tcp {
-                    note.push_str("; it delays TCP only: UDP and ICMP pass undelayed");
+            d["note"] = serde_json::json!(note);
+        }
+        // While active: live proxy counters, and every 2 s the kernel state read
+        // back again, so that rules someone else flushed show in the status.
+        // Per namespace: the rules applied, and the devices carrying the root qdisc.
+        let tc_shaped = plan.shaper.is_some_and(|s| s != Shaper::Proxy);
+        let expect: Vec<(usize, Vec<String>)> = per_ns
+            .iter()
+            .zip(&plan.namespaces)
+            .map(|(v, ns)| {
+                let mut devs: Vec<String> = Vec::new();
+                if tc_shaped {
+                    if spec.direction().egress() {
+                        devs.extend(ns.shaped.iter().cloned());
+                    }
+                    devs.extend(ns.ifbs.iter().map(|(_, i)| i.clone()));
                 }
-                d["note"] = serde_json::json!(note);
-            }
-            // While active: live proxy counters, and every 2 s the kernel state read
-            // back again, so that rules someone else flushed show in the status.
-            // Per namespace: the rules applied, and the devices carrying the root qdisc.
-            let tc_shaped = plan.shaper.is_some_and(|s| s != Shaper::Proxy);
-            let expect: Vec<(usize, Vec<String>)> = per_ns
-                .iter()
-                .zip(&plan.namespaces)
-                .map(|(v, ns)| {
-                    let mut devs: Vec<String> = Vec::new();
-                    if tc_shaped {
-                        if spec.direction().egress() {
-                            devs.extend(ns.shaped.iter().cloned());
-                        }
-                        devs.extend(ns.ifbs.iter().map(|(_, i)| i.clone()));
-                    }
-                    (v["nft_rules"].as_u64().unwrap_or(0) as usize, devs)
-                })
-                .collect();
-            let me = Arc::clone(&self);
-            let d = Arc::clone(&details);
-            let cancel = ctx.cancel.clone();
-            let background = Some(tokio::spawn(async move {
-                let mut reported: Vec<String> = Vec::new();
-                for tick in 0u64.. {
-                    if plan.shaper == Some(Shaper::Proxy) {
-                        let counters = me.proxies.lock().ok().map(|m| {
-                            m.iter()
-                                .filter(|(k, _)| k.starts_with(&format!("{}/", plan.token)))
-                                .map(|(_, p)| p.counters.json())
-                                .collect::<Vec<_>>()
-                        });
-                        if let (Some(c), Ok(mut d)) = (counters, d.lock()) {
-                            d["proxy"] = serde_json::json!(c);
-                        }
-                    }
-                    if tick % 4 == 3 {
-                        let drift = me.drift(&plan, &expect).await;
-                        if drift != reported {
-                            for problem in drift.iter().filter(|p| !reported.contains(p)) {
-                                tracing::warn!(table = %plan.table, problem = %problem,
-                                    "network fault no longer in effect as applied");
-                            }
-                            if let Ok(mut d) = d.lock() {
-                                d["drift"] = serde_json::json!(drift);
-                            }
-                            reported = drift;
-                        }
-                    }
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    }
-                }
-            }));
-            Ok(Applied {
-                details,
-                background,
+                (v["nft_rules"].as_u64().unwrap_or(0) as usize, devs)
             })
-        })
-    }
-
-    fn revert(self: Arc<Self>, plan: serde_json::Value) -> BoxFut<Result<(), RevertError>> {
-        Box::pin(async move {
-            let plan: NetPlan =
-                serde_json::from_value(plan.clone()).map_err(|e| RevertError {
-                    message: format!("unreadable network plan in the journal: {e}"),
-                    leftover: format!(
-                        "unknown: look for nftables tables named gpuchaos_* (`nft list tables`) and qdisc 4743: (`tc qdisc show`); the plan was {plan}"
-                    ),
-                })?;
-            self.revert_plan(plan).await
-        })
-    }
-
-    fn sweep(self: Arc<Self>, plans: Vec<serde_json::Value>) -> BoxFut<Vec<String>> {
-        Box::pin(async move {
-            if !(self.caps.privileged && self.caps.nft) {
-                return Vec::new();
-            }
-            let mut paths: Vec<Option<PathBuf>> = vec![None];
-            // Namespaces of drains a killed agent left under way, and of open plans.
-            let drained: Vec<NsPlan> = self.leftover_drains().into_iter().map(|d| d.ns).collect();
-            let planned = plans
-                .into_iter()
-                .filter_map(|p| serde_json::from_value::<NetPlan>(p).ok())
-                .flat_map(|plan| plan.namespaces);
-            for ns in drained.into_iter().chain(planned) {
-                if let Some(Some(path)) = ns_path(&ns)
-                    && !paths.contains(&Some(path.clone()))
-                {
-                    paths.push(Some(path));
+            .collect();
+        let me = Arc::clone(&self);
+        let d = Arc::clone(&details);
+        let cancel = cancel.clone();
+        let background = Some(tokio::spawn(async move {
+            let mut reported: Vec<String> = Vec::new();
+            for tick in 0u64.. {
+                if plan.shaper == Some(Shaper::Proxy) {
+                    let counters = me.proxies.lock().ok().map(|m| {
+                        m.iter()
+                            .filter(|(k, _)| k.starts_with(&format!("{}/", plan.token)))
+                            .map(|(_, p)| p.counters.json())
+                            .collect::<Vec<_>>()
+                    });
+                    if let (Some(c), Ok(mut d)) = (counters, d.lock()) {
+                        d["proxy"] = serde_json::json!(c);
+                    }
+                }
+                if tick % 4 == 3 {
+                    let drift = me.drift(&plan, &expect).await;
+                    if drift != reported {
+                        for problem in drift.iter().filter(|p| !reported.contains(p)) {
+                            tracing::warn!(table = %plan.table, problem = %problem,
+                                "network fault no longer in effect as applied");
+                        }
+                        if let Ok(mut d) = d.lock() {
+                            d["drift"] = serde_json::json!(drift);
+                        }
+                        reported = drift;
+                    }
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 }
             }
-            let mut removed = Vec::new();
-            for p in &paths {
-                removed.extend(Self::sweep_ns(p.as_deref()).await);
-            }
-            self.save_drains(&[]);
-            removed
+        }));
+        Ok(Applied {
+            details,
+            background,
         })
+    }
+
+    async fn revert(self: Arc<Self>, plan: NetPlan) -> Result<(), RevertError> {
+        self.revert_plan(plan).await
+    }
+
+    fn unreadable_plan_leftover(&self, plan: &str) -> String {
+        format!(
+            "unknown: look for nftables tables named gpuchaos_* (`nft list tables`) and qdisc 4743: (`tc qdisc show`); the plan was {plan}"
+        )
+    }
+
+    async fn sweep(self: Arc<Self>, plans: Vec<NetPlan>) -> Vec<String> {
+        if !(self.caps.privileged && self.caps.nft) {
+            return Vec::new();
+        }
+        let mut paths: Vec<Option<PathBuf>> = vec![None];
+        // Namespaces of drains a killed agent left under way, and of open plans.
+        let drained: Vec<NsPlan> = self.leftover_drains().into_iter().map(|d| d.ns).collect();
+        let planned = plans.into_iter().flat_map(|plan| plan.namespaces);
+        for ns in drained.into_iter().chain(planned) {
+            if let Some(Some(path)) = ns_path(&ns)
+                && !paths.contains(&Some(path.clone()))
+            {
+                paths.push(Some(path));
+            }
+        }
+        let mut removed = Vec::new();
+        for p in &paths {
+            removed.extend(self.sweep_ns(p.as_deref()).await);
+        }
+        self.save_drains(&[]);
+        removed
+    }
+}
+
+/// Planning, verification and revert against recording fakes (no root, no kernel
+/// state): the privileged end-to-end tests (tests/tests/network.rs) run the same
+/// paths on real nftables and tc.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::faults::{ApplyCtx, FaultDriver, typed};
+    use crate::policy::PolicyFile;
+    use crate::sys::fake::{FakeTools, NoGpus, workers};
+    use gpuchaos_proto::spec::FaultSpec;
+
+    fn caps() -> NetCaps {
+        NetCaps {
+            privileged: true,
+            nft: true,
+            tc: false,
+            tc_why: "no tc in the fake".into(),
+            nsenter: true,
+            netem: Err("no netem in the fake".into()),
+            ifb: false,
+        }
+    }
+
+    fn rig() -> (Arc<FakeTools>, Arc<dyn FaultDriver>) {
+        let tools = Arc::new(FakeTools::default());
+        let policy = Arc::new(Policy::new(PolicyFile::default()).unwrap());
+        let selector = Arc::new(Selector::new(
+            workers(),
+            Arc::new(NoGpus),
+            Arc::clone(&policy),
+        ));
+        let driver = NetworkDriver::new(selector, tools.clone(), policy, caps(), vec![7000, 7001]);
+        (tools, typed(Arc::new(driver)))
+    }
+
+    fn spec(yaml: &str) -> FaultSpec {
+        FaultSpec::from_yaml_multi(yaml).unwrap().remove(0)
+    }
+
+    async fn apply(
+        d: &Arc<dyn FaultDriver>,
+        s: FaultSpec,
+        plan: &crate::faults::Plan,
+    ) -> Result<Applied, String> {
+        Arc::clone(d)
+            .apply(ApplyCtx {
+                id: "f".into(),
+                spec: s,
+                plan: plan.revert.clone(),
+                cancel: CancellationToken::new(),
+            })
+            .await
+    }
+
+    const PARTITION: &str = "kind: network\nduration: 30s\ninterface: lo\npeers: [127.0.0.1]\nports: [8000]\npartition: reject\n";
+
+    #[tokio::test]
+    async fn a_partition_is_applied_as_one_table_verified_and_reverted_idempotently() {
+        let (tools, d) = rig();
+        let s = spec(PARTITION);
+        let plan = d.plan(&s).unwrap();
+        assert!(plan.target.contains("via lo"), "{}", plan.target);
+        assert!(
+            tools.lines().is_empty(),
+            "planning touches nothing: {:?}",
+            tools.lines()
+        );
+        let table = plan.revert["table"].as_str().unwrap().to_string();
+        assert!(table.starts_with(nft::TABLE_PREFIX), "{table}");
+
+        let applied = apply(&d, s, &plan).await.unwrap();
+        let calls = tools.calls.lock().unwrap().clone();
+        assert_eq!(calls[0].line(), "nft -f -", "one transaction first");
+        let script = calls[0].stdin.clone().unwrap();
+        assert!(script.contains(&format!("table inet {table}")), "{script}");
+        assert!(script.contains("th dport { 8000 }"), "{script}");
+        assert!(
+            script.contains("tcp sport { 7000, 7001 } accept"),
+            "the agent's own ports stay: {script}"
+        );
+        assert!(script.contains("reject"), "{script}");
+        assert_eq!(
+            calls[1].line(),
+            format!("nft -j list table inet {table}"),
+            "read back"
+        );
+        let rules = tools
+            .tables
+            .lock()
+            .unwrap()
+            .values()
+            .next()
+            .unwrap()
+            .rules();
+        let details = applied.details.lock().unwrap().clone();
+        assert_eq!(details["namespaces"][0]["nft_rules"], rules, "{details}");
+        assert!(rules > 0);
+        if let Some(bg) = applied.background {
+            bg.abort();
+        }
+
+        Arc::clone(&d).revert(plan.revert.clone()).await.unwrap();
+        assert!(tools.tables.lock().unwrap().is_empty(), "the table is gone");
+        assert!(
+            tools
+                .lines()
+                .contains(&format!("nft delete table inet {table}"))
+        );
+        // Again, with the table already gone: still a success.
+        Arc::clone(&d).revert(plan.revert).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn rules_that_do_not_read_back_fail_verification() {
+        let (tools, d) = rig();
+        tools
+            .flush_on_create
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let s = spec(PARTITION);
+        let plan = d.plan(&s).unwrap();
+        let e = apply(&d, s, &plan).await.unwrap_err();
+        assert!(e.contains("holds 0 rules") && e.contains("expected"), "{e}");
+        // The manager reverts a fault that failed verification: nothing stays.
+        Arc::clone(&d).revert(plan.revert).await.unwrap();
+        assert!(tools.tables.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_apply_and_a_failed_revert_say_what_is_left() {
+        let (tools, d) = rig();
+        tools.fail(
+            "nft -f",
+            "Error: Could not process rule: Operation not permitted",
+        );
+        let s = spec(PARTITION);
+        let plan = d.plan(&s).unwrap();
+        let e = apply(&d, s, &plan).await.unwrap_err();
+        assert!(e.contains("Operation not permitted"), "{e}");
+
+        let (tools, d) = rig();
+        let s = spec(PARTITION);
+        let plan = d.plan(&s).unwrap();
+        apply(&d, s, &plan).await.unwrap();
+        tools.fail("nft delete", "Error: Operation not permitted");
+        let e = Arc::clone(&d)
+            .revert(plan.revert.clone())
+            .await
+            .unwrap_err();
+        let table = plan.revert["table"].as_str().unwrap();
+        assert!(e.message.contains("Operation not permitted"), "{e:?}");
+        assert_eq!(e.leftover, format!("nft delete table inet {table}"));
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_plan_names_where_to_look() {
+        let (_, d) = rig();
+        let e = Arc::clone(&d)
+            .revert(serde_json::json!({"table": 5}))
+            .await
+            .unwrap_err();
+        assert!(
+            e.message
+                .starts_with("unreadable network plan in the journal"),
+            "{e:?}"
+        );
+        assert!(e.leftover.contains("nft list tables"), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn refusals_happen_at_planning_with_nothing_run() {
+        let (tools, d) = rig();
+        for (yaml, want) in [
+            (
+                "kind: network\nduration: 30s\npeers: [127.0.0.1]\npartition: drop\n",
+                "add interface: lo",
+            ),
+            (
+                "kind: network\nduration: 30s\ninterface: lo\nlatency: 100ms\n",
+                "",
+            ),
+        ] {
+            match d.plan(&spec(yaml)) {
+                Err(e) => assert!(
+                    !want.is_empty() && e.to_string().contains(want),
+                    "{yaml}: {e}"
+                ),
+                Ok(p) => assert!(want.is_empty(), "{yaml}: planned {}", p.target),
+            }
+        }
+        assert!(tools.lines().is_empty(), "{:?}", tools.lines());
+    }
+
+    #[tokio::test]
+    async fn the_sweep_removes_gpuchaos_tables_only() {
+        let (tools, d) = rig();
+        for name in ["gpuchaos_deadbeef", "filter"] {
+            tools
+                .tables
+                .lock()
+                .unwrap()
+                .insert((None, name.into()), crate::sys::fake::FakeTable::default());
+        }
+        let removed = Arc::clone(&d).sweep(vec![]).await;
+        assert_eq!(
+            removed,
+            vec!["the agent's namespace: nft table inet gpuchaos_deadbeef"]
+        );
+        let left: Vec<String> = tools
+            .tables
+            .lock()
+            .unwrap()
+            .keys()
+            .map(|k| k.1.clone())
+            .collect();
+        assert_eq!(left, vec!["filter"]);
     }
 }

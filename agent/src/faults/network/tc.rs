@@ -19,7 +19,7 @@ use gpuchaos_proto::spec::{Cidr, Protocol};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::sys::netns::{CmdError, Tool, run_tool};
+use crate::sys::tools::{CmdError, Ns, Tool};
 
 pub const ROOT_HANDLE: &str = "4743:";
 pub const NETEM_HANDLE: &str = "4744:";
@@ -269,8 +269,10 @@ pub struct Qdisc {
     pub root: bool,
 }
 
-pub async fn qdiscs(ns: Option<&std::path::Path>, dev: &str) -> Result<Vec<Qdisc>, CmdError> {
-    let out = run_tool(ns, Tool::Tc, &s(&["-j", "qdisc", "show", "dev", dev]), None).await?;
+pub async fn qdiscs(ns: Ns<'_>, dev: &str) -> Result<Vec<Qdisc>, CmdError> {
+    let out = ns
+        .run(Tool::Tc, &s(&["-j", "qdisc", "show", "dev", dev]), None)
+        .await?;
     let v: Value = serde_json::from_str(out.trim()).map_err(|e| CmdError {
         command: format!("tc -j qdisc show dev {dev}"),
         message: format!("unreadable JSON: {e}"),
@@ -315,12 +317,12 @@ pub fn check_free(dev: &str, qs: &[Qdisc], egress: bool, ingress: bool) -> Resul
     Ok(())
 }
 
-pub async fn tc(ns: Option<&std::path::Path>, args: &[String]) -> Result<String, CmdError> {
-    run_tool(ns, Tool::Tc, args, None).await
+pub async fn tc(ns: Ns<'_>, args: &[String]) -> Result<String, CmdError> {
+    ns.run(Tool::Tc, args, None).await
 }
 
-pub async fn ip(ns: Option<&std::path::Path>, args: &[&str]) -> Result<String, CmdError> {
-    run_tool(ns, Tool::Ip, &s(args), None).await
+pub async fn ip(ns: Ns<'_>, args: &[&str]) -> Result<String, CmdError> {
+    ns.run(Tool::Ip, &s(args), None).await
 }
 
 fn gone(e: &CmdError) -> bool {
@@ -356,16 +358,12 @@ pub fn ingress_commands(dev: &str, ifb: &str) -> (Vec<Vec<String>>, Vec<Vec<Stri
 /// error names that command, and comes with how many commands before it took effect,
 /// so that the caller can undo exactly those. Arguments never contain spaces (names
 /// are validated).
-pub async fn batch(
-    ns: Option<&std::path::Path>,
-    tool: Tool,
-    cmds: &[Vec<String>],
-) -> Result<(), (CmdError, usize)> {
+pub async fn batch(ns: Ns<'_>, tool: Tool, cmds: &[Vec<String>]) -> Result<(), (CmdError, usize)> {
     if cmds.is_empty() {
         return Ok(());
     }
     let text: String = cmds.iter().map(|c| c.join(" ") + "\n").collect();
-    run_tool(ns, tool, &s(&["-batch", "-"]), Some(&text))
+    ns.run(tool, &s(&["-batch", "-"]), Some(&text))
         .await
         .map(|_| ())
         .map_err(|mut e| {
@@ -385,7 +383,7 @@ pub async fn batch(
 
 /// Undoes the `done` commands of a batch that failed: the root and ingress qdiscs it
 /// added and the ifbs it made (deleting a qdisc takes its classes and filters along).
-pub async fn undo(ns: Option<&std::path::Path>, done: &[Vec<String>]) {
+pub async fn undo(ns: Ns<'_>, done: &[Vec<String>]) {
     for c in done.iter().rev() {
         let w: Vec<&str> = c.iter().map(String::as_str).collect();
         let r = match w.as_slice() {
@@ -416,7 +414,7 @@ pub async fn undo(ns: Option<&std::path::Path>, done: &[Vec<String>]) {
 /// fault's ifb, or has no filter at all (a half-applied ingress on a device this fault
 /// checked was free).
 pub async fn clean(
-    ns: Option<&std::path::Path>,
+    ns: Ns<'_>,
     dev: &str,
     class: Option<&str>,
     ifb: Option<&str>,
@@ -458,11 +456,7 @@ pub async fn clean(
 
 /// The ingress filters on `dev`: does one redirect to `ifb` (prefix match when `ifb`
 /// ends with `*`), and is there any filter at all?
-pub async fn ingress_filters(
-    ns: Option<&std::path::Path>,
-    dev: &str,
-    ifb: &str,
-) -> Result<(bool, bool), CmdError> {
+pub async fn ingress_filters(ns: Ns<'_>, dev: &str, ifb: &str) -> Result<(bool, bool), CmdError> {
     let out = match tc(
         ns,
         &s(&["-j", "filter", "show", "dev", dev, "parent", "ffff:"]),
@@ -490,11 +484,7 @@ pub async fn ingress_filters(
 }
 
 /// Filters under the reserved root on `dev` that send traffic to `class`.
-pub async fn filters_to(
-    ns: Option<&std::path::Path>,
-    dev: &str,
-    class: &str,
-) -> Result<usize, CmdError> {
+pub async fn filters_to(ns: Ns<'_>, dev: &str, class: &str) -> Result<usize, CmdError> {
     let out = match tc(
         ns,
         &s(&["-j", "filter", "show", "dev", dev, "parent", ROOT_HANDLE]),

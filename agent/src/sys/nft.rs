@@ -7,7 +7,7 @@
 use gpuchaos_proto::spec::{Cidr, Direction, PartitionMode, Protocol};
 use serde_json::Value;
 
-use crate::sys::netns::{CmdError, Tool, run_tool};
+use crate::sys::tools::{CmdError, Ns, Tool};
 
 /// Every table the agent creates starts with this.
 pub const TABLE_PREFIX: &str = "gpuchaos_";
@@ -281,16 +281,17 @@ impl Rules {
 /// Creates the table and its rules in one transaction (all or nothing). The name is
 /// fresh per fault, so there is nothing to replace. (No `delete` first: deleting a
 /// table waits for an RCU grace period, which tripled the inject time.)
-pub async fn apply(ns: Option<&std::path::Path>, rules: &Rules) -> Result<(), CmdError> {
+pub async fn apply(ns: Ns<'_>, rules: &Rules) -> Result<(), CmdError> {
     let script = rules.script();
-    run_tool(ns, Tool::Nft, &["-f".into(), "-".into()], Some(&script)).await?;
+    ns.run(Tool::Nft, &["-f".into(), "-".into()], Some(&script))
+        .await?;
     Ok(())
 }
 
 /// The table as `nft -j` lists it, or None when it is absent.
-async fn list_table(ns: Option<&std::path::Path>, table: &str) -> Result<Option<Value>, CmdError> {
+async fn list_table(ns: Ns<'_>, table: &str) -> Result<Option<Value>, CmdError> {
     let args = ["-j", "list", "table", "inet", table].map(String::from);
-    match run_tool(ns, Tool::Nft, &args, None).await {
+    match ns.run(Tool::Nft, &args, None).await {
         Ok(out) => serde_json::from_str(&out).map(Some).map_err(|e| CmdError {
             command: format!("nft -j list table inet {table}"),
             message: format!("unreadable JSON: {e}"),
@@ -301,10 +302,7 @@ async fn list_table(ns: Option<&std::path::Path>, table: &str) -> Result<Option<
 }
 
 /// Reads the table back: the number of rules it holds, or None when it is absent.
-pub async fn count_rules(
-    ns: Option<&std::path::Path>,
-    table: &str,
-) -> Result<Option<usize>, CmdError> {
+pub async fn count_rules(ns: Ns<'_>, table: &str) -> Result<Option<usize>, CmdError> {
     Ok(list_table(ns, table).await?.map(|v| {
         v["nftables"]
             .as_array()
@@ -324,7 +322,7 @@ fn is_missing(e: &CmdError) -> bool {
 /// cut the connections the proxy still carries: the kernel stops translating them
 /// and their next packet is answered with a reset (seen on this kernel, and the
 /// reason in-flight requests hung after a revert). Absent is fine.
-pub async fn neutralize(ns: Option<&std::path::Path>, table: &str) -> Result<(), CmdError> {
+pub async fn neutralize(ns: Ns<'_>, table: &str) -> Result<(), CmdError> {
     let Some(v) = list_table(ns, table).await? else {
         return Ok(());
     };
@@ -347,19 +345,20 @@ pub async fn neutralize(ns: Option<&std::path::Path>, table: &str) -> Result<(),
     if script.is_empty() {
         return Ok(());
     }
-    run_tool(ns, Tool::Nft, &["-f".into(), "-".into()], Some(&script)).await?;
+    ns.run(Tool::Nft, &["-f".into(), "-".into()], Some(&script))
+        .await?;
     Ok(())
 }
 
 /// Deletes the table; absent is fine (idempotent).
-pub async fn delete(ns: Option<&std::path::Path>, table: &str) -> Result<(), CmdError> {
-    match run_tool(
-        ns,
-        Tool::Nft,
-        &["delete".into(), "table".into(), "inet".into(), table.into()],
-        None,
-    )
-    .await
+pub async fn delete(ns: Ns<'_>, table: &str) -> Result<(), CmdError> {
+    match ns
+        .run(
+            Tool::Nft,
+            &["delete".into(), "table".into(), "inet".into(), table.into()],
+            None,
+        )
+        .await
     {
         Ok(_) => Ok(()),
         Err(e) if is_missing(&e) => Ok(()),
@@ -368,14 +367,14 @@ pub async fn delete(ns: Option<&std::path::Path>, table: &str) -> Result<(), Cmd
 }
 
 /// Every gpuchaos table in a namespace, as (family, name).
-pub async fn own_tables(ns: Option<&std::path::Path>) -> Result<Vec<(String, String)>, CmdError> {
-    let out = run_tool(
-        ns,
-        Tool::Nft,
-        &["-j".into(), "list".into(), "tables".into()],
-        None,
-    )
-    .await?;
+pub async fn own_tables(ns: Ns<'_>) -> Result<Vec<(String, String)>, CmdError> {
+    let out = ns
+        .run(
+            Tool::Nft,
+            &["-j".into(), "list".into(), "tables".into()],
+            None,
+        )
+        .await?;
     let v: Value = serde_json::from_str(&out).map_err(|e| CmdError {
         command: "nft -j list tables".into(),
         message: format!("unreadable JSON: {e}"),
