@@ -39,11 +39,16 @@ fi
 
 echo "== cargo fmt --check"
 cargo fmt --all --check
-echo "== cargo clippy --all-targets -- -D warnings"
+# The test hooks (GPUCHAOS_FAILPOINT in the agent, GPUCHAOS_CLOCK in serve) are
+# compiled in only here: every build below uses the same features, so the binaries
+# the end-to-end tests run are the ones nextest built.
+HOOKS=(--features gpuchaos-agent/test-hooks,gpuchaos-controller/test-hooks)
+echo "== cargo clippy --all-targets -- -D warnings (with and without the test hooks)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-echo "== cargo build --workspace (the end-to-end tests run these binaries)"
-cargo build --workspace --locked
+cargo clippy --workspace --all-targets --locked "${HOOKS[@]}" -- -D warnings
+echo "== cargo build --workspace, with the test hooks (the end-to-end tests run these binaries)"
+cargo build --workspace --locked "${HOOKS[@]}"
 echo "== gpuchaos validate experiments/"
 ./target/debug/gpuchaos validate experiments/*.yaml experiments/specs/*.yaml experiments/refstack/*.yaml experiments/gamedays/*.yaml
 echo "== tests"
-cargo nextest run --workspace --locked --no-fail-fast
+cargo nextest run --workspace --locked --no-fail-fast "${HOOKS[@]}"

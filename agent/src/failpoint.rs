@@ -6,13 +6,34 @@
 //! Points, in the order an inject passes them: `after-intent` (journaled, nothing
 //! done), `mid-effect` (the first target hit, the others not), `after-effect` (every
 //! target hit, not yet verified), `after-applied` (verified and journaled).
+//!
+//! Compiled in only with the `test-hooks` feature (scripts/test.sh builds with it):
+//! a production agent, running as root, never kills itself on an environment
+//! variable. Without the feature, [`hit`] does nothing and [`warn_if_ignored`] says
+//! at start-up that the variable is ignored.
 
+#[cfg(feature = "test-hooks")]
 use std::sync::OnceLock;
 
 pub const ENV: &str = "GPUCHAOS_FAILPOINT";
 
+#[cfg(feature = "test-hooks")]
 static POINTS: OnceLock<Vec<String>> = OnceLock::new();
 
+/// Says, once at start-up, that `GPUCHAOS_FAILPOINT` is set but this build ignores it.
+pub fn warn_if_ignored() {
+    if !cfg!(feature = "test-hooks") && std::env::var_os(ENV).is_some() {
+        tracing::warn!(
+            "{ENV} is set but ignored: this agent was built without the test-hooks feature (cargo build --features gpuchaos-agent/test-hooks)"
+        );
+    }
+}
+
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub fn hit(_name: &str) {}
+
+#[cfg(feature = "test-hooks")]
 pub fn hit(name: &str) {
     let points = POINTS.get_or_init(|| {
         std::env::var(ENV)

@@ -104,6 +104,7 @@ fn main() -> std::process::ExitCode {
     }
     let args = Args::parse();
     init_logging(args.log_format);
+    gpuchaos_agent::failpoint::warn_if_ignored();
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -138,10 +138,20 @@ impl WallClock for ManualClock {
     }
 }
 
-/// The clock `serve` uses: `GPUCHAOS_CLOCK` when set, else the system's.
+/// The clock `serve` uses: `GPUCHAOS_CLOCK` when set and the build has the
+/// `test-hooks` feature (scripts/test.sh builds with it), else the system's. A
+/// production build ignores the variable, and says so.
 pub fn from_env() -> Result<Box<dyn WallClock>, String> {
     match std::env::var("GPUCHAOS_CLOCK") {
-        Ok(v) if !v.is_empty() => Ok(Box::new(ScaledClock::parse(&v)?)),
+        Ok(v) if !v.is_empty() && cfg!(feature = "test-hooks") => {
+            Ok(Box::new(ScaledClock::parse(&v)?))
+        }
+        Ok(v) if !v.is_empty() => {
+            eprintln!(
+                "gpuchaos serve: GPUCHAOS_CLOCK is set but ignored: this build has no test hooks (cargo build --features gpuchaos-controller/test-hooks); using the system clock"
+            );
+            Ok(Box::new(SystemClock))
+        }
         _ => Ok(Box::new(SystemClock)),
     }
 }
