@@ -4,12 +4,20 @@
 //!   leases, halt, shutdown.
 //! - [`journal`]: the append-only intent journal replayed at start-up.
 //! - [`policy`]: the blast radius (protected processes, limits, enabled kinds).
-//! - [`faults`]: one driver per fault kind (`process`, `gpu_memory`, `network`);
-//!   [`gpu_helper`]: the child process that holds GPU memory.
-//! - [`sys`]: every system call, /proc read and NVML call, behind small interfaces.
+//! - [`faults`]: one typed driver per fault kind (`process`, `gpu_memory`,
+//!   `network`, `guardrail`) behind one adapter; target selection
+//!   ([`faults::select`]); [`gpu_helper`]: the child process that holds GPU memory.
+//! - [`sys`]: every system call, /proc read, NVML and CUDA call, and network tool
+//!   (nft, tc, ip through [`sys::tools`]), behind small interfaces with recording
+//!   fakes for the unit tests.
 //! - [`server`]: gRPC handlers that forward to the manager; [`tls`]: mutual TLS.
 //! - [`metrics`]: Prometheus metrics; [`inventory`]: what the node is and can do.
-//! - [`failpoint`]: crash points for the crash-safety tests.
+//! - [`failpoint`]: crash points for the crash-safety tests (the `test-hooks`
+//!   feature only).
+//!
+//! [`run`] wires it together: it takes the state directory's lock, opens the
+//! journal, binds the ports, builds the drivers, recovers what a previous run left,
+//! then serves until shutdown and reverts everything.
 
 pub mod error;
 pub mod failpoint;

@@ -37,6 +37,7 @@ use crate::journal::{Journal, JournalWriter, OpenEntry, Record};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::sys::clock::{mono_ns, unix_ms};
+use tracing::Instrument;
 
 /// How many ended faults `list --include-finished` remembers.
 const HISTORY: usize = 512;
@@ -969,31 +970,35 @@ impl Manager {
         self.update_active_gauge(kind);
         self.emit_fault(&id);
         let tx = self.internal_tx.clone();
-        tokio::spawn(async move {
-            match durable.await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => {
-                    let _ = tx.send(Internal::IntentFailed { id, error });
-                    return;
+        let span = tracing::info_span!("fault", fault.id = %id, fault.kind = kind);
+        tokio::spawn(
+            async move {
+                match durable.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        let _ = tx.send(Internal::IntentFailed { id, error });
+                        return;
+                    }
+                    Err(_) => {
+                        let _ = tx.send(Internal::IntentFailed {
+                            id,
+                            error: "the journal thread is gone".into(),
+                        });
+                        return;
+                    }
                 }
-                Err(_) => {
-                    let _ = tx.send(Internal::IntentFailed {
-                        id,
-                        error: "the journal thread is gone".into(),
-                    });
-                    return;
-                }
+                failpoint::hit("after-intent");
+                // Reverted (revert, lease, halt) while the intent was being written: no
+                // effect starts; the revert that follows is idempotent.
+                let result = if ctx.cancel.is_cancelled() {
+                    Err("stopped before it was applied".to_string())
+                } else {
+                    driver.apply(ctx).await
+                };
+                let _ = tx.send(Internal::Applied { id, result });
             }
-            failpoint::hit("after-intent");
-            // Reverted (revert, lease, halt) while the intent was being written: no
-            // effect starts; the revert that follows is idempotent.
-            let result = if ctx.cancel.is_cancelled() {
-                Err("stopped before it was applied".to_string())
-            } else {
-                driver.apply(ctx).await
-            };
-            let _ = tx.send(Internal::Applied { id, result });
-        });
+            .instrument(span),
+        );
     }
 
     fn handle_internal(&mut self, ev: Internal) {
@@ -1194,6 +1199,7 @@ impl Manager {
         let tx = self.internal_tx.clone();
         let id_owned = id.to_string();
         tracing::info!(fault.id = %id, reason, "reverting");
+        let span = tracing::info_span!("fault", fault.id = %id, fault.kind = f.kind);
         tokio::spawn(async move {
             if let Some(mut bg) = background
                 && tokio::time::timeout(BACKGROUND_STOP, &mut bg)
@@ -1208,7 +1214,7 @@ impl Manager {
                 id: id_owned,
                 result,
             });
-        });
+        }.instrument(span));
         self.emit_fault(id);
     }
 

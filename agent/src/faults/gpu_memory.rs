@@ -176,6 +176,7 @@ impl GpuMemoryDriver {
             .spawn()
             .map_err(|e| format!("cannot start the GPU helper: {e}"))?;
         let pid = child.id().unwrap_or(0);
+        tracing::debug!(argv = ?cmd.as_std(), pid, "GPU helper started");
         let stdout = child.stdout.take().ok_or("no helper stdout")?;
         let mut h = Helper {
             stdin: child.stdin.take(),

@@ -7,6 +7,14 @@
 //! pointed at it for good; a fault on any other address starts a proxy for its own
 //! duration. Nothing is put in the kernel: revert detaches the fault (and stops a
 //! proxy started for it), and a proxy dies with the agent.
+//!
+//! Transparent mode (`intercept: ADDR`): nothing is re-pointed. An nftables table
+//! `inet gpuchaos_<token>` (through [`crate::sys::nft`]) redirects new connections
+//! to ADDR, made on this node or routed through it, into a proxy of the fault's own;
+//! the proxy's own upstream connections carry a mark the redirect skips. Open
+//! connections to ADDR are closed (`ss -K`) so that pooled clients reconnect through
+//! the proxy. Revert deletes the table first, then stops the proxy; the start-up
+//! sweep removes a table a killed agent left.
 
 pub mod proxy;
 pub mod verdict;

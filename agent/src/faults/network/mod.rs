@@ -140,11 +140,14 @@ impl NetCaps {
                 let _ = pipe.write_all(text.as_bytes());
             }
             drop(child.stdin.take());
-            match child.wait_with_output() {
+            let r = match child.wait_with_output() {
                 Ok(o) if o.status.success() => Ok(()),
                 Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_string()),
                 Err(e) => Err(e.to_string()),
-            }
+            };
+            tracing::debug!(argv = ?(Tool::Unshare.binary(), "-n", args), outcome = ?r,
+                "capability probe in a throwaway namespace");
+            r
         };
         let tc = Tool::Tc.find();
         let ip = Tool::Ip.find();
