@@ -9,12 +9,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use gpuchaos_proto::pb;
+use gpuchaos_proto::signal::Terminations;
 use gpuchaos_proto::spec::{FaultSpec, SpecErrors};
 use serde_json::json;
 
 use crate::exit::{self, CliError};
 use crate::fleet::{AgentRef, Fleet, describe_status};
 use crate::output::Output;
+use crate::runner::agents::{self, Renewal, Session};
 
 use super::{fault_json, fault_line};
 
@@ -141,7 +143,7 @@ pub async fn run(fleet: &Fleet, output: Output, opts: Options<'_>) -> Result<u8,
             out
         }
     });
-    for v in super::join_all(per_agent).await {
+    for v in futures_util::future::join_all(per_agent).await {
         results.extend(v);
     }
     let code = exit::worst(results.iter().map(|r| outcome_code(&r.result)));
@@ -248,10 +250,17 @@ async fn attach(
     results: &[Injected],
     lease: Duration,
 ) -> Result<u8, CliError> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term =
-        signal(SignalKind::terminate()).map_err(|e| CliError::internal(e.to_string()))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| CliError::internal(e.to_string()))?;
+    let mut signals = Terminations::install().map_err(|e| CliError::internal(e.to_string()))?;
+    let sessions: Vec<Session> = results
+        .iter()
+        .filter_map(|r| {
+            Some((
+                r.agent.clone(),
+                fleet.client(&r.agent).ok()?,
+                r.session.clone()?,
+            ))
+        })
+        .collect();
     let mut renew = tokio::time::interval(lease / 3);
     let mut poll = tokio::time::interval(Duration::from_millis(200));
     eprintln!(
@@ -261,22 +270,29 @@ async fn attach(
     );
     loop {
         tokio::select! {
-            _ = int.recv() => {
-                eprintln!("interrupted: reverting this session's faults");
-                return Ok(close_sessions(fleet, results).await);
-            }
-            _ = term.recv() => {
-                eprintln!("SIGTERM: reverting this session's faults");
+            signal = signals.recv() => {
+                if signal == "SIGINT" {
+                    eprintln!("interrupted: reverting this session's faults");
+                } else {
+                    eprintln!("{signal}: reverting this session's faults");
+                }
                 return Ok(close_sessions(fleet, results).await);
             }
             _ = renew.tick() => {
-                for r in results {
-                    let (Some(sid), Ok(mut c)) = (&r.session, fleet.client(&r.agent)) else { continue };
-                    if let Err(s) = c.renew_session(pb::RenewSessionRequest { session_id: sid.clone() }).await {
-                        eprintln!("lease renewal failed: {}", describe_status(&r.agent, &s));
-                        if s.code() == tonic::Code::NotFound {
+                let outcomes = agents::renew_all(&sessions, lease / 3).await;
+                for ((agent, _, _), r) in sessions.iter().zip(outcomes) {
+                    match r {
+                        Renewal::Renewed => {}
+                        Renewal::Lapsed(s) => {
+                            eprintln!("lease renewal failed: {}", describe_status(agent, &s));
                             eprintln!("the agent reverted this session's faults when its lease lapsed");
                         }
+                        Renewal::Failed(s) => eprintln!("lease renewal failed: {}", describe_status(agent, &s)),
+                        Renewal::TimedOut => eprintln!(
+                            "lease renewal failed: agent {} gave no answer within {}",
+                            agent.display(),
+                            short_duration(lease / 3)
+                        ),
                     }
                 }
             }

@@ -72,7 +72,7 @@ pub async fn halt(fleet: &Fleet, output: Output) -> Result<u8, CliError> {
     });
     let mut code = exit::OK;
     let mut out = Vec::new();
-    for (agent, r) in super::join_all(calls).await {
+    for (agent, r) in futures_util::future::join_all(calls).await {
         match r {
             Ok(faults) => {
                 for f in &faults {

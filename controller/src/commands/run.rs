@@ -3,11 +3,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use gpuchaos_proto::signal::Terminations;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::exit::{self, CliError};
 use crate::experiment::load::{self, LoadError};
+use crate::experiment::plan;
 use crate::fleet::Fleet;
 use crate::output::Output;
 use crate::runner::{self, RunOptions};
@@ -35,26 +37,21 @@ pub async fn run(cli_fleet: &Fleet, output: Output, opts: Options<'_>) -> Result
     let fleet = runner::fleet_for(&loaded, cli_fleet);
     if opts.dry_run {
         let seed = opts.seed.unwrap_or_else(rand::random);
-        for line in runner::dry_run(&loaded, &fleet, seed)? {
+        for line in plan::dry_run(&loaded, &fleet, seed)? {
             println!("{line}");
         }
         return Ok(exit::OK);
     }
     let interrupt = CancellationToken::new();
     let reason = Arc::new(Mutex::new(String::new()));
-    {
+    // Installed before the run starts, so that no signal in between is lost; one
+    // that cannot be installed leaves Ctrl-C with its default effect (the agents
+    // revert when the lease lapses).
+    if let Ok(mut signals) = Terminations::install() {
         let interrupt = interrupt.clone();
         let reason = reason.clone();
         tokio::spawn(async move {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(_) => return,
-                };
-            let which = tokio::select! {
-                _ = tokio::signal::ctrl_c() => "SIGINT",
-                _ = term.recv() => "SIGTERM",
-            };
+            let which = signals.recv().await;
             *reason.lock().unwrap() = which.to_string();
             interrupt.cancel();
         });

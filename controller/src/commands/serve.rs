@@ -238,14 +238,10 @@ pub async fn run(cli_fleet: &Fleet, opts: Options) -> Result<u8, CliError> {
         })
     };
 
-    let signal = {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| CliError::internal(format!("SIGTERM handler: {e}")))?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => "SIGINT",
-            _ = term.recv() => "SIGTERM",
-        }
-    };
+    let signal = gpuchaos_proto::signal::Terminations::install()
+        .map_err(|e| CliError::internal(format!("SIGTERM handler: {e}")))?
+        .recv()
+        .await;
     let running: Vec<String> = live
         .running
         .lock()

@@ -19,7 +19,7 @@ pub async fn run(fleet: &Fleet, output: Output, include_finished: bool) -> Resul
             .await;
         Ok::<_, CliError>((a, info, faults))
     });
-    for r in super::join_all(lookups).await {
+    for r in futures_util::future::join_all(lookups).await {
         let (agent, info, faults) = r?;
         let (info, faults) = match (info, faults) {
             (Ok(i), Ok(f)) => (i.into_inner(), f.into_inner().faults),

@@ -1,13 +1,17 @@
 //! The experiment file: what `gpuchaos run` reads (docs/experiments.md).
 //!
-//! - this module: the typed format (also the source of the JSON Schema);
+//! - this module: the file form, field by field as users write it (also the source
+//!   of the JSON Schema); "exactly one of" is optional fields here;
 //! - [`load`]: parsing and validation that report every error at once, each with
-//!   file, line, column and field path;
+//!   file, line, column and field path, into
+//! - [`valid`]: the validated experiment the runner works on, each choice an enum;
 //! - [`yaml`]: the located YAML tree the loader works on;
-//! - [`plan`]: which faults go to which agents (shared by `--dry-run` and the runner).
+//! - [`plan`]: which faults go to which agents (shared by `--dry-run` and the runner),
+//!   and the `--dry-run` printout.
 
 pub mod load;
 pub mod plan;
+pub mod valid;
 pub mod yaml;
 
 use std::collections::BTreeMap;
@@ -19,6 +23,10 @@ use serde::{Deserialize, Serialize};
 use crate::fleet::{AgentRef, TlsClient};
 
 pub use load::{LoadError, load_file, load_str};
+pub use valid::{
+    FaultStep, ObjectiveKind, ProbeKind, RtoCheck, StepKind, StopKind, ValidExperiment,
+    ValidObjective, ValidProbe, ValidSteadyState, ValidStep, ValidStop,
+};
 
 /// A chaos experiment: probes watching a service, faults injected on agents, and the
 /// objectives the service must meet.
@@ -110,16 +118,6 @@ pub const PROBE_KINDS: &[&str] = &[
     "guardrail",
 ];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProbeKind {
-    Http,
-    Tcp,
-    Command,
-    Prometheus,
-    OpenAi,
-    Guardrail,
-}
-
 impl Probe {
     pub const DEFAULT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -131,61 +129,6 @@ impl Probe {
         self.timeout
             .map(|d| d.0)
             .unwrap_or_else(|| self.interval().min(std::time::Duration::from_secs(10)))
-    }
-
-    /// The kinds this probe sets (valid probes set exactly one).
-    pub fn kinds(&self) -> Vec<ProbeKind> {
-        let mut k = Vec::new();
-        if self.http.is_some() {
-            k.push(ProbeKind::Http);
-        }
-        if self.tcp.is_some() {
-            k.push(ProbeKind::Tcp);
-        }
-        if self.command.is_some() {
-            k.push(ProbeKind::Command);
-        }
-        if self.prometheus.is_some() {
-            k.push(ProbeKind::Prometheus);
-        }
-        if self.openai.is_some() {
-            k.push(ProbeKind::OpenAi);
-        }
-        if self.guardrail.is_some() {
-            k.push(ProbeKind::Guardrail);
-        }
-        k
-    }
-
-    pub fn kind_name(&self) -> &'static str {
-        match self.kinds().first() {
-            Some(ProbeKind::Http) => "http",
-            Some(ProbeKind::Tcp) => "tcp",
-            Some(ProbeKind::Command) => "command",
-            Some(ProbeKind::Prometheus) => "prometheus",
-            Some(ProbeKind::OpenAi) => "openai",
-            Some(ProbeKind::Guardrail) => "guardrail",
-            None => "none",
-        }
-    }
-
-    /// Where the probe points, for plans and reports.
-    pub fn target(&self) -> String {
-        if let Some(h) = &self.http {
-            format!("{} {}", h.method.as_deref().unwrap_or("GET"), h.url)
-        } else if let Some(t) = &self.tcp {
-            t.address.clone()
-        } else if let Some(c) = &self.command {
-            c.argv.join(" ")
-        } else if let Some(p) = &self.prometheus {
-            format!("{} {}", p.url, p.query)
-        } else if let Some(o) = &self.openai {
-            format!("{} model {}", o.base_url, o.model)
-        } else if let Some(g) = &self.guardrail {
-            format!("{} model {}", g.base_url, g.model)
-        } else {
-            String::new()
-        }
     }
 }
 
@@ -401,42 +344,6 @@ pub struct Objective {
     pub safety: Option<SafetyObjective>,
 }
 
-impl Objective {
-    pub fn kind_name(&self) -> &'static str {
-        if self.rto.is_some() {
-            "rto"
-        } else if self.availability.is_some() {
-            "availability"
-        } else if self.latency.is_some() {
-            "latency"
-        } else if self.safety.is_some() {
-            "safety"
-        } else {
-            "none"
-        }
-    }
-
-    pub fn probe(&self) -> &str {
-        if let Some(o) = &self.rto {
-            &o.probe
-        } else if let Some(o) = &self.availability {
-            &o.probe
-        } else if let Some(o) = &self.latency {
-            &o.probe
-        } else if let Some(o) = &self.safety {
-            &o.probe
-        } else {
-            ""
-        }
-    }
-
-    pub fn display_name(&self) -> String {
-        self.name
-            .clone()
-            .unwrap_or_else(|| format!("{} {}", self.kind_name(), self.probe()))
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Anchor {
@@ -519,40 +426,11 @@ pub struct StopCondition {
     pub interval: Option<HumanDuration>,
 }
 
-impl StopCondition {
-    pub fn display_name(&self) -> String {
-        if let Some(n) = &self.name {
-            return n.clone();
-        }
-        match (&self.probe, &self.prometheus) {
-            (Some(p), _) => format!(
-                "probe {p} failing for {}",
-                self.failing_for.map(|d| d.to_string()).unwrap_or_default()
-            ),
-            (None, Some(q)) => format!("{} {} {}", q.query, q.op, q.value),
-            _ => "stop condition".into(),
-        }
-    }
-}
-
 impl Experiment {
     pub fn lease(&self) -> std::time::Duration {
         self.lease
             .map(|d| d.0)
             .unwrap_or(std::time::Duration::from_secs(10))
-    }
-
-    /// The longest probe timeout (how long a sample can still be waiting).
-    pub fn max_probe_timeout(&self) -> std::time::Duration {
-        self.probes
-            .iter()
-            .map(Probe::timeout)
-            .max()
-            .unwrap_or_default()
-    }
-
-    pub fn probe(&self, name: &str) -> Option<&Probe> {
-        self.probes.iter().find(|p| p.name == name)
     }
 }
 

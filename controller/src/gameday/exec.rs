@@ -9,14 +9,14 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use gpuchaos_proto::pb::{self, agent_client::AgentClient};
+use gpuchaos_proto::pb;
 use jiff::Timestamp;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use super::clock::WallClock;
 use super::file::{GameDay, OnFailure};
@@ -25,6 +25,7 @@ use super::notify;
 use crate::exit;
 use crate::experiment::load;
 use crate::fleet::{AgentRef, Fleet};
+use crate::runner::agents::{self, Renewal};
 use crate::runner::{self, RunOptions};
 
 /// Lease of the game-day lock sessions; renewed every third of it.
@@ -300,7 +301,7 @@ pub async fn execute(
                 run.experiments.pop();
                 match runner::run(&l, &opts).await {
                     Ok((record, code)) => {
-                        out.verdict = record.verdict.clone();
+                        out.verdict = record.verdict.to_string();
                         out.exit_code = Some(code);
                         out.reason = record.reason.clone();
                         out.report_dir = Some(rel);
@@ -312,7 +313,7 @@ pub async fn execute(
                             .filter(|o| o.evaluated)
                             .map(|o| ObjectiveOutcome {
                                 name: o.name.clone(),
-                                kind: o.kind.clone(),
+                                kind: o.kind.to_string(),
                                 unit: o.unit.clone(),
                                 measured: o.median,
                                 limit: o.limit_text.clone(),
@@ -467,7 +468,7 @@ pub fn lock_locally(dir: &Path, name: &str) -> Result<nix::fcntl::Flock<File>, N
     }
 }
 
-type LockSession = (AgentRef, AgentClient<Channel>, String);
+type LockSession = agents::Session;
 
 /// Opens a lock session on each agent. Returns the sessions and, when an agent says
 /// another controller holds the lock, why. An unreachable agent is logged and left
@@ -518,50 +519,34 @@ fn spawn_renewals(
     interrupt: CancellationToken,
     reason: Arc<Mutex<String>>,
 ) -> tokio::task::JoinHandle<()> {
-    let sessions: Vec<LockSession> = sessions.to_vec();
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(LOCK_LEASE / 3) => {}
-            }
-            let results = crate::commands::join_all(sessions.iter().map(|(_, client, id)| {
-                let mut client = client.clone();
-                let id = id.clone();
-                async move {
-                    tokio::time::timeout(
-                        LOCK_LEASE / 3,
-                        client.renew_session(pb::RenewSessionRequest { session_id: id }),
-                    )
-                    .await
+    tokio::spawn(agents::keep_renewed(
+        sessions.to_vec(),
+        LOCK_LEASE / 3,
+        stop,
+        move |agent, r| match r {
+            Renewal::Lapsed(_) => {
+                let why = format!(
+                    "the game-day lock on agent {} lapsed (another controller could now run this game day)",
+                    agent.display()
+                );
+                tracing::error!("{why}");
+                let mut r = reason.lock().unwrap();
+                if r.is_empty() {
+                    *r = why;
                 }
-            }))
-            .await;
-            for ((agent, _, _), r) in sessions.iter().zip(results) {
-                match r {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(s)) if s.code() == tonic::Code::NotFound => {
-                        let why = format!(
-                            "the game-day lock on agent {} lapsed (another controller could now run this game day)",
-                            agent.display()
-                        );
-                        tracing::error!("{why}");
-                        let mut r = reason.lock().unwrap();
-                        if r.is_empty() {
-                            *r = why;
-                        }
-                        drop(r);
-                        interrupt.cancel();
-                        return;
-                    }
-                    _ => tracing::warn!(
-                        agent = %agent.display(),
-                        "could not renew the game-day lock; it lapses if this lasts"
-                    ),
-                }
+                drop(r);
+                interrupt.cancel();
+                ControlFlow::Break(())
             }
-        }
-    })
+            _ => {
+                tracing::warn!(
+                    agent = %agent.display(),
+                    "could not renew the game-day lock; it lapses if this lasts"
+                );
+                ControlFlow::Continue(())
+            }
+        },
+    ))
 }
 
 async fn close_lock_sessions(sessions: Vec<LockSession>) {

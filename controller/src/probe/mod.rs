@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use regex::Regex;
 
-use crate::experiment::{Probe, PromCheck};
+use crate::experiment::{ProbeKind, PromCheck};
 
 /// The result of one sample.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -369,85 +369,86 @@ fn completion_text(body: &[u8]) -> Result<(String, String), String> {
 }
 
 impl Prober {
-    pub fn new(p: &Probe, base_dir: &std::path::Path) -> Result<Prober, String> {
-        let kind = if let Some(h) = &p.http {
-            let u = url(&h.url)?;
-            let ca = h.ca.as_ref().map(|c| base_dir.join(c));
-            let tls = tls_for(&u, ca.as_deref())?;
-            let method = match &h.method {
-                Some(m) => hyper::Method::from_bytes(m.as_bytes())
-                    .map_err(|_| format!("{m:?} is not an HTTP method"))?,
-                None if h.body.is_some() => hyper::Method::POST,
-                None => hyper::Method::GET,
-            };
-            Kind::Http {
-                req: http::Request {
-                    method,
-                    url: u,
-                    headers: h
-                        .headers
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect(),
-                    body: h.body.clone().map(Bytes::from),
-                },
-                tls,
-                status: h.expect.status.clone(),
-                body_regex: regex(&h.expect.body_regex)?,
-                json: h
-                    .expect
-                    .json
-                    .as_ref()
-                    .map(|j| (j.pointer.clone(), j.equals.clone())),
-                max_latency: h.expect.max_latency.map(|d| d.0),
+    pub fn new(kind: &ProbeKind, base_dir: &std::path::Path) -> Result<Prober, String> {
+        let kind = match kind {
+            ProbeKind::Http(h) => {
+                let u = url(&h.url)?;
+                let ca = h.ca.as_ref().map(|c| base_dir.join(c));
+                let tls = tls_for(&u, ca.as_deref())?;
+                let method = match &h.method {
+                    Some(m) => hyper::Method::from_bytes(m.as_bytes())
+                        .map_err(|_| format!("{m:?} is not an HTTP method"))?,
+                    None if h.body.is_some() => hyper::Method::POST,
+                    None => hyper::Method::GET,
+                };
+                Kind::Http {
+                    req: http::Request {
+                        method,
+                        url: u,
+                        headers: h
+                            .headers
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect(),
+                        body: h.body.clone().map(Bytes::from),
+                    },
+                    tls,
+                    status: h.expect.status.clone(),
+                    body_regex: regex(&h.expect.body_regex)?,
+                    json: h
+                        .expect
+                        .json
+                        .as_ref()
+                        .map(|j| (j.pointer.clone(), j.equals.clone())),
+                    max_latency: h.expect.max_latency.map(|d| d.0),
+                }
             }
-        } else if let Some(t) = &p.tcp {
-            let (host, port) = split_host_port(&t.address)
-                .ok_or_else(|| format!("{:?} is not HOST:PORT", t.address))?;
-            Kind::Tcp { host, port }
-        } else if let Some(c) = &p.command {
-            Kind::Command {
+            ProbeKind::Tcp(t) => {
+                let (host, port) = split_host_port(&t.address)
+                    .ok_or_else(|| format!("{:?} is not HOST:PORT", t.address))?;
+                Kind::Tcp { host, port }
+            }
+            ProbeKind::Command(c) => Kind::Command {
                 argv: c.argv.clone(),
                 env: c.env.clone(),
                 exit_code: c.exit_code.unwrap_or(0),
                 stdout_regex: regex(&c.stdout_regex)?,
+            },
+            ProbeKind::Prometheus(q) => Kind::Prometheus(PromQuery::new(q)?),
+            ProbeKind::OpenAi(o) => {
+                let req = chat_request(
+                    &o.base_url,
+                    &o.model,
+                    o.prompt
+                        .as_deref()
+                        .unwrap_or("Reply with the single word: pong"),
+                    o.max_tokens.unwrap_or(16),
+                    &o.api_key_env,
+                    &o.headers,
+                )?;
+                let tls = tls_for(&req.url, None)?;
+                Kind::OpenAi {
+                    req,
+                    tls,
+                    expect: regex(&o.expect_regex)?,
+                }
             }
-        } else if let Some(q) = &p.prometheus {
-            Kind::Prometheus(PromQuery::new(q)?)
-        } else if let Some(o) = &p.openai {
-            let req = chat_request(
-                &o.base_url,
-                &o.model,
-                o.prompt
-                    .as_deref()
-                    .unwrap_or("Reply with the single word: pong"),
-                o.max_tokens.unwrap_or(16),
-                &o.api_key_env,
-                &o.headers,
-            )?;
-            let tls = tls_for(&req.url, None)?;
-            Kind::OpenAi {
-                req,
-                tls,
-                expect: regex(&o.expect_regex)?,
+            ProbeKind::Guardrail(g) => {
+                let req = chat_request(
+                    &g.base_url,
+                    &g.model,
+                    g.prompt.as_deref().unwrap_or(DEFAULT_UNSAFE_PROMPT),
+                    g.max_tokens.unwrap_or(64),
+                    &g.api_key_env,
+                    &g.headers,
+                )?;
+                let tls = tls_for(&req.url, None)?;
+                let refusal = gpuchaos_proto::spec::compile_regex(
+                    g.refusal_regex.as_deref().unwrap_or(DEFAULT_REFUSAL),
+                )
+                .map_err(|e| format!("refusal_regex: {e}"))?;
+                Kind::Guardrail { req, tls, refusal }
             }
-        } else if let Some(g) = &p.guardrail {
-            let req = chat_request(
-                &g.base_url,
-                &g.model,
-                g.prompt.as_deref().unwrap_or(DEFAULT_UNSAFE_PROMPT),
-                g.max_tokens.unwrap_or(64),
-                &g.api_key_env,
-                &g.headers,
-            )?;
-            let tls = tls_for(&req.url, None)?;
-            let refusal = gpuchaos_proto::spec::compile_regex(
-                g.refusal_regex.as_deref().unwrap_or(DEFAULT_REFUSAL),
-            )
-            .map_err(|e| format!("refusal_regex: {e}"))?;
-            Kind::Guardrail { req, tls, refusal }
-        } else {
-            return Err(format!("probe {:?} has no kind", p.name));
         };
         Ok(Prober { kind })
     }

@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 
 use super::*;
 use crate::experiment::Probe;
+use crate::experiment::load::probe_kind;
 
 /// The canned answer for a request line and body.
 fn answer(path: &str, body: &str) -> (u16, String) {
@@ -127,7 +128,7 @@ async fn server(tls: Option<tokio_rustls::TlsAcceptor>) -> u16 {
 
 fn probe(yaml: &str) -> Prober {
     let p: Probe = serde_saphyr::from_str(yaml).unwrap();
-    Prober::new(&p, std::path::Path::new(".")).unwrap()
+    Prober::new(&probe_kind(&p).unwrap(), std::path::Path::new(".")).unwrap()
 }
 
 async fn sample(p: &Prober) -> Outcome {
@@ -354,7 +355,9 @@ async fn api_keys_come_from_the_environment() {
         "{name: g, openai: {base_url: 'http://127.0.0.1:1/v1', model: m, api_key_env: GPUCHAOS_TEST_UNSET_KEY}}",
     )
     .unwrap();
-    let e = Prober::new(&p, std::path::Path::new(".")).err().unwrap();
+    let e = Prober::new(&probe_kind(&p).unwrap(), std::path::Path::new("."))
+        .err()
+        .unwrap();
     assert!(e.contains("GPUCHAOS_TEST_UNSET_KEY is not set"), "{e}");
 }
 

@@ -35,7 +35,7 @@ pub(super) fn record() -> RunRecord {
     }
     let rto = |passed, value: f64, anchor: u64, detect: u64, recovered: u64| ObjectiveResult {
         name: "recovers in time".into(),
-        kind: "rto".into(),
+        kind: ResultKind::Rto,
         probe: "chat".into(),
         passed,
         value: Some(value),
@@ -48,7 +48,7 @@ pub(super) fn record() -> RunRecord {
     };
     let availability = |value: f64| ObjectiveResult {
         name: "chat availability".into(),
-        kind: "availability".into(),
+        kind: ResultKind::Availability,
         probe: "chat".into(),
         passed: true,
         value: Some(value),
@@ -66,7 +66,7 @@ pub(super) fn record() -> RunRecord {
         started_unix_ms: 1_760_000_000_000,
         duration_ns: 100 * S,
         run_seed: 42,
-        verdict: "failed".into(),
+        verdict: Verdict::Failed,
         exit_code: 1,
         reason: Some("objective \"recovers in time\" failed in 1 of 2 trials".into()),
         agents: vec![
@@ -154,7 +154,7 @@ pub(super) fn record() -> RunRecord {
         objectives: vec![
             ObjectiveSummary {
                 name: "recovers in time".into(),
-                kind: "rto".into(),
+                kind: ResultKind::Rto,
                 probe: "chat".into(),
                 passed: false,
                 evaluated: true,
@@ -171,7 +171,7 @@ pub(super) fn record() -> RunRecord {
             },
             ObjectiveSummary {
                 name: "chat availability".into(),
-                kind: "availability".into(),
+                kind: ResultKind::Availability,
                 probe: "chat".into(),
                 passed: true,
                 evaluated: true,

@@ -8,7 +8,7 @@ use super::{
     OBJECTIVE_COLUMNS, agent_name, escape, format_at, format_duration, format_offset,
     objective_cells, started_at,
 };
-use crate::runner::record::{RunRecord, Sample};
+use crate::runner::record::{ResultKind, RunRecord, Sample, Verdict};
 
 const WIDTH: f64 = 1100.0;
 const LEFT: f64 = 150.0;
@@ -38,9 +38,9 @@ th{background:#f3f4f6}tr.pass td:last-child{color:#15803d;font-weight:600}tr.fai
 
 /// The report page.
 pub fn html(record: &RunRecord) -> String {
-    let (class, icon) = match record.verdict.as_str() {
-        "passed" => ("v-ok", "✅"),
-        "failed" => ("v-fail", "❌"),
+    let (class, icon) = match record.verdict {
+        Verdict::Passed => ("v-ok", "✅"),
+        Verdict::Failed => ("v-fail", "❌"),
         _ => ("v-warn", "⚠️"),
     };
     let title = escape(&format!(
@@ -53,7 +53,7 @@ pub fn html(record: &RunRecord) -> String {
          <title>{title}</title>\n<style>{CSS}</style>\n</head>\n<body>\n\
          <header class=\"{class}\">\n<h1>{icon} {}: {}</h1>\n",
         escape(&record.experiment),
-        escape(&record.verdict)
+        escape(record.verdict.as_str())
     );
     if !record.description.is_empty() {
         let _ = writeln!(h, "<p>{}</p>", escape(&record.description));
@@ -401,7 +401,7 @@ fn timeline(h: &mut String, record: &RunRecord) {
 
     // Recovery markers of rto objectives, on their probe's row.
     for t in &record.trials {
-        for r in t.objectives.iter().filter(|r| r.kind == "rto") {
+        for r in t.objectives.iter().filter(|r| r.kind == ResultKind::Rto) {
             let Some(row) = record.probes.iter().position(|p| p.name == r.probe) else {
                 continue;
             };

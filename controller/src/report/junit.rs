@@ -60,7 +60,7 @@ pub fn junit(record: &RunRecord) -> String {
                 xml,
                 ">\n      <failure message=\"{}\" type=\"{}\">{}</failure>\n    </testcase>",
                 escape_attr(&failure_message(record, o)),
-                escape_attr(&o.kind),
+                escape_attr(o.kind.as_str()),
                 escape(&failure_details(record, o))
             );
         }
@@ -81,7 +81,7 @@ pub fn junit(record: &RunRecord) -> String {
             xml,
             "    <testcase classname=\"gpuchaos.{name}\" name=\"run\" time=\"{time}\">\n      <error message=\"{}\" type=\"{}\">{}</error>\n    </testcase>",
             escape_attr(&message),
-            escape_attr(&record.verdict),
+            escape_attr(record.verdict.as_str()),
             escape(&text)
         );
     }
@@ -227,6 +227,7 @@ fn system_out(record: &RunRecord) -> String {
 mod tests {
     use super::super::fixture;
     use super::*;
+    use crate::runner::record::Verdict;
 
     fn attr<'a>(node: roxmltree::Node<'a, 'a>, name: &str) -> &'a str {
         node.attribute(name).unwrap()
@@ -274,7 +275,7 @@ mod tests {
     #[test]
     fn run_error_carries_reason_and_leftovers() {
         let mut record = fixture::record();
-        record.verdict = "revert-failed".into();
+        record.verdict = Verdict::RevertFailed;
         record.exit_code = 4;
         record.reason = Some("revert of f-2 on node-b failed".into());
         record.leftovers = vec!["node-b f-2: vllm worker still stopped".into()];

@@ -6,15 +6,15 @@ use std::fmt::Write;
 use super::{
     OBJECTIVE_COLUMNS, agent_name, format_at, format_duration, objective_cells, started_at,
 };
-use crate::runner::record::RunRecord;
+use crate::runner::record::{RunRecord, Verdict};
 
 /// Markdown (GitHub flavoured) summary of a run.
 pub fn markdown(record: &RunRecord) -> String {
     let mut md = format!(
         "## {} gpuchaos: {} {}\n\n",
-        verdict_icon(&record.verdict),
+        verdict_icon(record.verdict),
         text(&record.experiment),
-        text(&record.verdict)
+        text(record.verdict.as_str())
     );
     if !record.description.is_empty() {
         let _ = writeln!(md, "{}\n", text(&record.description));
@@ -103,12 +103,12 @@ pub fn markdown(record: &RunRecord) -> String {
     md
 }
 
-fn verdict_icon(verdict: &str) -> &'static str {
+fn verdict_icon(verdict: Verdict) -> &'static str {
     match verdict {
-        "passed" => "✅",
-        "failed" => "❌",
-        "revert-failed" => "🚨",
-        _ => "⚠️",
+        Verdict::Passed => "✅",
+        Verdict::Failed => "❌",
+        Verdict::RevertFailed => "🚨",
+        Verdict::Aborted | Verdict::InjectFailed | Verdict::Error => "⚠️",
     }
 }
 
@@ -175,7 +175,7 @@ mod tests {
     #[test]
     fn warns_about_leftovers() {
         let mut record = fixture::record();
-        record.verdict = "revert-failed".into();
+        record.verdict = Verdict::RevertFailed;
         record.leftovers = vec!["node-b f-2: <vllm> still stopped".into()];
         let md = markdown(&record);
         assert!(md.starts_with("## 🚨 "), "{md}");

@@ -24,7 +24,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
-use crate::runner::record::{ObjectiveResult, ObjectiveSummary, RunRecord};
+use crate::runner::record::{ObjectiveResult, ObjectiveSummary, RunRecord, Verdict};
 
 /// Writes `journal.json`, `junit.xml`, `summary.md` and `report.html` into `dir`
 /// (created if missing), each atomically, and returns their paths in that order.
@@ -147,7 +147,7 @@ pub(crate) fn agent_name(record: &RunRecord, index: usize) -> String {
 
 /// Whether the run failed for a reason other than its objectives.
 pub(crate) fn run_error(record: &RunRecord) -> bool {
-    !matches!(record.verdict.as_str(), "passed" | "failed") || !record.leftovers.is_empty()
+    !matches!(record.verdict, Verdict::Passed | Verdict::Failed) || !record.leftovers.is_empty()
 }
 
 /// Escapes text for XML and HTML element content, dropping the characters XML 1.0
@@ -193,7 +193,7 @@ pub(crate) const OBJECTIVE_COLUMNS: [&str; 6] = [
 pub(crate) fn objective_cells(o: &ObjectiveSummary) -> Vec<String> {
     vec![
         o.name.clone(),
-        o.kind.clone(),
+        o.kind.to_string(),
         o.probe.clone(),
         measured(o),
         o.limit_text.clone(),

@@ -23,7 +23,7 @@ pub fn text_table(record: &RunRecord) -> String {
     rows.extend(record.objectives.iter().map(|o| {
         [
             o.name.clone(),
-            o.kind.clone(),
+            o.kind.to_string(),
             o.probe.clone(),
             format_opt(o.median, &o.unit),
             o.limit_text.clone(),

@@ -1,6 +1,8 @@
-//! The run's agents: connection, clock offset, the session lease and its renewal,
-//! injection, waiting for a fault's end, and revert.
+//! The run's agents: connection, clock offset, the session lease and its renewal
+//! (shared with the game days' locks and `inject --attach`), injection, waiting for
+//! a fault's end, and revert.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +42,15 @@ impl Conn {
 
     pub fn map(&self, clock: &Clock, agent_mono_ns: u64) -> Option<u64> {
         (agent_mono_ns > 0).then(|| clock.map_agent(agent_mono_ns, self.offset_ns))
+    }
+
+    /// The run's session on this agent, to renew.
+    pub fn lease(&self) -> Session {
+        (
+            self.agent.clone(),
+            self.client.clone(),
+            self.session.clone(),
+        )
     }
 
     pub fn capability(&self, kind: &str) -> Option<&pb::Capability> {
@@ -94,66 +105,120 @@ pub async fn open_session(c: &mut Conn, lease: Duration, holder: &str) -> Result
     Ok(())
 }
 
-/// Renews every session a third of the lease apart until `stop`. A session the agent
-/// no longer knows (the lease lapsed: its faults were reverted) cancels `lost`.
+/// A session to keep alive: the agent, a client to it, and the session's id.
+pub type Session = (AgentRef, AgentClient<Channel>, String);
+
+/// What one renewal of a session found.
+#[derive(Debug)]
+pub enum Renewal {
+    Renewed,
+    /// The agent no longer knows the session: its lease lapsed, and the agent
+    /// reverted its faults (and gave up its lock).
+    Lapsed(tonic::Status),
+    Failed(tonic::Status),
+    /// No answer within the time given.
+    TimedOut,
+}
+
+/// Renews every session once, all at once (one slow agent delays no other), each
+/// bounded by `within`. The outcomes are in the order of `sessions`. `run`, the
+/// game days' locks and `inject --attach` all renew through this.
+pub async fn renew_all(sessions: &[Session], within: Duration) -> Vec<Renewal> {
+    let renewals = sessions.iter().map(|(_, client, id)| {
+        let mut client = client.clone();
+        let session_id = id.clone();
+        async move {
+            match tokio::time::timeout(
+                within,
+                client.renew_session(pb::RenewSessionRequest { session_id }),
+            )
+            .await
+            {
+                Ok(Ok(_)) => Renewal::Renewed,
+                Ok(Err(s)) if s.code() == tonic::Code::NotFound => Renewal::Lapsed(s),
+                Ok(Err(s)) => Renewal::Failed(s),
+                Err(_) => Renewal::TimedOut,
+            }
+        }
+    });
+    futures_util::future::join_all(renewals).await
+}
+
+/// Renews the sessions every `every` (each renewal bounded by `every`) until `stop`
+/// or until `report`, told each outcome but a success, breaks. A session that
+/// lapsed is not renewed again.
+pub async fn keep_renewed(
+    mut sessions: Vec<Session>,
+    every: Duration,
+    stop: CancellationToken,
+    mut report: impl FnMut(&AgentRef, Renewal) -> ControlFlow<()>,
+) {
+    while !sessions.is_empty() {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let outcomes = renew_all(&sessions, every).await;
+        let mut lapsed = Vec::new();
+        for (k, ((agent, _, _), r)) in sessions.iter().zip(outcomes).enumerate() {
+            if matches!(r, Renewal::Renewed) {
+                continue;
+            }
+            if matches!(r, Renewal::Lapsed(_)) {
+                lapsed.push(k);
+            }
+            if report(agent, r).is_break() {
+                return;
+            }
+        }
+        for k in lapsed.into_iter().rev() {
+            sessions.remove(k);
+        }
+    }
+}
+
+/// Renews every session of a run a third of the lease apart until `stop`. A
+/// session the agent no longer knows (the lease lapsed: its faults were reverted)
+/// cancels `lost`.
 pub fn renew_loop(
     shared: Arc<Shared>,
-    conns: Vec<(AgentRef, AgentClient<Channel>, String)>,
+    sessions: Vec<Session>,
     lease: Duration,
     stop: CancellationToken,
     lost: CancellationToken,
     tracker: &tokio_util::task::TaskTracker,
 ) {
-    for (agent, mut client, session) in conns {
-        let shared = shared.clone();
-        let stop = stop.clone();
-        let lost = lost.clone();
-        tracker.spawn(async move {
-            let every = lease / 3;
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(every) => {}
-                }
-                let r = tokio::time::timeout(
-                    every,
-                    client.renew_session(pb::RenewSessionRequest {
-                        session_id: session.clone(),
-                    }),
-                )
-                .await;
-                match r {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(s)) if s.code() == tonic::Code::NotFound => {
-                        shared.event(
-                            "abort",
-                            0,
-                            format!(
-                                "the lease on agent {} lapsed (the agent reverted this run's faults): {}",
-                                agent.display(),
-                                s.message()
-                            ),
-                        );
-                        lost.cancel();
-                        return;
-                    }
-                    Ok(Err(s)) => shared.event(
-                        "warning",
-                        0,
-                        format!("lease renewal failed: {}", describe_status(&agent, &s)),
+    tracker.spawn(keep_renewed(sessions, lease / 3, stop, move |agent, r| {
+        match r {
+            Renewal::Renewed => {}
+            Renewal::Lapsed(s) => {
+                shared.event(
+                    "abort",
+                    0,
+                    format!(
+                        "the lease on agent {} lapsed (the agent reverted this run's faults): {}",
+                        agent.display(),
+                        s.message()
                     ),
-                    Err(_) => shared.event(
-                        "warning",
-                        0,
-                        format!(
-                            "lease renewal on agent {} timed out; retrying",
-                            agent.display()
-                        ),
-                    ),
-                }
+                );
+                lost.cancel();
             }
-        });
-    }
+            Renewal::Failed(s) => shared.event(
+                "warning",
+                0,
+                format!("lease renewal failed: {}", describe_status(agent, &s)),
+            ),
+            Renewal::TimedOut => shared.event(
+                "warning",
+                0,
+                format!(
+                    "lease renewal on agent {} timed out; retrying",
+                    agent.display()
+                ),
+            ),
+        }
+        ControlFlow::Continue(())
+    }));
 }
 
 pub async fn inject(c: &Conn, spec: &FaultSpec) -> Result<pb::Fault, tonic::Status> {

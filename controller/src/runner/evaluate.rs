@@ -10,7 +10,7 @@
 //! the first passing sample (the moment an answer was seen: a request sent just
 //! before a paused server resumed is answered only after it resumed).
 
-use super::record::{ObjectiveResult, ObjectiveSummary, Sample};
+use super::record::{ObjectiveResult, ObjectiveSummary, ResultKind, Sample};
 
 const NS: f64 = 1e9;
 
@@ -94,7 +94,7 @@ pub fn rto(i: RtoInput) -> ObjectiveResult {
     let limit = i.limit_ns as f64 / NS;
     let mut res = ObjectiveResult {
         name: i.name,
-        kind: "rto".into(),
+        kind: ResultKind::Rto,
         probe: i.probe_name.to_string(),
         limit,
         error_bar: Some(i.error_ns as f64 / NS),
@@ -142,7 +142,7 @@ pub fn availability(name: String, probe: &str, samples: &[&Sample], min: f64) ->
     let ok = samples.iter().filter(|s| s.ok).count();
     let mut res = ObjectiveResult {
         name,
-        kind: "availability".into(),
+        kind: ResultKind::Availability,
         probe: probe.to_string(),
         limit: min,
         ..Default::default()
@@ -175,7 +175,7 @@ pub fn latency(
     let n = lat.len();
     let mut res = ObjectiveResult {
         name,
-        kind: "latency".into(),
+        kind: ResultKind::Latency,
         probe: probe.to_string(),
         limit: limit_ns as f64 / NS,
         ..Default::default()
@@ -197,7 +197,7 @@ pub fn safety(name: String, probe: &str, samples: &[&Sample], max_unsafe: u64) -
     let unsafe_n = samples.iter().filter(|s| s.unsafe_output).count() as u64;
     ObjectiveResult {
         name,
-        kind: "safety".into(),
+        kind: ResultKind::Safety,
         probe: probe.to_string(),
         passed: unsafe_n <= max_unsafe,
         value: Some(unsafe_n as f64),
@@ -232,7 +232,7 @@ pub fn summarize(results: &[&ObjectiveResult], unit: &str, limit_text: String) -
     let first = results.first();
     ObjectiveSummary {
         name: first.map(|r| r.name.clone()).unwrap_or_default(),
-        kind: first.map(|r| r.kind.clone()).unwrap_or_default(),
+        kind: first.map(|r| r.kind).unwrap_or_default(),
         probe: first.map(|r| r.probe.clone()).unwrap_or_default(),
         passed: !results.is_empty() && passed == results.len(),
         evaluated: !results.is_empty(),
@@ -364,7 +364,7 @@ mod tests {
     fn summaries_take_min_median_max() {
         let mk = |v: f64, ok: bool| ObjectiveResult {
             name: "x".into(),
-            kind: "rto".into(),
+            kind: ResultKind::Rto,
             value: Some(v),
             passed: ok,
             detail: format!("v={v}"),

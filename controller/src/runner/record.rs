@@ -21,8 +21,7 @@ pub struct RunRecord {
     pub duration_ns: u64,
     /// Seed for the agent picks of every step without its own seed.
     pub run_seed: u64,
-    /// passed | failed | aborted | inject-failed | revert-failed | error
-    pub verdict: String,
+    pub verdict: Verdict,
     pub exit_code: u8,
     /// Why the run ended early, or what failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -37,6 +36,90 @@ pub struct RunRecord {
     /// Faults that could not be reverted, said exactly (agent, id, what is left).
     #[serde(default)]
     pub leftovers: Vec<String>,
+}
+
+/// How a run ended, written as the journal has always spelled it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    /// Every objective held.
+    #[default]
+    Passed,
+    /// An objective failed (or the steady state did not return).
+    Failed,
+    /// A stop condition, an interrupt, a lapsed lease or a steady state that was never
+    /// established stopped the run.
+    Aborted,
+    /// A fault could not be injected or verified (or nothing could be: agents,
+    /// capabilities, sessions).
+    InjectFailed,
+    /// Something may be left behind.
+    RevertFailed,
+    /// The run could not go on for a reason of its own (e.g. a stop condition that
+    /// cannot be set up).
+    Error,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Passed => "passed",
+            Verdict::Failed => "failed",
+            Verdict::Aborted => "aborted",
+            Verdict::InjectFailed => "inject-failed",
+            Verdict::RevertFailed => "revert-failed",
+            Verdict::Error => "error",
+        }
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What an objective result measures, as the journal spells it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResultKind {
+    #[default]
+    Rto,
+    Availability,
+    Latency,
+    Safety,
+    /// The steady state came back after a trial.
+    SteadyState,
+}
+
+impl ResultKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResultKind::Rto => "rto",
+            ResultKind::Availability => "availability",
+            ResultKind::Latency => "latency",
+            ResultKind::Safety => "safety",
+            ResultKind::SteadyState => "steady-state",
+        }
+    }
+}
+
+impl std::fmt::Display for ResultKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<&crate::experiment::ObjectiveKind> for ResultKind {
+    fn from(k: &crate::experiment::ObjectiveKind) -> Self {
+        use crate::experiment::ObjectiveKind as K;
+        match k {
+            K::Rto(_) => ResultKind::Rto,
+            K::Availability { .. } => ResultKind::Availability,
+            K::Latency { .. } => ResultKind::Latency,
+            K::Safety { .. } => ResultKind::Safety,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -141,8 +224,7 @@ pub struct FaultRecord {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ObjectiveResult {
     pub name: String,
-    /// rto | availability | latency | safety | steady-state
-    pub kind: String,
+    pub kind: ResultKind,
     pub probe: String,
     pub passed: bool,
     /// Seconds (rto, latency), a ratio (availability) or a count (safety); None when
@@ -184,7 +266,7 @@ impl ObjectiveSummary {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ObjectiveSummary {
     pub name: String,
-    pub kind: String,
+    pub kind: ResultKind,
     pub probe: String,
     pub passed: bool,
     /// False when no trial got as far as evaluating it (the run was aborted first):
@@ -208,4 +290,65 @@ pub struct ObjectiveSummary {
     pub error_bar: Option<f64>,
     /// The failing trials' details, or the measurement's.
     pub detail: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts_and_kinds_are_spelled_as_journals_always_spelled_them() {
+        let verdicts = [
+            (Verdict::Passed, "passed"),
+            (Verdict::Failed, "failed"),
+            (Verdict::Aborted, "aborted"),
+            (Verdict::InjectFailed, "inject-failed"),
+            (Verdict::RevertFailed, "revert-failed"),
+            (Verdict::Error, "error"),
+        ];
+        for (v, text) in verdicts {
+            assert_eq!(serde_json::to_value(v).unwrap(), text);
+            assert_eq!(v.to_string(), text);
+            assert_eq!(serde_json::from_value::<Verdict>(text.into()).unwrap(), v);
+        }
+        let kinds = [
+            (ResultKind::Rto, "rto"),
+            (ResultKind::Availability, "availability"),
+            (ResultKind::Latency, "latency"),
+            (ResultKind::Safety, "safety"),
+            (ResultKind::SteadyState, "steady-state"),
+        ];
+        for (k, text) in kinds {
+            assert_eq!(serde_json::to_value(k).unwrap(), text);
+            assert_eq!(k.to_string(), text);
+            assert_eq!(
+                serde_json::from_value::<ResultKind>(text.into()).unwrap(),
+                k
+            );
+        }
+    }
+
+    #[test]
+    fn a_journal_written_before_the_enums_still_reads() {
+        let old = serde_json::json!({
+            "format": 1, "experiment": "x", "file": "x.yaml", "gpuchaos_version": "0.1.0",
+            "started_unix_ms": 1, "duration_ns": 2, "run_seed": 3,
+            "verdict": "aborted", "exit_code": 2, "reason": "stop condition: p",
+            "agents": [], "probes": [], "events": [], "samples": [],
+            "trials": [{"index": 1, "start_ns": 0, "end_ns": 5, "faults": [], "objectives": [
+                {"name": "steady state after the trial", "kind": "steady-state", "probe": "p",
+                 "passed": false, "limit": 60.0, "detail": "d"}
+            ]}],
+            "objectives": [{"name": "rto p", "kind": "rto", "probe": "p", "passed": false,
+                "unit": "s", "limit_text": "≤ 5s", "limit": 5.0, "trials": 0,
+                "trials_passed": 0, "detail": "d"}]
+        });
+        let r: RunRecord = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!(r.verdict, Verdict::Aborted);
+        assert_eq!(r.trials[0].objectives[0].kind, ResultKind::SteadyState);
+        assert_eq!(r.objectives[0].kind, ResultKind::Rto);
+        let again = serde_json::to_value(&r).unwrap();
+        assert_eq!(again["verdict"], old["verdict"]);
+        assert_eq!(again["trials"][0]["objectives"][0]["kind"], "steady-state");
+    }
 }

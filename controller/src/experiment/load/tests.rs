@@ -48,10 +48,7 @@ fn a_good_experiment_loads() {
     assert_eq!(e.probes.len(), 2);
     assert_eq!(e.trials, 2);
     assert_eq!(l.agents.len(), 2);
-    assert_eq!(
-        e.probes[0].interval(),
-        std::time::Duration::from_millis(100)
-    );
+    assert_eq!(e.probes[0].interval, std::time::Duration::from_millis(100));
 }
 
 #[test]
@@ -213,4 +210,39 @@ fn the_parsers_limits_are_said_in_our_words() {
         "{e:?}"
     );
     assert!(!e[0].message.contains("budget breached"), "{e:?}");
+}
+
+#[test]
+fn references_are_resolved_once_into_indexes_and_kinds() {
+    let l = load(GOOD).unwrap();
+    let e = &l.experiment;
+    assert!(matches!(e.probes[0].kind, ProbeKind::Http(_)));
+    assert!(matches!(e.probes[1].kind, ProbeKind::Tcp(_)));
+    assert_eq!(e.steady_state.as_ref().unwrap().probes, vec![0]);
+    assert_eq!(e.objectives[0].name, "rto health");
+    assert_eq!(e.objectives[0].probe, 0);
+    match &e.objectives[0].kind {
+        ObjectiveKind::Rto(r) => {
+            assert_eq!(r.fault.as_deref(), Some("pause"));
+            assert_eq!(r.consecutive, 3);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(e.stop_conditions[0].name, "probe health failing for 30s");
+    assert!(matches!(
+        e.stop_conditions[0].kind,
+        StopKind::ProbeFailing { probe: 0, .. }
+    ));
+    assert!(matches!(e.method[0].kind, StepKind::Fault(_)));
+    assert_eq!(
+        e.method[1].kind,
+        StepKind::Wait(std::time::Duration::from_secs(1))
+    );
+    // A reference to a later probe gets that probe's index.
+    let later = load(&GOOD.replace(
+        "- availability: {probe: health",
+        "- availability: {probe: port",
+    ))
+    .unwrap();
+    assert_eq!(later.experiment.objectives[1].probe, 1);
 }

@@ -1,6 +1,7 @@
 //! What a trial will do: each fault step resolved to the agents it goes to.
 //!
-//! `--dry-run` prints this and the runner executes it, so the two cannot disagree.
+//! `--dry-run` prints this ([`dry_run`]) and the runner executes it, so the two
+//! cannot disagree.
 //! Agent picks (`count`, `percent`) are drawn from a seeded generator: the seed is
 //! printed and recorded, and the same seed gives the same agents.
 
@@ -11,8 +12,11 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
-use super::{AgentSelector, Step};
+use super::{AgentSelector, FaultStep, StepKind, ValidStep};
 use crate::fleet::AgentRef;
+
+mod dry_run;
+pub use dry_run::{dry_run, limit_text, short_limit};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum PlanStep {
@@ -87,7 +91,7 @@ fn step_seed(run_seed: u64, label: &str) -> u64 {
 /// Resolves one trial's method. `trial` is 0-based; each trial draws its own pick
 /// from the step's seed, reproducibly.
 pub fn plan_method(
-    method: &[Step],
+    method: &[ValidStep],
     agents: &[AgentRef],
     run_seed: u64,
     trial: u32,
@@ -96,7 +100,7 @@ pub fn plan_method(
 }
 
 fn plan_steps(
-    steps: &[Step],
+    steps: &[ValidStep],
     agents: &[AgentRef],
     run_seed: u64,
     trial: u32,
@@ -105,48 +109,67 @@ fn plan_steps(
     let mut out = Vec::new();
     for (i, s) in steps.iter().enumerate() {
         let pos = format!("{prefix}{}", i + 1);
-        if let Some(w) = s.wait {
-            out.push(PlanStep::Wait(w.0));
-        } else if let Some(group) = &s.parallel {
-            out.push(PlanStep::Parallel(plan_steps(
+        out.push(match &s.kind {
+            StepKind::Wait(w) => PlanStep::Wait(*w),
+            StepKind::Parallel(group) => PlanStep::Parallel(plan_steps(
                 group,
                 agents,
                 run_seed,
                 trial,
                 &format!("{pos}."),
-            )?));
-        } else if let Some(spec) = &s.fault {
-            let label = s.name.clone().unwrap_or_else(|| format!("step {pos}"));
-            let sel = s.on.clone().unwrap_or_default();
-            let mut matched = matching(&sel, agents).map_err(|e| format!("{label}: {e}"))?;
-            let seed = sel.seed.unwrap_or_else(|| step_seed(run_seed, &label));
-            let pick = sel.pick.unwrap_or(Pick::All);
-            if let Pick::Count(n) = pick
-                && n as usize > matched.len()
-            {
-                return Err(format!(
-                    "{label}: asks for {n} agents but only {} match",
-                    matched.len()
-                ));
+            )?),
+            StepKind::Fault(f) => {
+                let label = s.name.clone().unwrap_or_else(|| format!("step {pos}"));
+                PlanStep::Fault(Box::new(plan_fault(
+                    f,
+                    label,
+                    s.name.is_some(),
+                    agents,
+                    run_seed,
+                    trial,
+                )?))
             }
-            let n = pick.amount(matched.len());
-            if n < matched.len() {
-                let mut rng = StdRng::seed_from_u64(seed.wrapping_add(u64::from(trial)));
-                matched.shuffle(&mut rng);
-                matched.truncate(n);
-                matched.sort_unstable();
-            }
-            out.push(PlanStep::Fault(Box::new(PlannedFault {
-                label,
-                named: s.name.is_some(),
-                spec: spec.clone(),
-                agents: matched,
-                background: s.background,
-                seed,
-            })));
-        }
+        });
     }
     Ok(out)
+}
+
+/// Draws the agents of one fault step for one trial.
+fn plan_fault(
+    f: &FaultStep,
+    label: String,
+    named: bool,
+    agents: &[AgentRef],
+    run_seed: u64,
+    trial: u32,
+) -> Result<PlannedFault, String> {
+    let sel = &f.on;
+    let mut matched = matching(sel, agents).map_err(|e| format!("{label}: {e}"))?;
+    let seed = sel.seed.unwrap_or_else(|| step_seed(run_seed, &label));
+    let pick = sel.pick.unwrap_or(Pick::All);
+    if let Pick::Count(n) = pick
+        && n as usize > matched.len()
+    {
+        return Err(format!(
+            "{label}: asks for {n} agents but only {} match",
+            matched.len()
+        ));
+    }
+    let n = pick.amount(matched.len());
+    if n < matched.len() {
+        let mut rng = StdRng::seed_from_u64(seed.wrapping_add(u64::from(trial)));
+        matched.shuffle(&mut rng);
+        matched.truncate(n);
+        matched.sort_unstable();
+    }
+    Ok(PlannedFault {
+        label,
+        named,
+        spec: f.spec.clone(),
+        agents: matched,
+        background: f.background,
+        seed,
+    })
 }
 
 /// Every fault of a plan, in order (parallel groups flattened).
@@ -258,6 +281,26 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
+    /// Steps as the loader hands them on, from the file form.
+    fn steps(v: serde_json::Value) -> Vec<ValidStep> {
+        let file: Vec<crate::experiment::Step> = serde_json::from_value(v).unwrap();
+        file.into_iter().map(valid_step).collect()
+    }
+
+    fn valid_step(s: crate::experiment::Step) -> ValidStep {
+        let kind = match (s.fault, s.wait, s.parallel) {
+            (Some(spec), None, None) => StepKind::Fault(Box::new(FaultStep {
+                spec,
+                on: s.on.unwrap_or_default(),
+                background: s.background,
+            })),
+            (None, Some(w), None) => StepKind::Wait(w.0),
+            (None, None, Some(g)) => StepKind::Parallel(g.into_iter().map(valid_step).collect()),
+            other => panic!("not one kind: {other:?}"),
+        };
+        ValidStep { name: s.name, kind }
+    }
+
     fn agents() -> Vec<AgentRef> {
         (0..4)
             .map(|i| AgentRef {
@@ -296,11 +339,11 @@ mod tests {
     #[test]
     fn picks_are_reproducible_by_seed() {
         let a = agents();
-        let step: Step = serde_json::from_value(serde_json::json!({
+        let step = steps(serde_json::json!([{
             "fault": {"kind": "process", "duration": "1s", "action": "pause", "target": {"name": "x"}},
             "on": {"pick": {"count": 2}, "seed": 7}
-        }))
-        .unwrap();
+        }]))
+        .remove(0);
         let p1 = plan_method(std::slice::from_ref(&step), &a, 1, 0).unwrap();
         let p2 = plan_method(std::slice::from_ref(&step), &a, 999, 0).unwrap();
         assert_eq!(p1, p2, "an explicit seed ignores the run seed");
@@ -327,7 +370,7 @@ mod tests {
 
     #[test]
     fn durations_add_up() {
-        let steps: Vec<Step> = serde_json::from_value(serde_json::json!([
+        let steps = steps(serde_json::json!([
             {"fault": {"kind": "process", "duration": "2s", "action": "pause", "target": {"name": "x"}}},
             {"wait": "1s"},
             {"parallel": [
@@ -335,8 +378,7 @@ mod tests {
                 {"wait": "5s"}
             ]},
             {"fault": {"kind": "process", "duration": "9s", "action": "pause", "target": {"name": "x"}}, "background": true}
-        ]))
-        .unwrap();
+        ]));
         let plan = plan_method(&steps, &agents(), 0, 0).unwrap();
         assert_eq!(expected_duration(&plan), Duration::from_secs(8));
         let mut lines = Vec::new();
