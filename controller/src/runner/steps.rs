@@ -8,7 +8,7 @@ use tracing::Instrument;
 use super::record::FaultRecord;
 use super::{Abort, Injected, Runner, agents};
 use crate::exit;
-use crate::experiment::plan::{self, PlanStep, PlannedFault};
+use crate::experiment::plan::{PlanStep, PlannedFault};
 
 type StepFuture<'a> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Abort>> + Send + 'a>>;
@@ -44,7 +44,7 @@ impl Runner {
     /// the background, waits for it to end everywhere.
     async fn fault_step(&self, trial: u32, f: &PlannedFault) -> Result<(), Abort> {
         self.shared
-            .set_step(format!("{} ({})", f.label, plan::summary(&f.spec)));
+            .set_step(format!("{} ({})", f.label, f.spec.summary()));
         let injections = futures_util::future::join_all(f.agents.iter().map(|&i| {
             let span = tracing::info_span!(
                 "fault",
@@ -92,7 +92,7 @@ impl Runner {
             agent: i,
             id: fault.id.clone(),
             kind: fault.kind.clone(),
-            summary: plan::summary(&f.spec),
+            summary: f.spec.summary(),
             target: fault.target.clone(),
             inject_ns: c.map(&self.shared.clock, fault.verified_mono_ns),
             ..Default::default()
@@ -103,7 +103,7 @@ impl Runner {
             format!(
                 "{}: {} verified on {} as {} ({}); lasts {}",
                 f.label,
-                plan::summary(&f.spec),
+                f.spec.summary(),
                 c.agent.display(),
                 fault.id,
                 fault.target,
@@ -125,7 +125,7 @@ impl Runner {
         let msg = format!(
             "{}: {} could not be injected on {}: {}",
             f.label,
-            plan::summary(&f.spec),
+            f.spec.summary(),
             self.conns[i].agent.display(),
             s.message()
         );

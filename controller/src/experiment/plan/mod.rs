@@ -216,7 +216,7 @@ pub fn describe(plan: &[PlanStep], agents: &[AgentRef], indent: usize, out: &mut
                 out.push(format!(
                     "{pad}{}: inject {} for {} on {}{}",
                     f.label,
-                    summary(&f.spec),
+                    f.spec.summary(),
                     HumanDuration(f.spec.duration()),
                     on.join(", "),
                     if f.background {
@@ -226,52 +226,6 @@ pub fn describe(plan: &[PlanStep], agents: &[AgentRef], indent: usize, out: &mut
                     }
                 ));
             }
-        }
-    }
-}
-
-/// A one-line summary of a fault spec: `process pause name=^vllm pick=count 1`.
-pub fn summary(spec: &FaultSpec) -> String {
-    match spec {
-        FaultSpec::Process(p) => {
-            format!("process {} {}", p.action.name(), p.target.describe())
-        }
-        FaultSpec::GpuMemory(g) => {
-            let gpus = match &g.target.gpus {
-                gpuchaos_proto::spec::GpuSet::All => "all GPUs".to_string(),
-                gpuchaos_proto::spec::GpuSet::List(v) => v
-                    .iter()
-                    .map(|r| r.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            };
-            let ramp = g.ramp.map(|r| format!(", ramp {r}")).unwrap_or_default();
-            format!("gpu_memory fill {} on {gpus}{ramp}", g.fill)
-        }
-        FaultSpec::Guardrail(g) => format!(
-            "guardrail {} at {}",
-            g.effect(),
-            g.listen.as_deref().unwrap_or("?")
-        ),
-        FaultSpec::Network(n) => {
-            let mut parts = vec![format!("network {}", n.effect())];
-            if let Some(t) = &n.target {
-                parts.push(format!("in the netns of {}", t.netns_of.describe()));
-            }
-            if let Some(i) = &n.interface {
-                parts.push(format!("dev {i}"));
-            }
-            if !n.peers.is_empty() {
-                parts.push(format!("peers={}", n.peers.join(",")));
-            }
-            if !n.ports.is_empty() {
-                let p: Vec<String> = n.ports.iter().map(|p| p.to_string()).collect();
-                parts.push(format!("ports={}", p.join(",")));
-            }
-            if let Some(d) = n.direction {
-                parts.push(format!("{d:?}").to_lowercase());
-            }
-            parts.join(" ")
         }
     }
 }
