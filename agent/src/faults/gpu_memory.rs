@@ -110,12 +110,12 @@ impl Helper {
         if let Some(mut stdin) = self.stdin.take() {
             let _ = stdin.write_all(b"exit\n").await;
         }
-        if tokio::time::timeout(HELPER_EXIT, self.child.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(pid = self.pid, "GPU helper did not exit: killing it");
-            let _ = self.child.kill().await;
+        match tokio::time::timeout(HELPER_EXIT, self.child.wait()).await {
+            Ok(status) => tracing::debug!(pid = self.pid, status = ?status, "GPU helper exited"),
+            Err(_) => {
+                tracing::warn!(pid = self.pid, "GPU helper did not exit: killing it");
+                let _ = self.child.kill().await;
+            }
         }
     }
 }

@@ -67,16 +67,7 @@ impl Tools for RealTools {
         args: &'a [String],
         stdin: Option<&'a str>,
     ) -> ToolFut<'a> {
-        Box::pin(async move {
-            let r = run_tool(ns, tool, args, stdin).await;
-            match &r {
-                Ok(out) => tracing::debug!(netns = ?ns, argv = ?(tool.binary(), args),
-                    stdout_bytes = out.len(), "tool exited 0"),
-                Err(e) => tracing::debug!(netns = ?ns, argv = ?(tool.binary(), args),
-                    error = %e.message, "tool failed"),
-            }
-            r
-        })
+        Box::pin(run_tool(ns, tool, args, stdin))
     }
 }
 
@@ -133,6 +124,9 @@ async fn run_tool(
         .await
         .map_err(|_| err(format!("no answer within {TOOL_TIMEOUT:?}")))?
         .map_err(|e| err(e.to_string()))?;
+    tracing::debug!(netns = ?ns, argv = ?(tool.binary(), args), status = %out.status,
+        stdout_bytes = out.stdout.len(), stderr = %String::from_utf8_lossy(&out.stderr).trim(),
+        "tool ran");
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
