@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::serve::history_error;
 use crate::exit::{self, CliError};
-use crate::gameday::history::{GamedayRun, Point, Store};
+use crate::gameday::history::{GamedayRun, GamedayVerdict, Point, Store};
 use crate::gameday::notify::rfc3339;
 use crate::output::Output;
 use crate::report::format_value;
@@ -29,7 +29,7 @@ pub struct PassRate {
     pub missed: usize,
     pub skipped: usize,
     /// Oldest first, the verdicts of the runs that ran.
-    pub recent: Vec<String>,
+    pub recent: Vec<GamedayVerdict>,
 }
 
 /// One objective's measurements over time.
@@ -51,14 +51,14 @@ pub fn pass_rates(runs: &[GamedayRun]) -> Vec<PassRate> {
             gameday: r.gameday.clone(),
             ..Default::default()
         });
-        match r.verdict.as_str() {
-            "missed" => p.missed += r.missed_slots.max(1) as usize,
-            "skipped" => p.skipped += 1,
-            "running" => {}
+        match &r.verdict {
+            GamedayVerdict::Missed => p.missed += r.missed_slots.max(1) as usize,
+            GamedayVerdict::Skipped => p.skipped += 1,
+            GamedayVerdict::Running => {}
             v => {
                 p.ran += 1;
-                p.passed += usize::from(v == "passed");
-                p.recent.push(v.to_string());
+                p.passed += usize::from(*v == GamedayVerdict::Passed);
+                p.recent.push(v.clone());
             }
         }
     }
@@ -184,7 +184,7 @@ fn print_text(
         let passed = r
             .experiments
             .iter()
-            .filter(|e| e.verdict == "passed")
+            .filter(|e| e.verdict == GamedayVerdict::Passed)
             .count();
         rows.push([
             r.id.clone(),
@@ -193,7 +193,7 @@ fn print_text(
                 .trim_end_matches('Z')
                 .to_string(),
             r.trigger.clone(),
-            r.verdict.clone(),
+            r.verdict.to_string(),
             r.ended_unix_ms
                 .filter(|_| r.ran())
                 .map(|e| format_value((e - r.started_unix_ms) as f64 / 1000.0, "s"))
@@ -230,7 +230,13 @@ fn print_text(
             .rev()
             .take(10)
             .rev()
-            .map(|v| if v == "passed" { "✓" } else { "✗" })
+            .map(|v| {
+                if *v == GamedayVerdict::Passed {
+                    "✓"
+                } else {
+                    "✗"
+                }
+            })
             .collect();
         println!(
             "  {}: {}/{} runs passed ({pct:.0}%), last {}: {}{}{}",
@@ -307,22 +313,34 @@ mod tests {
 
     #[test]
     fn pass_rate_counts_only_runs_that_ran() {
-        let run = |v: &str, n: u32| GamedayRun {
+        let run = |v: GamedayVerdict, n: u32| GamedayRun {
             gameday: "w".into(),
-            verdict: v.into(),
+            verdict: v,
             missed_slots: n,
             ..Default::default()
         };
         // Newest first, as the history lists them.
         let runs = [
-            run("failed", 0),
-            run("missed", 3),
-            run("passed", 0),
-            run("skipped", 0),
-            run("passed", 0),
+            run(GamedayVerdict::Failed, 0),
+            run(GamedayVerdict::Missed, 3),
+            run(GamedayVerdict::Passed, 0),
+            run(GamedayVerdict::Skipped, 0),
+            run(GamedayVerdict::Passed, 0),
         ];
         let p = &pass_rates(&runs)[0];
         assert_eq!((p.ran, p.passed, p.missed, p.skipped), (3, 2, 3, 1));
-        assert_eq!(p.recent, ["passed", "passed", "failed"]);
+        assert_eq!(
+            p.recent,
+            [
+                GamedayVerdict::Passed,
+                GamedayVerdict::Passed,
+                GamedayVerdict::Failed
+            ]
+        );
+        // `--json` spells them as the history does.
+        assert_eq!(
+            serde_json::to_value(p).unwrap()["recent"],
+            serde_json::json!(["passed", "passed", "failed"])
+        );
     }
 }

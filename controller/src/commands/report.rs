@@ -7,7 +7,7 @@ use serde_json::json;
 
 use super::serve::history_error;
 use crate::exit::{self, CliError};
-use crate::gameday::history::Store;
+use crate::gameday::history::{GamedayVerdict, Store};
 use crate::output::Output;
 use crate::runner::record::RunRecord;
 
@@ -26,7 +26,7 @@ pub fn run(output: Output, opts: Options<'_>) -> Result<u8, CliError> {
     let mut problems = Vec::new();
     for e in &run.experiments {
         let Some(rel) = &e.report_dir else {
-            if e.verdict != "not-run" {
+            if e.verdict != GamedayVerdict::NotRun {
                 problems.push(format!(
                     "experiment {} has no journal ({}{})",
                     e.name,
@@ -101,7 +101,7 @@ pub fn run(output: Output, opts: Options<'_>) -> Result<u8, CliError> {
         return Err(CliError::invalid(format!(
             "run {} has no experiment reports to regenerate ({})",
             run.id,
-            run.reason.as_deref().unwrap_or(&run.verdict)
+            run.reason.as_deref().unwrap_or(run.verdict.as_str())
         )));
     }
     Ok(exit::OK)

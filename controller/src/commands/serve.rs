@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::exit::{self, CliError};
 use crate::fleet::Fleet;
-use crate::gameday::history::{self, HistoryError, HistoryErrorKind, Store};
+use crate::gameday::history::{self, GamedayVerdict, HistoryError, HistoryErrorKind, Store};
 use crate::gameday::{Live, ServeExecutor, clock, exec, file, serve, web};
 
 pub struct Options {
@@ -59,7 +59,7 @@ fn close_orphans(store: &Store, now_ms: i64) -> Result<usize, HistoryError> {
         let Ok(_flock) = exec::lock_locally(&store.dir.join("locks"), &run.gameday) else {
             continue;
         };
-        run.verdict = "interrupted".into();
+        run.verdict = GamedayVerdict::Interrupted;
         run.exit_code = Some(exit::ABORTED);
         run.ended_unix_ms = Some(now_ms);
         run.reason = Some(format!(
@@ -69,9 +69,9 @@ fn close_orphans(store: &Store, now_ms: i64) -> Result<usize, HistoryError> {
         for e in run
             .experiments
             .iter_mut()
-            .filter(|e| e.verdict == "running")
+            .filter(|e| e.verdict == GamedayVerdict::Running)
         {
-            e.verdict = "interrupted".into();
+            e.verdict = GamedayVerdict::Interrupted;
         }
         run.revision += 1;
         store.save(&run)?;

@@ -20,7 +20,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::clock::WallClock;
 use super::file::{GameDay, OnFailure};
-use super::history::{self, ExperimentOutcome, GamedayRun, HistoryError, ObjectiveOutcome, Store};
+use super::history::{
+    self, ExperimentOutcome, GamedayRun, GamedayVerdict, HistoryError, ObjectiveOutcome, Store,
+};
 use super::notify;
 use crate::exit;
 use crate::experiment::load;
@@ -85,7 +87,7 @@ pub async fn record_slot(
     gd: &GameDay,
     slot: Timestamp,
     missed_slots: u32,
-    verdict: &str,
+    verdict: GamedayVerdict,
     reason: String,
 ) -> Option<GamedayRun> {
     let id = run_id(&gd.name, slot);
@@ -105,7 +107,7 @@ pub async fn record_slot(
         revision: 0,
         started_unix_ms: now,
         ended_unix_ms: Some(now),
-        verdict: verdict.into(),
+        verdict: verdict.clone(),
         exit_code: None,
         reason: Some(reason),
         controller: ctx.controller.clone(),
@@ -172,7 +174,7 @@ pub async fn execute(
         revision: 0,
         started_unix_ms: started.as_millisecond(),
         ended_unix_ms: None,
-        verdict: "running".into(),
+        verdict: GamedayVerdict::Running,
         exit_code: None,
         reason: None,
         controller: ctx.controller.clone(),
@@ -211,7 +213,7 @@ pub async fn execute(
     let (sessions, refused) = open_lock_sessions(&lock_targets, &holder, &lock_name).await;
     if let Some(why) = refused {
         close_lock_sessions(sessions).await;
-        run.verdict = "skipped".into();
+        run.verdict = GamedayVerdict::Skipped;
         run.reason = Some(format!(
             "game day {} is already running from another controller: {why}",
             gd.name
@@ -264,7 +266,7 @@ pub async fn execute(
             ..Default::default()
         };
         if let Some(why) = &stop_reason {
-            out.verdict = "not-run".into();
+            out.verdict = GamedayVerdict::NotRun;
             out.reason = Some(why.clone());
             run.experiments.push(out);
             continue;
@@ -272,7 +274,7 @@ pub async fn execute(
         let t0 = std::time::Instant::now();
         match l {
             Err(errs) => {
-                out.verdict = "error".into();
+                out.verdict = GamedayVerdict::Error;
                 out.exit_code = Some(exit::INVALID_INPUT);
                 out.reason = Some(format!(
                     "the experiment no longer loads: {}",
@@ -294,14 +296,14 @@ pub async fn execute(
                     run_seed: None,
                 };
                 run.experiments.push(ExperimentOutcome {
-                    verdict: "running".into(),
+                    verdict: GamedayVerdict::Running,
                     ..out.clone()
                 });
                 (ctx.on_update)(&run, Saved::NotYet);
                 run.experiments.pop();
                 match runner::run(&l, &opts).await {
                     Ok((record, code)) => {
-                        out.verdict = record.verdict.to_string();
+                        out.verdict = record.verdict.into();
                         out.exit_code = Some(code);
                         out.reason = record.reason.clone();
                         out.report_dir = Some(rel);
@@ -322,7 +324,7 @@ pub async fn execute(
                             .collect();
                     }
                     Err(e) => {
-                        out.verdict = "error".into();
+                        out.verdict = GamedayVerdict::Error;
                         out.exit_code = Some(e.code);
                         out.reason = Some(e.message);
                     }
@@ -332,12 +334,15 @@ pub async fn execute(
         out.duration_ms = t0.elapsed().as_millis() as u64;
         if interrupt.is_cancelled() {
             stop_reason = Some(reason.lock().unwrap().clone());
-        } else if matches!(out.verdict.as_str(), "aborted" | "revert-failed") {
+        } else if matches!(
+            out.verdict,
+            GamedayVerdict::Aborted | GamedayVerdict::RevertFailed
+        ) {
             stop_reason = Some(format!(
                 "not run: experiment {} ended {} (the game day stops after an abort or a failed revert)",
                 out.name, out.verdict
             ));
-        } else if gd.on_failure == OnFailure::Stop && out.verdict != "passed" {
+        } else if gd.on_failure == OnFailure::Stop && out.verdict != GamedayVerdict::Passed {
             stop_reason = Some(format!(
                 "not run: experiment {} did not pass and on_failure is stop",
                 out.name
@@ -355,18 +360,16 @@ pub async fn execute(
     run.verdict = verdict;
     run.exit_code = Some(code);
     if interrupt.is_cancelled() {
-        run.verdict = if run.verdict == "revert-failed" {
-            run.verdict.clone()
-        } else {
-            "aborted".into()
-        };
+        if run.verdict != GamedayVerdict::RevertFailed {
+            run.verdict = GamedayVerdict::Aborted;
+        }
         run.exit_code = Some(code.max(exit::ABORTED));
         run.reason = Some(reason.lock().unwrap().clone());
-    } else if run.verdict != "passed" {
+    } else if run.verdict != GamedayVerdict::Passed {
         let first = run
             .experiments
             .iter()
-            .find(|e| e.verdict != "passed" && e.verdict != "not-run");
+            .find(|e| !matches!(e.verdict, GamedayVerdict::Passed | GamedayVerdict::NotRun));
         run.reason = first.map(|e| {
             format!(
                 "{}: {}{}",
@@ -391,27 +394,35 @@ async fn finish(ctx: &Ctx, gd: &GameDay, mut run: GamedayRun) -> GamedayRun {
 }
 
 /// The game day's verdict and exit code: the most serious of its experiments'.
-pub fn overall(exps: &[ExperimentOutcome]) -> (String, u8) {
-    fn rank(verdict: &str) -> u8 {
+pub fn overall(exps: &[ExperimentOutcome]) -> (GamedayVerdict, u8) {
+    fn rank(verdict: &GamedayVerdict) -> u8 {
+        use GamedayVerdict as V;
         match verdict {
-            "passed" | "not-run" => 0,
-            "failed" => 1,
-            "inject-failed" => 2,
-            "aborted" => 3,
-            "error" => 4,
-            _ => 5, // revert-failed: something may be left behind
+            V::Passed | V::NotRun => 0,
+            V::Failed => 1,
+            V::InjectFailed => 2,
+            V::Aborted => 3,
+            V::Error => 4,
+            // revert-failed: something may be left behind (and anything an
+            // experiment should never end as is taken as seriously).
+            V::RevertFailed
+            | V::Running
+            | V::Interrupted
+            | V::Missed
+            | V::Skipped
+            | V::Other(_) => 5,
         }
     }
     let worst = exps
         .iter()
-        .filter(|e| e.verdict != "not-run")
+        .filter(|e| e.verdict != GamedayVerdict::NotRun)
         .max_by_key(|e| rank(&e.verdict));
     match worst {
         Some(e) if rank(&e.verdict) > 0 => {
             (e.verdict.clone(), e.exit_code.unwrap_or(exit::INTERNAL))
         }
-        Some(_) => ("passed".into(), exit::OK),
-        None => ("error".into(), exit::INTERNAL),
+        Some(_) => (GamedayVerdict::Passed, exit::OK),
+        None => (GamedayVerdict::Error, exit::INTERNAL),
     }
 }
 
@@ -566,9 +577,9 @@ async fn close_lock_sessions(sessions: Vec<LockSession>) {
 mod tests {
     use super::*;
 
-    fn e(verdict: &str, code: u8) -> ExperimentOutcome {
+    fn e(verdict: GamedayVerdict, code: u8) -> ExperimentOutcome {
         ExperimentOutcome {
-            verdict: verdict.into(),
+            verdict,
             exit_code: Some(code),
             ..Default::default()
         }
@@ -577,24 +588,28 @@ mod tests {
     #[test]
     fn the_most_serious_outcome_wins() {
         assert_eq!(
-            overall(&[e("passed", 0), e("passed", 0)]),
-            ("passed".into(), 0)
+            overall(&[e(GamedayVerdict::Passed, 0), e(GamedayVerdict::Passed, 0)]),
+            (GamedayVerdict::Passed, 0)
         );
         assert_eq!(
-            overall(&[e("failed", 1), e("passed", 0)]),
-            ("failed".into(), 1)
+            overall(&[e(GamedayVerdict::Failed, 1), e(GamedayVerdict::Passed, 0)]),
+            (GamedayVerdict::Failed, 1)
         );
         assert_eq!(
-            overall(&[e("failed", 1), e("revert-failed", 4), e("aborted", 2)]),
-            ("revert-failed".into(), 4)
+            overall(&[
+                e(GamedayVerdict::Failed, 1),
+                e(GamedayVerdict::RevertFailed, 4),
+                e(GamedayVerdict::Aborted, 2)
+            ]),
+            (GamedayVerdict::RevertFailed, 4)
         );
         assert_eq!(
-            overall(&[e("error", 64), e("failed", 1)]),
-            ("error".into(), 64)
+            overall(&[e(GamedayVerdict::Error, 64), e(GamedayVerdict::Failed, 1)]),
+            (GamedayVerdict::Error, 64)
         );
         assert_eq!(
-            overall(&[e("passed", 0), e("not-run", 0)]),
-            ("passed".into(), 0)
+            overall(&[e(GamedayVerdict::Passed, 0), e(GamedayVerdict::NotRun, 0)]),
+            (GamedayVerdict::Passed, 0)
         );
     }
 

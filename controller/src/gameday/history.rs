@@ -22,6 +22,8 @@ use std::time::Duration;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
+pub use super::verdict::GamedayVerdict;
+
 /// The summary format version.
 pub const FORMAT: u32 = 1;
 /// The index's schema version (`PRAGMA user_version`).
@@ -51,7 +53,7 @@ pub struct GamedayRun {
     pub ended_unix_ms: Option<i64>,
     /// running | passed | failed | aborted | inject-failed | revert-failed | error |
     /// interrupted (the controller died during the run) | missed | skipped
-    pub verdict: String,
+    pub verdict: GamedayVerdict,
     pub exit_code: Option<u8>,
     pub reason: Option<String>,
     /// `HOST pid N`: who ran it.
@@ -67,7 +69,7 @@ pub struct ExperimentOutcome {
     pub name: String,
     pub file: String,
     /// As the run's verdicts, or `not-run`.
-    pub verdict: String,
+    pub verdict: GamedayVerdict,
     pub exit_code: Option<u8>,
     pub reason: Option<String>,
     /// The report folder, relative to the run's folder.
@@ -97,12 +99,15 @@ pub struct NotificationOutcome {
 
 impl GamedayRun {
     pub fn is_running(&self) -> bool {
-        self.verdict == "running"
+        self.verdict == GamedayVerdict::Running
     }
 
     /// Whether the slot ran at all (as opposed to missed or skipped).
     pub fn ran(&self) -> bool {
-        !matches!(self.verdict.as_str(), "missed" | "skipped")
+        !matches!(
+            self.verdict,
+            GamedayVerdict::Missed | GamedayVerdict::Skipped
+        )
     }
 }
 
@@ -587,7 +592,7 @@ mod tests {
         id: &str,
         gameday: &str,
         started: i64,
-        verdict: &str,
+        verdict: GamedayVerdict,
         rto: f64,
     ) -> GamedayRun {
         GamedayRun {
@@ -601,15 +606,19 @@ mod tests {
             revision: 1,
             started_unix_ms: started,
             ended_unix_ms: Some(started + 1000),
-            verdict: verdict.into(),
-            exit_code: Some(if verdict == "passed" { 0 } else { 1 }),
+            verdict: verdict.clone(),
+            exit_code: Some(if verdict == GamedayVerdict::Passed {
+                0
+            } else {
+                1
+            }),
             reason: None,
             controller: "host pid 1".into(),
             experiments: vec![ExperimentOutcome {
                 seq: 1,
                 name: "kill".into(),
                 file: "kill.yaml".into(),
-                verdict: verdict.into(),
+                verdict: verdict.clone(),
                 exit_code: Some(0),
                 reason: None,
                 report_dir: None,
@@ -620,7 +629,7 @@ mod tests {
                     unit: "s".into(),
                     measured: Some(rto),
                     limit: "≤ 10s".into(),
-                    passed: verdict == "passed",
+                    passed: verdict == GamedayVerdict::Passed,
                 }],
             }],
             notifications: vec![],
@@ -632,9 +641,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = Store::open(dir.path()).unwrap();
-            s.save(&sample("w-1", "w", 1000, "passed", 2.0)).unwrap();
-            s.save(&sample("w-2", "w", 2000, "failed", 12.0)).unwrap();
-            s.save(&sample("x-1", "x", 1500, "passed", 1.0)).unwrap();
+            s.save(&sample("w-1", "w", 1000, GamedayVerdict::Passed, 2.0))
+                .unwrap();
+            s.save(&sample("w-2", "w", 2000, GamedayVerdict::Failed, 12.0))
+                .unwrap();
+            s.save(&sample("x-1", "x", 1500, GamedayVerdict::Passed, 1.0))
+                .unwrap();
         }
         let s = Store::open(dir.path()).unwrap();
         let ids: Vec<String> = s
@@ -645,7 +657,7 @@ mod tests {
             .collect();
         assert_eq!(ids, ["w-2", "x-1", "w-1"]);
         assert_eq!(s.list(Some("w"), 10).unwrap().len(), 2);
-        assert_eq!(s.get("w-2").unwrap().verdict, "failed");
+        assert_eq!(s.get("w-2").unwrap().verdict, GamedayVerdict::Failed);
         assert_eq!(s.get("x").unwrap().id, "x-1");
         assert!(
             s.get("w-")
@@ -662,10 +674,146 @@ mod tests {
         );
         assert_eq!(s.pending_count(), 0);
         // An older state of a run never replaces a newer one in the index.
-        let mut old = sample("w-2", "w", 2000, "running", 0.0);
+        let mut old = sample("w-2", "w", 2000, GamedayVerdict::Running, 0.0);
         old.revision = 0;
         s.index(&old).unwrap();
-        assert_eq!(s.get("w-2").unwrap().verdict, "failed");
+        assert_eq!(s.get("w-2").unwrap().verdict, GamedayVerdict::Failed);
+    }
+
+    /// `run.json` as gpuchaos wrote it while verdicts were plain strings.
+    const OLD_SUMMARY: &str = r#"{
+  "format": 1,
+  "id": "weekly-20260308T070000Z",
+  "gameday": "weekly",
+  "file": "gd.yaml",
+  "trigger": "schedule",
+  "slot_unix_ms": 1772953200000,
+  "missed_slots": 0,
+  "revision": 4,
+  "started_unix_ms": 1772953200123,
+  "ended_unix_ms": 1772953260456,
+  "verdict": "revert-failed",
+  "exit_code": 4,
+  "reason": "kill: revert-failed (fault f-1 on agent a is left behind)",
+  "controller": "host pid 42",
+  "experiments": [
+    {
+      "seq": 1,
+      "name": "kill",
+      "file": "kill.yaml",
+      "verdict": "passed",
+      "exit_code": 0,
+      "reason": null,
+      "report_dir": "01-kill",
+      "duration_ms": 20000,
+      "objectives": [
+        {
+          "name": "rto",
+          "kind": "recovery_time",
+          "unit": "s",
+          "measured": 2.5,
+          "limit": "≤ 10s",
+          "passed": true
+        }
+      ]
+    },
+    {
+      "seq": 2,
+      "name": "kill",
+      "file": "kill.yaml",
+      "verdict": "revert-failed",
+      "exit_code": 4,
+      "reason": "fault f-1 on agent a is left behind",
+      "report_dir": "02-kill",
+      "duration_ms": 40000,
+      "objectives": []
+    },
+    {
+      "seq": 3,
+      "name": "xid",
+      "file": "xid.yaml",
+      "verdict": "not-run",
+      "exit_code": null,
+      "reason": "not run: experiment kill ended revert-failed (the game day stops after an abort or a failed revert)",
+      "report_dir": null,
+      "duration_ms": 0,
+      "objectives": []
+    }
+  ],
+  "notifications": [
+    {
+      "target": "https://hooks.example/x",
+      "ok": true,
+      "attempts": 1,
+      "error": null,
+      "at_unix_ms": 1772953260500
+    }
+  ]
+}
+"#;
+
+    #[test]
+    fn a_summary_written_with_string_verdicts_reads_and_writes_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("old");
+        std::fs::create_dir(&old).unwrap();
+        std::fs::write(old.join("run.json"), OLD_SUMMARY).unwrap();
+        let run = read_summary(&old).unwrap();
+        assert_eq!(run.verdict, GamedayVerdict::RevertFailed);
+        assert_eq!(
+            run.experiments
+                .iter()
+                .map(|e| e.verdict.clone())
+                .collect::<Vec<_>>(),
+            [
+                GamedayVerdict::Passed,
+                GamedayVerdict::RevertFailed,
+                GamedayVerdict::NotRun
+            ]
+        );
+        assert!(run.ran() && !run.is_running());
+        let again = dir.path().join("again");
+        write_summary(&again, &run).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(again.join("run.json")).unwrap(),
+            OLD_SUMMARY
+        );
+        // Into the index and back, with the same words in its columns.
+        let s = Store::open(&dir.path().join("state")).unwrap();
+        s.save(&run).unwrap();
+        assert_eq!(s.get("weekly").unwrap(), run);
+        let words: Vec<String> = s
+            .conn
+            .prepare(
+                "SELECT verdict FROM runs UNION ALL SELECT verdict FROM experiments ORDER BY 1",
+            )
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            words,
+            ["not-run", "passed", "revert-failed", "revert-failed"]
+        );
+    }
+
+    #[test]
+    fn a_run_with_a_verdict_this_version_does_not_know_still_lists() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let newer = sample(
+            "w-1",
+            "w",
+            1000,
+            GamedayVerdict::Other("timed-out".into()),
+            2.0,
+        );
+        s.save(&newer).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("runs/w-1/run.json")).unwrap();
+        assert!(text.contains("\"verdict\": \"timed-out\""), "{text}");
+        assert_eq!(s.list(None, 10).unwrap(), [newer]);
+        assert_eq!(s.get("w-1").unwrap().verdict.as_str(), "timed-out");
     }
 
     #[test]
@@ -673,7 +821,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = Store::open(dir.path()).unwrap();
-            s.save(&sample("w-1", "w", 1000, "passed", 2.0)).unwrap();
+            s.save(&sample("w-1", "w", 1000, GamedayVerdict::Passed, 2.0))
+                .unwrap();
         }
         let db = dir.path().join("history.db");
         for f in ["history.db-wal", "history.db-shm"] {
@@ -689,7 +838,7 @@ mod tests {
         std::fs::rename(&db, dir.path().join("history.db.damaged")).unwrap();
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.rebuild().unwrap(), 1);
-        assert_eq!(s.get("w-1").unwrap().verdict, "passed");
+        assert_eq!(s.get("w-1").unwrap().verdict, GamedayVerdict::Passed);
     }
 
     #[test]
@@ -699,7 +848,7 @@ mod tests {
         let other = Connection::open(dir.path().join("history.db")).unwrap();
         other.execute_batch("BEGIN EXCLUSIVE").unwrap();
         let e = s
-            .save(&sample("w-1", "w", 1000, "passed", 2.0))
+            .save(&sample("w-1", "w", 1000, GamedayVerdict::Passed, 2.0))
             .unwrap_err();
         assert_eq!(e.kind, HistoryErrorKind::Locked);
         assert!(e.message.contains("is locked by another process"), "{e}");

@@ -9,6 +9,7 @@ pub mod history;
 pub mod notify;
 pub mod schedule;
 pub mod serve;
+pub mod verdict;
 pub mod web;
 
 use std::collections::{BTreeMap, HashSet};
@@ -24,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use exec::Saved;
 use file::GameDay;
-use history::{GamedayRun, HistoryErrorKind};
+use history::{GamedayRun, GamedayVerdict, HistoryErrorKind};
 use serve::{BoxFuture, Executor, NextSlots};
 
 type Labels = Vec<(String, String)>;
@@ -188,11 +189,11 @@ impl Live {
         if !self.counted.lock().unwrap().insert(run.id.clone()) {
             return; // saved again, with its notifications
         }
-        if run.verdict == "revert-failed" {
+        if run.verdict == GamedayVerdict::RevertFailed {
             self.left_behind.lock().unwrap().push(run.id.clone());
         }
         let mut l = gl.clone();
-        l.push(("verdict".into(), run.verdict.clone()));
+        l.push(("verdict".into(), run.verdict.to_string()));
         m.runs.get_or_create(&l).inc();
         if !run.ran() {
             return;
@@ -202,7 +203,7 @@ impl Live {
             .set(run.ended_unix_ms.unwrap_or(run.started_unix_ms) as f64 / 1000.0);
         m.last_passed
             .get_or_create(&gl)
-            .set(i64::from(run.verdict == "passed"));
+            .set(i64::from(run.verdict == GamedayVerdict::Passed));
         for e in &run.experiments {
             for o in &e.objectives {
                 let mut l = gl.clone();
@@ -281,7 +282,7 @@ impl Executor for ServeExecutor {
         gd: Arc<GameDay>,
         slot: Timestamp,
         missed_slots: u32,
-        verdict: &'static str,
+        verdict: GamedayVerdict,
         reason: String,
     ) -> BoxFuture<'static, ()> {
         let ctx = self.ctx.clone();

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use serde_json::json;
 
 use super::file::{GameDay, Notify, NotifyFormat, NotifyOn};
-use super::history::{GamedayRun, NotificationOutcome};
+use super::history::{GamedayRun, GamedayVerdict, NotificationOutcome};
 use crate::probe::http;
 
 const ATTEMPTS: u32 = 3;
@@ -17,7 +17,7 @@ const ATTEMPTS: u32 = 3;
 pub fn wanted(n: &Notify, run: &GamedayRun) -> bool {
     match n.on {
         NotifyOn::Always => true,
-        NotifyOn::Failure => run.verdict != "passed",
+        NotifyOn::Failure => run.verdict != GamedayVerdict::Passed,
     }
 }
 
@@ -70,16 +70,16 @@ pub fn summary_json(gd: &GameDay, run: &GamedayRun, public_url: Option<&str>) ->
 
 /// Slack mrkdwn text: one headline, one line per experiment, failed objectives named.
 pub fn slack_text(gd: &GameDay, run: &GamedayRun, public_url: Option<&str>) -> String {
-    let icon = match run.verdict.as_str() {
-        "passed" => ":white_check_mark:",
-        "failed" => ":x:",
-        "missed" | "skipped" => ":warning:",
+    let icon = match run.verdict {
+        GamedayVerdict::Passed => ":white_check_mark:",
+        GamedayVerdict::Failed => ":x:",
+        GamedayVerdict::Missed | GamedayVerdict::Skipped => ":warning:",
         _ => ":rotating_light:",
     };
     let passed = run
         .experiments
         .iter()
-        .filter(|e| e.verdict == "passed")
+        .filter(|e| e.verdict == GamedayVerdict::Passed)
         .count();
     let mut text = format!(
         "{icon} Game day *{}* {}{}",

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::clock::WallClock;
 use super::file::GameDay;
+use super::history::GamedayVerdict;
 use super::schedule::blackout_for;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -48,7 +49,7 @@ pub trait Executor: Send + Sync + 'static {
         gd: Arc<GameDay>,
         slot: Timestamp,
         missed_slots: u32,
-        verdict: &'static str,
+        verdict: GamedayVerdict,
         reason: String,
     ) -> BoxFuture<'static, ()>;
     /// The latest slot the history has for this game day.
@@ -95,7 +96,7 @@ impl Sched {
                 fmt_d(self.gd.max_duration)
             );
             self.exec
-                .record_slot(self.gd.clone(), slot, 0, "skipped", why)
+                .record_slot(self.gd.clone(), slot, 0, GamedayVerdict::Skipped, why)
                 .await;
             return;
         }
@@ -104,7 +105,7 @@ impl Sched {
         {
             let why = format!("{what} is still going: a game day never runs twice at once");
             self.exec
-                .record_slot(self.gd.clone(), slot, 0, "skipped", why)
+                .record_slot(self.gd.clone(), slot, 0, GamedayVerdict::Skipped, why)
                 .await;
             return;
         }
@@ -156,7 +157,13 @@ impl Sched {
                 );
             }
             self.exec
-                .record_slot(self.gd.clone(), last_missed, missed, "missed", text)
+                .record_slot(
+                    self.gd.clone(),
+                    last_missed,
+                    missed,
+                    GamedayVerdict::Missed,
+                    text,
+                )
                 .await;
         }
         if runnable {
@@ -300,7 +307,7 @@ mod tests {
             _: Arc<GameDay>,
             slot: Timestamp,
             n: u32,
-            verdict: &'static str,
+            verdict: GamedayVerdict,
             reason: String,
         ) -> BoxFuture<'static, ()> {
             self.push(slot, format!("{verdict} {n}: {reason}"));

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::Live;
-use super::history::{GamedayRun, Store};
+use super::history::{GamedayRun, GamedayVerdict, Store};
 use super::notify::rfc3339;
 use crate::report::escape;
 
@@ -121,14 +121,15 @@ async fn recent(web: &Arc<Web>) -> (Result<Vec<GamedayRun>, String>, usize) {
     .unwrap_or_else(|e| (Err(e.to_string()), 0))
 }
 
-fn verdict_class(v: &str) -> &'static str {
+fn verdict_class(v: &GamedayVerdict) -> &'static str {
+    use GamedayVerdict as V;
     match v {
-        "passed" => "v-ok",
-        "failed" | "revert-failed" | "error" | "aborted" | "inject-failed" | "interrupted" => {
+        V::Passed => "v-ok",
+        V::Failed | V::RevertFailed | V::Error | V::Aborted | V::InjectFailed | V::Interrupted => {
             "v-fail"
         }
-        "running" => "v-run",
-        _ => "v-warn",
+        V::Running => "v-run",
+        V::Missed | V::Skipped | V::NotRun | V::Other(_) => "v-warn",
     }
 }
 
@@ -279,10 +280,13 @@ pub fn page(
                                 "<a href=\"/runs/{}/{}/report.html\" title=\"{}\">{label}</a>",
                                 escape(&r.id),
                                 escape(d),
-                                escape(&e.verdict)
+                                escape(e.verdict.as_str())
                             ),
                             None => {
-                                format!("<span title=\"{}\">{label}</span>", escape(&e.verdict))
+                                format!(
+                                    "<span title=\"{}\">{label}</span>",
+                                    escape(e.verdict.as_str())
+                                )
                             }
                         }
                     })
@@ -301,7 +305,7 @@ pub fn page(
                     escape(&local(&tz, r.started_unix_ms)),
                     escape(&r.trigger),
                     verdict_class(&r.verdict),
-                    escape(&r.verdict),
+                    escape(r.verdict.as_str()),
                     exps.join(" · "),
                     escape(r.reason.as_deref().unwrap_or("")),
                     id = escape(&r.id),
@@ -314,11 +318,11 @@ pub fn page(
     h
 }
 
-fn verdict_icon(v: &str) -> &'static str {
+fn verdict_icon(v: &GamedayVerdict) -> &'static str {
     match v {
-        "passed" => "✅",
-        "failed" => "❌",
-        "not-run" => "⏭️",
+        GamedayVerdict::Passed => "✅",
+        GamedayVerdict::Failed => "❌",
+        GamedayVerdict::NotRun => "⏭️",
         _ => "⚠️",
     }
 }
@@ -384,7 +388,7 @@ pub fn run_index(run: &GamedayRun) -> String {
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>gpuchaos: {id}: {v}</title>\n<style>{css}</style>\n</head>\n<body>\n\
          <p><a href=\"/\">← game days</a></p>\n<header class=\"{class}\"><h1>{id}: {v}</h1>\n<p>game day {gd} · {trigger} · started {start}{exit}</p>\n",
         id = escape(&run.id),
-        v = escape(&run.verdict),
+        v = escape(run.verdict.as_str()),
         css = crate::report::CSS,
         class = match verdict_class(&run.verdict) {
             "v-run" => "v-warn",
@@ -432,7 +436,7 @@ pub fn run_index(run: &GamedayRun) -> String {
             e.seq,
             escape(&e.name),
             verdict_class(&e.verdict),
-            escape(&e.verdict),
+            escape(e.verdict.as_str()),
             e.reason
                 .as_ref()
                 .map(|r| format!("<br><small>{}</small>", escape(r)))
