@@ -206,7 +206,7 @@ pub(super) fn record() -> RunRecord {
 fn event(t_ns: u64, kind: &str, trial: u32, message: &str) -> Event {
     Event {
         t_ns,
-        kind: kind.into(),
+        kind: EventKind::parse(kind),
         trial,
         message: message.into(),
     }

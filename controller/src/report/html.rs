@@ -169,7 +169,12 @@ pub fn html(record: &RunRecord) -> String {
             };
             (
                 "",
-                vec![format_at(e.t_ns), trial, e.kind.clone(), e.message.clone()],
+                vec![
+                    format_at(e.t_ns),
+                    trial,
+                    e.kind.to_string(),
+                    e.message.clone(),
+                ],
             )
         }),
     );

@@ -11,7 +11,7 @@ use gpuchaos_proto::spec::FaultSpec;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use super::record::AgentRecord;
+use super::record::{AgentRecord, EventKind};
 use super::shared::{Clock, Shared};
 use crate::fleet::{AgentRef, Fleet, describe_status};
 
@@ -193,7 +193,7 @@ pub fn renew_loop(
             Renewal::Renewed => {}
             Renewal::Lapsed(s) => {
                 shared.event(
-                    "abort",
+                    EventKind::Abort,
                     0,
                     format!(
                         "the lease on agent {} lapsed (the agent reverted this run's faults): {}",
@@ -204,12 +204,12 @@ pub fn renew_loop(
                 lost.cancel();
             }
             Renewal::Failed(s) => shared.event(
-                "warning",
+                EventKind::Warning,
                 0,
                 format!("lease renewal failed: {}", describe_status(agent, &s)),
             ),
             Renewal::TimedOut => shared.event(
-                "warning",
+                EventKind::Warning,
                 0,
                 format!(
                     "lease renewal on agent {} timed out; retrying",

@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::record::{
-    FaultRecord, ObjectiveResult, ObjectiveSummary, ResultKind, RunRecord, TrialRecord, Verdict,
+    EventKind, FaultRecord, ObjectiveResult, ObjectiveSummary, ResultKind, RunRecord, TrialRecord,
+    Verdict,
 };
 use super::shared::Shared;
 use super::{Abort, RunOptions, Runner, agents, evaluate};
@@ -45,7 +46,7 @@ pub(super) async fn conclude(
     let unanswered = shared.fail_unanswered();
     if unanswered > 0 {
         shared.event(
-            "warning",
+            EventKind::Warning,
             0,
             format!("{unanswered} sample(s) had no answer when the run ended: recorded as failed"),
         );
@@ -188,7 +189,7 @@ impl Runner {
         };
         if !pending.is_empty() {
             self.shared.event(
-                "revert",
+                EventKind::Revert,
                 0,
                 format!("rolling back: reverting {} active fault(s)", pending.len()),
             );
@@ -272,7 +273,7 @@ pub(super) fn write(
 ) -> Result<(RunRecord, u8), CliError> {
     record.duration_ns = shared.clock.now_ns();
     shared.event(
-        "run-end",
+        EventKind::RunEnd,
         0,
         format!(
             "run {} (exit {}){}",

@@ -140,7 +140,8 @@ struct Runner {
 impl Runner {
     fn stop_condition_fired(&self, name: &str) {
         let reason = format!("stop condition: {name}");
-        self.shared.event("stop-condition", 0, reason.clone());
+        self.shared
+            .event(EventKind::StopCondition, 0, reason.clone());
         self.abort_with(Abort::StopCondition(reason));
     }
 
@@ -175,7 +176,7 @@ pub async fn run(loaded: &Loaded, opts: &RunOptions) -> Result<(RunRecord, u8), 
     let shared = Arc::new(Shared::new(clock, prepared.probe_records.clone()));
     shared.live.lock().unwrap().trials = exp.trials;
     shared.event(
-        "run-start",
+        EventKind::RunStart,
         0,
         format!(
             "experiment {}: {} agent(s), {} probe(s), {} trial(s), run seed {run_seed}",
@@ -268,7 +269,7 @@ fn watch_interrupts(
             _ = stop.cancelled() => {}
             _ = interrupt.cancelled() => {
                 let reason = format!("interrupted by {}", why.lock().unwrap());
-                r.shared.event("abort", 0, reason.clone());
+                r.shared.event(EventKind::Abort, 0, reason.clone());
                 r.abort_with(Abort::Aborted(reason));
             }
             _ = lost.cancelled() => r.abort_with(Abort::Aborted(

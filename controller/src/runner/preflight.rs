@@ -7,7 +7,7 @@ use std::time::Duration;
 use gpuchaos_proto::spec::HumanDuration;
 
 use super::agents::{self, Conn};
-use super::record::{ProbeRecord, RunRecord, Verdict};
+use super::record::{EventKind, ProbeRecord, RunRecord, Verdict};
 use super::shared::Shared;
 use crate::exit::{self, CliError};
 use crate::experiment::load::Loaded;
@@ -70,7 +70,7 @@ pub(super) async fn gate(
     let broken = prometheus_checks(exp).await;
     if !broken.is_empty() {
         for b in &broken {
-            shared.event("abort", 0, b.clone());
+            shared.event(EventKind::Abort, 0, b.clone());
         }
         record.verdict = Verdict::Aborted;
         record.exit_code = exit::ABORTED;
@@ -83,7 +83,7 @@ pub(super) async fn gate(
         return Some(conns);
     }
     for p in &problems {
-        shared.event("abort", 0, p.clone());
+        shared.event(EventKind::Abort, 0, p.clone());
     }
     // Sessions that did open are closed (nothing was injected).
     for c in &conns {
@@ -181,7 +181,7 @@ async fn open_sessions(
     }
     for c in &conns {
         shared.event(
-            "agent",
+            EventKind::Agent,
             0,
             format!(
                 "agent {} ({}): clock offset {:+.3} ms ± {:.3} ms, session {}",

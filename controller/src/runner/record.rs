@@ -169,13 +169,103 @@ impl Sample {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     pub t_ns: u64,
-    /// run-start | steady-state | trial-start | step | inject | verified | fault-end |
-    /// revert | stop-condition | abort | trial-end | run-end | warning
-    pub kind: String,
+    pub kind: EventKind,
     /// 1-based trial, 0 outside trials.
     #[serde(default)]
     pub trial: u32,
     pub message: String,
+}
+
+/// What a journal event is about, as the journal has always spelled it. The events
+/// are for people (the reports list them; nothing decides on them), so a word this
+/// version does not write, from an older or newer journal, is kept as
+/// [`EventKind::Other`] rather than failing the journal.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum EventKind {
+    #[default]
+    RunStart,
+    /// An agent's session opened.
+    Agent,
+    SteadyState,
+    TrialStart,
+    Inject,
+    InjectFailed,
+    FaultEnd,
+    /// Rolling back the faults still active.
+    Revert,
+    /// An objective's result for a trial.
+    Objective,
+    StopCondition,
+    Abort,
+    RunEnd,
+    Warning,
+    /// A word this version does not write, kept as it was read.
+    Other(String),
+}
+
+impl EventKind {
+    /// Every kind this version writes.
+    pub const KNOWN: [EventKind; 13] = [
+        EventKind::RunStart,
+        EventKind::Agent,
+        EventKind::SteadyState,
+        EventKind::TrialStart,
+        EventKind::Inject,
+        EventKind::InjectFailed,
+        EventKind::FaultEnd,
+        EventKind::Revert,
+        EventKind::Objective,
+        EventKind::StopCondition,
+        EventKind::Abort,
+        EventKind::RunEnd,
+        EventKind::Warning,
+    ];
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            EventKind::RunStart => "run-start",
+            EventKind::Agent => "agent",
+            EventKind::SteadyState => "steady-state",
+            EventKind::TrialStart => "trial-start",
+            EventKind::Inject => "inject",
+            EventKind::InjectFailed => "inject-failed",
+            EventKind::FaultEnd => "fault-end",
+            EventKind::Revert => "revert",
+            EventKind::Objective => "objective",
+            EventKind::StopCondition => "stop-condition",
+            EventKind::Abort => "abort",
+            EventKind::RunEnd => "run-end",
+            EventKind::Warning => "warning",
+            EventKind::Other(text) => text,
+        }
+    }
+
+    /// The kind spelled `text`; an unknown word becomes [`EventKind::Other`].
+    pub fn parse(text: &str) -> EventKind {
+        EventKind::KNOWN
+            .into_iter()
+            .find(|k| k.as_str() == text)
+            .unwrap_or_else(|| EventKind::Other(text.to_string()))
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for EventKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for EventKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        Ok(EventKind::parse(&text))
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -326,6 +416,35 @@ mod tests {
                 k
             );
         }
+        let events = [
+            "run-start",
+            "agent",
+            "steady-state",
+            "trial-start",
+            "inject",
+            "inject-failed",
+            "fault-end",
+            "revert",
+            "objective",
+            "stop-condition",
+            "abort",
+            "run-end",
+            "warning",
+        ];
+        assert_eq!(EventKind::KNOWN.len(), events.len());
+        for (k, text) in EventKind::KNOWN.iter().zip(events) {
+            assert_eq!(serde_json::to_value(k).unwrap(), text);
+            assert_eq!(k.to_string(), text);
+            assert_eq!(EventKind::parse(text), *k);
+            assert_eq!(
+                serde_json::from_value::<EventKind>(text.into()).unwrap(),
+                *k
+            );
+        }
+        // A word no version writes now is kept, not refused.
+        let other = serde_json::from_value::<EventKind>("trial-end".into()).unwrap();
+        assert_eq!(other, EventKind::Other("trial-end".into()));
+        assert_eq!(serde_json::to_value(&other).unwrap(), "trial-end");
     }
 
     #[test]
@@ -334,7 +453,13 @@ mod tests {
             "format": 1, "experiment": "x", "file": "x.yaml", "gpuchaos_version": "0.1.0",
             "started_unix_ms": 1, "duration_ns": 2, "run_seed": 3,
             "verdict": "aborted", "exit_code": 2, "reason": "stop condition: p",
-            "agents": [], "probes": [], "events": [], "samples": [],
+            "agents": [], "probes": [], "samples": [],
+            "events": [
+                {"t_ns": 0, "kind": "run-start", "trial": 0, "message": "run started"},
+                {"t_ns": 1, "kind": "stop-condition", "trial": 0, "message": "stop condition: p"},
+                {"t_ns": 2, "kind": "abort", "trial": 1, "message": "a"},
+                {"t_ns": 3, "kind": "trial-end", "message": "older"}
+            ],
             "trials": [{"index": 1, "start_ns": 0, "end_ns": 5, "faults": [], "objectives": [
                 {"name": "steady state after the trial", "kind": "steady-state", "probe": "p",
                  "passed": false, "limit": 60.0, "detail": "d"}
@@ -350,5 +475,17 @@ mod tests {
         let again = serde_json::to_value(&r).unwrap();
         assert_eq!(again["verdict"], old["verdict"]);
         assert_eq!(again["trials"][0]["objectives"][0]["kind"], "steady-state");
+        assert_eq!(
+            r.events.iter().map(|e| e.kind.clone()).collect::<Vec<_>>(),
+            [
+                EventKind::RunStart,
+                EventKind::StopCondition,
+                EventKind::Abort,
+                EventKind::Other("trial-end".into())
+            ]
+        );
+        for (i, e) in old["events"].as_array().unwrap().iter().enumerate() {
+            assert_eq!(again["events"][i]["kind"], e["kind"]);
+        }
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use gpuchaos_proto::clock::mono_ns;
 use tokio::sync::Notify;
 
-use super::record::{Event, ProbeRecord, Sample};
+use super::record::{Event, EventKind, ProbeRecord, Sample};
 
 /// The controller's monotonic clock, in ns since the run started.
 #[derive(Debug, Clone, Copy)]
@@ -171,13 +171,13 @@ impl Shared {
     }
 
     /// Records an event and prints it as a progress line (stderr).
-    pub fn event(&self, kind: &str, trial: u32, message: impl Into<String>) {
+    pub fn event(&self, kind: EventKind, trial: u32, message: impl Into<String>) {
         let message = message.into();
         let t_ns = self.clock.now_ns();
         let line = format!("[{}] {message}", secs(t_ns));
         self.timeline.lock().unwrap().events.push(Event {
             t_ns,
-            kind: kind.to_string(),
+            kind,
             trial,
             message,
         });

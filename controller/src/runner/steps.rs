@@ -5,7 +5,7 @@ use gpuchaos_proto::pb;
 use gpuchaos_proto::spec::HumanDuration;
 use tracing::Instrument;
 
-use super::record::FaultRecord;
+use super::record::{EventKind, FaultRecord};
 use super::{Abort, Injected, Runner, agents};
 use crate::exit;
 use crate::experiment::plan::{PlanStep, PlannedFault};
@@ -98,7 +98,7 @@ impl Runner {
             ..Default::default()
         };
         self.shared.event(
-            "inject",
+            EventKind::Inject,
             trial,
             format!(
                 "{}: {} verified on {} as {} ({}); lasts {}",
@@ -129,7 +129,8 @@ impl Runner {
             self.conns[i].agent.display(),
             s.message()
         );
-        self.shared.event("inject-failed", trial, msg.clone());
+        self.shared
+            .event(EventKind::InjectFailed, trial, msg.clone());
         let code = exit::from_status(s, exit::INJECT_FAILED);
         Abort::InjectFailed {
             code: if code == exit::INVALID_INPUT {
@@ -163,7 +164,7 @@ impl Runner {
         for (k, r) in futures_util::future::join_all(waits).await {
             match r {
                 Ok(done) => self.record_end(k, &done),
-                Err(e) => self.shared.event("warning", 0, e),
+                Err(e) => self.shared.event(EventKind::Warning, 0, e),
             }
         }
     }
@@ -196,6 +197,6 @@ impl Runner {
         );
         let trial = i.trial;
         drop(inj);
-        self.shared.event("fault-end", trial, msg);
+        self.shared.event(EventKind::FaultEnd, trial, msg);
     }
 }

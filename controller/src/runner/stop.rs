@@ -8,6 +8,7 @@ use gpuchaos_proto::spec::HumanDuration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::record::EventKind;
 use super::{Abort, Runner};
 use crate::exit::CliError;
 use crate::experiment::StopKind;
@@ -107,7 +108,7 @@ async fn prometheus(
         let error = match tokio::time::timeout(every, query.evaluate()).await {
             Ok(Ok(r)) if r.holds => {
                 runner.shared.event(
-                    "stop-condition",
+                    EventKind::StopCondition,
                     0,
                     format!("stop condition {name} holds: {}", r.describe()),
                 );
@@ -124,7 +125,7 @@ async fn prometheus(
         let now = runner.shared.clock.now_ns();
         let since = *failing_since.get_or_insert(now);
         runner.shared.event(
-            "warning",
+            EventKind::Warning,
             0,
             format!("stop condition {name} cannot be evaluated: {error}"),
         );
@@ -134,7 +135,7 @@ async fn prometheus(
                 "stop condition {name} could not be evaluated for {} (3 intervals): {error}; the run was unprotected, so it stops",
                 HumanDuration(Duration::from_nanos(failing_ns))
             );
-            runner.shared.event("abort", 0, reason.clone());
+            runner.shared.event(EventKind::Abort, 0, reason.clone());
             runner.abort_with(Abort::Aborted(reason));
             return;
         }

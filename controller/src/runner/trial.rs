@@ -9,7 +9,7 @@ use gpuchaos_proto::spec::HumanDuration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::record::{FaultRecord, ObjectiveResult, ResultKind, TrialRecord};
+use super::record::{EventKind, FaultRecord, ObjectiveResult, ResultKind, TrialRecord};
 use super::{Abort, Runner, evaluate, stop};
 use crate::experiment::plan::PlanStep;
 use crate::experiment::{Anchor, ObjectiveKind, ValidObjective};
@@ -41,7 +41,7 @@ impl Runner {
             self.shared.set_step("steady state".to_string());
             match self.steady(&s.probes, s.duration, s.timeout).await {
                 Ok(took) => self.shared.event(
-                    "steady-state",
+                    EventKind::SteadyState,
                     0,
                     format!(
                         "steady state holds ({} after {:.1}s)",
@@ -75,7 +75,7 @@ impl Runner {
             }
             if steady_failed {
                 self.shared.event(
-                    "abort",
+                    EventKind::Abort,
                     index,
                     "the steady state did not return: no further trials",
                 );
@@ -91,7 +91,7 @@ impl Runner {
         self.shared.live.lock().unwrap().trial = index;
         let start_ns = self.shared.clock.now_ns();
         self.shared.event(
-            "trial-start",
+            EventKind::TrialStart,
             index,
             format!("trial {index} of {}", self.exp.trials),
         );
@@ -136,7 +136,7 @@ impl Runner {
         trial.objectives.extend(steady);
         for o in &trial.objectives {
             self.shared.event(
-                "objective",
+                EventKind::Objective,
                 index,
                 format!(
                     "{} {}: {}",
@@ -158,7 +158,7 @@ impl Runner {
         let r = self.steady(&s.probes, s.duration, s.timeout).await;
         let took = r.as_ref().ok().map(|d| d.as_secs_f64());
         self.shared.event(
-            "steady-state",
+            EventKind::SteadyState,
             index,
             match &r {
                 Ok(d) => format!("steady state holds again ({:.1}s)", d.as_secs_f64()),
