@@ -120,61 +120,75 @@ pub enum Renewal {
     TimedOut,
 }
 
-/// Renews every session once, all at once (one slow agent delays no other), each
-/// bounded by `within`. The outcomes are in the order of `sessions`. `run`, the
-/// game days' locks and `inject --attach` all renew through this.
+/// Renews one session, bounded by `within`.
+pub async fn renew_one(session: &Session, within: Duration) -> Renewal {
+    let (_, client, id) = session;
+    let mut client = client.clone();
+    let session_id = id.clone();
+    match tokio::time::timeout(
+        within,
+        client.renew_session(pb::RenewSessionRequest { session_id }),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Renewal::Renewed,
+        Ok(Err(s)) if s.code() == tonic::Code::NotFound => Renewal::Lapsed(s),
+        Ok(Err(s)) => Renewal::Failed(s),
+        Err(_) => Renewal::TimedOut,
+    }
+}
+
+/// Renews every session once, all at once, each bounded by `within`. The outcomes
+/// are in the order of `sessions`. (`inject --attach` renews through this on its
+/// own ticks; `run` and the game days' locks through [`keep_renewed`].)
 pub async fn renew_all(sessions: &[Session], within: Duration) -> Vec<Renewal> {
-    let renewals = sessions.iter().map(|(_, client, id)| {
-        let mut client = client.clone();
-        let session_id = id.clone();
+    futures_util::future::join_all(sessions.iter().map(|s| renew_one(s, within))).await
+}
+
+/// Keeps every session renewed, each on its own schedule: every `every` (each
+/// renewal bounded by `every`; one that timed out is retried at once), so that a
+/// slow or hung agent delays no other agent's renewals. Runs until `stop`, or until
+/// `report`, told each outcome but a success, breaks. A session that lapsed is not
+/// renewed again.
+pub async fn keep_renewed(
+    sessions: Vec<Session>,
+    every: Duration,
+    stop: CancellationToken,
+    report: impl FnMut(&AgentRef, Renewal) -> ControlFlow<()> + Send + 'static,
+) {
+    let report = Arc::new(std::sync::Mutex::new(report));
+    let done = stop.child_token();
+    let loops = sessions.into_iter().map(|session| {
+        let report = Arc::clone(&report);
+        let done = done.clone();
         async move {
-            match tokio::time::timeout(
-                within,
-                client.renew_session(pb::RenewSessionRequest { session_id }),
-            )
-            .await
-            {
-                Ok(Ok(_)) => Renewal::Renewed,
-                Ok(Err(s)) if s.code() == tonic::Code::NotFound => Renewal::Lapsed(s),
-                Ok(Err(s)) => Renewal::Failed(s),
-                Err(_) => Renewal::TimedOut,
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = done.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let r = renew_one(&session, every).await;
+                if matches!(r, Renewal::Renewed) {
+                    continue;
+                }
+                let lapsed = matches!(r, Renewal::Lapsed(_));
+                let flow = {
+                    let mut report = report.lock().unwrap_or_else(|p| p.into_inner());
+                    (*report)(&session.0, r)
+                };
+                if flow.is_break() {
+                    done.cancel();
+                    return;
+                }
+                if lapsed {
+                    return;
+                }
             }
         }
     });
-    futures_util::future::join_all(renewals).await
-}
-
-/// Renews the sessions every `every` (each renewal bounded by `every`) until `stop`
-/// or until `report`, told each outcome but a success, breaks. A session that
-/// lapsed is not renewed again.
-pub async fn keep_renewed(
-    mut sessions: Vec<Session>,
-    every: Duration,
-    stop: CancellationToken,
-    mut report: impl FnMut(&AgentRef, Renewal) -> ControlFlow<()>,
-) {
-    while !sessions.is_empty() {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-        let outcomes = renew_all(&sessions, every).await;
-        let mut lapsed = Vec::new();
-        for (k, ((agent, _, _), r)) in sessions.iter().zip(outcomes).enumerate() {
-            if matches!(r, Renewal::Renewed) {
-                continue;
-            }
-            if matches!(r, Renewal::Lapsed(_)) {
-                lapsed.push(k);
-            }
-            if report(agent, r).is_break() {
-                return;
-            }
-        }
-        for k in lapsed.into_iter().rev() {
-            sessions.remove(k);
-        }
-    }
+    futures_util::future::join_all(loops).await;
 }
 
 /// Renews every session of a run a third of the lease apart until `stop`. A
@@ -317,4 +331,130 @@ pub async fn halt(c: &Conn) -> Result<Vec<pb::Fault>, String> {
         .await
         .map(|r| r.into_inner().faults)
         .map_err(|s| describe_status(&c.agent, &s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpuchaos_proto::pb::agent_server::{Agent, AgentServer};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use tonic::{Request, Response, Status};
+
+    /// An agent that counts renewals and answers them at once, or never (`hung`).
+    struct Renews {
+        count: Arc<AtomicU32>,
+        hung: bool,
+    }
+
+    type Answer<T> = Result<Response<T>, Status>;
+
+    #[tonic::async_trait]
+    impl Agent for Renews {
+        async fn get_info(&self, _: Request<pb::GetInfoRequest>) -> Answer<pb::AgentInfo> {
+            Err(Status::unimplemented(""))
+        }
+        async fn open_session(&self, _: Request<pb::OpenSessionRequest>) -> Answer<pb::Session> {
+            Err(Status::unimplemented(""))
+        }
+        async fn renew_session(&self, _: Request<pb::RenewSessionRequest>) -> Answer<pb::Session> {
+            self.count.fetch_add(1, Ordering::SeqCst);
+            if self.hung {
+                std::future::pending::<()>().await;
+            }
+            Ok(Response::new(pb::Session::default()))
+        }
+        async fn close_session(
+            &self,
+            _: Request<pb::CloseSessionRequest>,
+        ) -> Answer<pb::CloseSessionResponse> {
+            Err(Status::unimplemented(""))
+        }
+        async fn inject(&self, _: Request<pb::InjectRequest>) -> Answer<pb::Fault> {
+            Err(Status::unimplemented(""))
+        }
+        async fn revert(&self, _: Request<pb::RevertRequest>) -> Answer<pb::Fault> {
+            Err(Status::unimplemented(""))
+        }
+        async fn list_faults(
+            &self,
+            _: Request<pb::ListFaultsRequest>,
+        ) -> Answer<pb::ListFaultsResponse> {
+            Err(Status::unimplemented(""))
+        }
+        async fn revert_all(
+            &self,
+            _: Request<pb::RevertAllRequest>,
+        ) -> Answer<pb::RevertAllResponse> {
+            Err(Status::unimplemented(""))
+        }
+        type WatchEventsStream = futures_util::stream::Empty<Result<pb::FaultEvent, Status>>;
+        async fn watch_events(
+            &self,
+            _: Request<pb::WatchEventsRequest>,
+        ) -> Answer<Self::WatchEventsStream> {
+            Err(Status::unimplemented(""))
+        }
+    }
+
+    async fn serve(hung: bool) -> (Session, Arc<AtomicU32>) {
+        let count = Arc::new(AtomicU32::new(0));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let svc = AgentServer::new(Renews {
+            count: Arc::clone(&count),
+            hung,
+        });
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let client = AgentClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let agent = AgentRef {
+            name: if hung { "hung" } else { "healthy" }.into(),
+            address: addr.to_string(),
+            labels: Default::default(),
+        };
+        ((agent, client, "s-1".into()), count)
+    }
+
+    /// One agent that never answers must not slow another's renewals: each session
+    /// keeps its own schedule (a round waiting for the slowest would renew the
+    /// healthy agent every two intervals, and lapse its lease under a little load).
+    #[tokio::test]
+    async fn a_hung_agent_delays_no_other_agents_renewals() {
+        let (healthy, healthy_count) = serve(false).await;
+        let (hung, hung_count) = serve(true).await;
+        let stop = CancellationToken::new();
+        let reported = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Arc::clone(&reported);
+        let task = tokio::spawn(keep_renewed(
+            vec![healthy, hung],
+            Duration::from_millis(200),
+            stop.clone(),
+            move |agent, r| {
+                seen.lock()
+                    .unwrap()
+                    .push((agent.name.clone(), format!("{r:?}")));
+                ControlFlow::Continue(())
+            },
+        ));
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        stop.cancel();
+        task.await.unwrap();
+        let healthy = healthy_count.load(Ordering::SeqCst);
+        // Ten intervals: ten renewals on its own schedule, five in lockstep.
+        assert!(
+            healthy >= 8,
+            "the healthy agent was renewed {healthy} times in 2.1s"
+        );
+        assert!(hung_count.load(Ordering::SeqCst) >= 4);
+        let reported = reported.lock().unwrap();
+        assert!(
+            reported.iter().all(|(a, r)| a == "hung" && r == "TimedOut"),
+            "{reported:?}"
+        );
+    }
 }
