@@ -236,9 +236,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         Arc::clone(&policy),
     ));
     let process = Arc::new(ProcessDriver::new(Arc::clone(&selector)));
-    let net_caps = tokio::task::spawn_blocking(NetCaps::detect)
-        .await
-        .context("probing the network tools")?;
+    let tools: Arc<dyn sys::tools::Tools> = Arc::new(sys::tools::RealTools);
+    let net_caps = NetCaps::detect(&*tools).await;
     let transparent_ok = if !net_caps.privileged {
         Err("not root (nftables needs CAP_NET_ADMIN)".to_string())
     } else if !net_caps.nft {
@@ -246,7 +245,6 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     } else {
         Ok(())
     };
-    let tools: Arc<dyn sys::tools::Tools> = Arc::new(sys::tools::RealTools);
     let network = Arc::new(
         NetworkDriver::new(
             selector,

@@ -175,7 +175,8 @@ impl std::error::Error for SpecErrors {}
 // ---------------------------------------------------------------------------
 // The fault kinds. Adding one: its spec file under spec/ (a struct implementing
 // [`KindSpec`]), one line in `fault_kinds!` below, its driver in the agent
-// (agent/src/faults/, one line in `faults::drivers`), and its docs.
+// (agent/src/faults/, added to the `drivers` list in agent/src/lib.rs), and its
+// docs (docs/architecture.md, "Adding a fault kind").
 // ---------------------------------------------------------------------------
 
 /// What every kind's spec gives the shared code.
@@ -311,6 +312,10 @@ impl<'de> serde::de::Visitor<'de> for FaultVisitor {
             }
             None => return Err(A::Error::missing_field("kind")),
         };
+        // Said as it is, not under a field path: the kind itself is wrong.
+        if !KINDS.contains(&kind.as_str()) {
+            return Err(unknown_kind(&kind));
+        }
         let mut track = serde_path_to_error::Track::new();
         let rest =
             serde_path_to_error::Deserializer::new(serde_json::Value::Object(obj), &mut track);

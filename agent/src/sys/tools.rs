@@ -67,7 +67,16 @@ impl Tools for RealTools {
         args: &'a [String],
         stdin: Option<&'a str>,
     ) -> ToolFut<'a> {
-        Box::pin(run_tool(ns, tool, args, stdin))
+        Box::pin(async move {
+            let r = run_tool(ns, tool, args, stdin).await;
+            // A run that exited was logged with its status; this catches the rest
+            // too (not installed, cannot start, no answer in time).
+            if let Err(e) = &r {
+                tracing::debug!(netns = ?ns, argv = ?(tool.binary(), args), error = %e.message,
+                    "tool failed");
+            }
+            r
+        })
     }
 }
 

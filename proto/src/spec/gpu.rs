@@ -219,8 +219,6 @@ impl schemars::JsonSchema for ByteSize {
 /// Shortest ramp: anything faster is a step, say so.
 pub const MIN_RAMP_MS: u64 = 200;
 
-impl GpuMemorySpec {}
-
 impl KindSpec for GpuMemorySpec {
     fn duration(&self) -> std::time::Duration {
         self.duration.0

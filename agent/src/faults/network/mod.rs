@@ -122,32 +122,16 @@ fn kernel_module_available(name: &str) -> bool {
 impl NetCaps {
     /// Probes tc and netem in a throwaway namespace (`unshare -n`), never on the
     /// node's own interfaces.
-    pub fn detect() -> NetCaps {
-        let run = |args: &[&str], stdin: Option<&str>| -> Result<(), String> {
-            use std::io::Write;
-            let Some(unshare) = Tool::Unshare.find() else {
-                return Err(Tool::Unshare.missing());
-            };
-            let child = std::process::Command::new(unshare)
-                .arg("-n")
-                .args(args)
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
-                .spawn();
-            let mut child = child.map_err(|e| e.to_string())?;
-            if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-                let _ = pipe.write_all(text.as_bytes());
-            }
-            drop(child.stdin.take());
-            let r = match child.wait_with_output() {
-                Ok(o) if o.status.success() => Ok(()),
-                Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            tracing::debug!(argv = ?(Tool::Unshare.binary(), "-n", args), outcome = ?r,
-                "capability probe in a throwaway namespace");
-            r
+    /// Runs through `tools` (so each probe is bounded in time and logged).
+    pub async fn detect(tools: &dyn Tools) -> NetCaps {
+        let run = async |args: &[&str], stdin: Option<&str>| -> Result<(), String> {
+            let mut argv = vec!["-n".to_string()];
+            argv.extend(args.iter().map(|a| a.to_string()));
+            tools
+                .run(None, Tool::Unshare, &argv, stdin)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.message)
         };
         let tc = Tool::Tc.find();
         let ip = Tool::Ip.find();
@@ -161,7 +145,7 @@ impl NetCaps {
                     filter add dev lo parent 4743: protocol all prio 12 u32 match u32 0 0 flowid 4743:1\n\
                     qdisc add dev lo handle ffff: ingress\n\
                     filter add dev lo parent ffff: protocol all prio 1 u32 match u32 0 0 action mirred egress redirect dev lo\n";
-                match run(&[&tc.display().to_string(), "-batch", "-"], Some(layout)) {
+                match run(&[&tc.display().to_string(), "-batch", "-"], Some(layout)).await {
                     Ok(()) => (true, String::new()),
                     Err(e) => (
                         false,
@@ -182,6 +166,7 @@ impl NetCaps {
                     ],
                     None,
                 )
+                .await
                 .map_err(|e| {
                     if e.contains("unknown") {
                         "this kernel has no netem (module sch_netem)".to_string()
@@ -191,6 +176,19 @@ impl NetCaps {
                 })
             }
         };
+        // No module tree: nothing can be loaded, so trying it in a throwaway namespace
+        // has no side effect (it works only when ifb is built in).
+        let ifb = kernel_module_available("ifb")
+            || (!std::path::Path::new("/lib/modules").exists()
+                && match &ip {
+                    Some(ip) => {
+                        let ip = ip.display().to_string();
+                        run(&[&ip, "link", "add", "gciprobe", "type", "ifb"], None)
+                            .await
+                            .is_ok()
+                    }
+                    None => false,
+                });
         NetCaps {
             privileged: nix::unistd::geteuid().is_root()
                 || (has_capability(CAP_NET_ADMIN) && has_capability(CAP_SYS_ADMIN)),
@@ -199,14 +197,7 @@ impl NetCaps {
             tc_why,
             nsenter: Tool::Nsenter.find().is_some(),
             netem,
-            ifb: kernel_module_available("ifb")
-                // No module tree: nothing can be loaded, so trying it in a throwaway
-                // namespace has no side effect (it works only when ifb is built in).
-                || (!std::path::Path::new("/lib/modules").exists()
-                    && ip.as_ref().is_some_and(|ip| {
-                        let ip = ip.display().to_string();
-                        run(&[&ip, "link", "add", "gciprobe", "type", "ifb"], None).is_ok()
-                    })),
+            ifb,
         }
     }
 }
