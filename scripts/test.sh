@@ -52,3 +52,5 @@ echo "== gpuchaos validate experiments/"
 ./target/debug/gpuchaos validate experiments/*.yaml experiments/specs/*.yaml experiments/refstack/*.yaml experiments/gamedays/*.yaml
 echo "== tests"
 cargo nextest run --workspace --locked --no-fail-fast "${HOOKS[@]}"
+echo "== doc tests (nextest does not run them; e.g. a CUDA context cannot be destroyed twice)"
+cargo test --doc --workspace --locked "${HOOKS[@]}"

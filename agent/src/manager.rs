@@ -388,8 +388,9 @@ impl Manager {
                 continue;
             };
             let started = Instant::now();
+            let span = tracing::info_span!("fault", fault.id = %id, fault.kind = %kind);
             let result = match self.drivers.get(kind.as_str()) {
-                Some(d) => Arc::clone(d).revert(plan.clone()).await,
+                Some(d) => Arc::clone(d).revert(plan.clone()).instrument(span).await,
                 None => Err(RevertError {
                     message: format!("this agent version has no {kind:?} fault kind"),
                     leftover: format!("{target}: revert it by hand; the journal plan is {plan}"),

@@ -6,7 +6,8 @@
 //! driver matches on spec variants or parses its own plan.
 //!
 //! Adding a kind: its spec under proto/src/spec/ (registered in `fault_kinds!`), its
-//! driver here, and one line in [`drivers`].
+//! driver here, and one line in the `drivers` list of [`crate::run`]
+//! (docs/architecture.md, "Adding a fault kind").
 
 pub mod gpu_memory;
 pub mod guardrail;
@@ -223,4 +224,184 @@ fn wrong_kind<D: KindDriver>(spec: &FaultSpec) -> AgentError {
         <D::Spec as Kind>::KIND,
         spec.kind()
     ))
+}
+
+/// The journal outlives the agent binary: plans written by earlier agents (these are
+/// their exact JSON shapes) must still revert after an upgrade, and a plan that does
+/// not parse must say where to look by hand.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::faults::gpu_memory::GpuMemoryDriver;
+    use crate::faults::guardrail::GuardrailDriver;
+    use crate::faults::network::{NetCaps, NetworkDriver};
+    use crate::faults::process::ProcessDriver;
+    use crate::faults::select::Selector;
+    use crate::policy::{Policy, PolicyFile};
+    use crate::sys::fake::{FakeProcs, FakeTable, FakeTools, NoGpus, workers};
+
+    struct Rig {
+        procs: Arc<FakeProcs>,
+        tools: Arc<FakeTools>,
+        drivers: Vec<Arc<dyn FaultDriver>>,
+    }
+
+    fn rig() -> Rig {
+        let procs = workers();
+        let tools = Arc::new(FakeTools::default());
+        let policy = Arc::new(Policy::new(PolicyFile::default()).unwrap());
+        let selector = Arc::new(Selector::new(
+            procs.clone(),
+            Arc::new(NoGpus),
+            Arc::clone(&policy),
+        ));
+        let caps = NetCaps {
+            privileged: true,
+            nft: true,
+            tc: false,
+            tc_why: String::new(),
+            nsenter: true,
+            netem: Err(String::new()),
+            ifb: false,
+        };
+        let drivers = vec![
+            typed(Arc::new(ProcessDriver::new(Arc::clone(&selector)))),
+            typed(Arc::new(GpuMemoryDriver::new(
+                Arc::new(NoGpus),
+                Arc::clone(&policy),
+                Some("/nonexistent/libcuda.so.1".into()),
+            ))),
+            typed(Arc::new(NetworkDriver::new(
+                selector,
+                tools.clone(),
+                Arc::clone(&policy),
+                caps,
+                vec![],
+            ))),
+            typed(Arc::new(GuardrailDriver::new(
+                Arc::new(crate::metrics::Metrics::new()),
+                Ok(()),
+                vec![],
+                tools.clone(),
+            ))),
+        ];
+        Rig {
+            procs,
+            tools,
+            drivers,
+        }
+    }
+
+    impl Rig {
+        fn driver(&self, kind: &str) -> Arc<dyn FaultDriver> {
+            let d = self.drivers.iter().find(|d| d.kind() == kind).unwrap();
+            Arc::clone(d)
+        }
+    }
+
+    fn json(text: &str) -> serde_json::Value {
+        serde_json::from_str(text).unwrap()
+    }
+
+    #[tokio::test]
+    async fn plans_journaled_by_earlier_agents_still_revert() {
+        let r = rig();
+        // process: a pause of pid 100 (start time 1000 in the fake table).
+        r.procs.table.lock().unwrap().get_mut(&100).unwrap().0.state = 'T';
+        r.driver("process")
+            .revert(json(
+                r#"{"action":"pause","targets":[{"pid":100,"start_time":1000,"comm":"vllm-worker"}],"seed":7}"#,
+            ))
+            .await
+            .unwrap();
+        assert_eq!(r.procs.state(100), Some('S'), "resumed");
+
+        // network: a partition in the agent's namespace, from before `covers`.
+        r.tools
+            .tables
+            .lock()
+            .unwrap()
+            .insert((None, "gpuchaos_0badf00d".into()), FakeTable::default());
+        r.driver("network")
+            .revert(json(
+                r#"{"token":"0badf00d","table":"gpuchaos_0badf00d","shaper":null,"namespaces":[{"netns":null,"label":"the agent's namespace","shaped":[],"ifbs":[]}],"seed":7}"#,
+            ))
+            .await
+            .unwrap();
+        assert!(
+            r.tools.tables.lock().unwrap().is_empty(),
+            "the table is gone"
+        );
+
+        // guardrail: explicit mode (before transparent mode added `table`), and a
+        // transparent one with its redirect table.
+        r.driver("guardrail")
+            .revert(json(
+                r#"{"listen":"127.0.0.1:18801","upstream":"http://127.0.0.1:9","standing":false,"seed":1,"token":"00000000000000ab"}"#,
+            ))
+            .await
+            .unwrap();
+        r.tools
+            .tables
+            .lock()
+            .unwrap()
+            .insert((None, "gpuchaos_1234abcd".into()), FakeTable::default());
+        r.driver("guardrail")
+            .revert(json(
+                r#"{"listen":"10.0.0.9:8000","table":"gpuchaos_1234abcd","upstream":"http://10.0.0.9:8000","standing":false,"seed":1,"token":"1234abcd00000000"}"#,
+            ))
+            .await
+            .unwrap();
+        assert!(
+            r.tools.tables.lock().unwrap().is_empty(),
+            "the redirect is gone"
+        );
+
+        // gpu_memory: no helper of that token runs any more: nothing to do.
+        r.driver("gpu_memory")
+            .revert(json(
+                r#"{"token":"c0ffee00c0ffee00","gpus":[{"index":0,"uuid":"GPU-0","total":85899345920,"used_before":0,"target_used":42949672960}],"ramp_ms":null}"#,
+            ))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_plan_says_where_to_look_for_each_kind() {
+        let r = rig();
+        for (kind, look) in [
+            ("process", "check the processes recorded in"),
+            ("gpu_memory", "processes (ps -ef) and kill them"),
+            ("network", "nft list tables"),
+            ("guardrail", "nft list tables"),
+        ] {
+            let e = r
+                .driver(kind)
+                .revert(json(r#"{"targets":"garbled"}"#))
+                .await
+                .unwrap_err();
+            assert!(
+                e.message
+                    .starts_with(&format!("unreadable {kind} plan in the journal: ")),
+                "{kind}: {e:?}"
+            );
+            assert!(e.leftover.contains(look), "{kind}: {e:?}");
+            assert!(
+                e.leftover.contains("garbled"),
+                "{kind}: the plan is quoted: {e:?}"
+            );
+        }
+        // And a spec of another kind is refused, not misread.
+        let spec = gpuchaos_proto::spec::FaultSpec::from_yaml_multi(
+            "kind: process\nduration: 1s\ntarget: {pid: 100}\naction: pause\n",
+        )
+        .unwrap()
+        .remove(0);
+        let e = r.driver("network").plan(&spec).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("the network driver was given a process spec"),
+            "{e}"
+        );
+    }
 }

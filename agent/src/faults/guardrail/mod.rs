@@ -389,8 +389,10 @@ impl KindDriver for GuardrailDriver {
         })
     }
 
-    fn unreadable_plan_leftover(&self, _plan: &str) -> String {
-        "nothing in the kernel: a guardrail proxy dies with the agent".into()
+    fn unreadable_plan_leftover(&self, plan: &str) -> String {
+        format!(
+            "an explicit proxy dies with the agent; a transparent one (intercept:) leaves a redirect table: look for tables named gpuchaos_* (`nft list tables`) and delete them (a restart of the agent sweeps them); the plan was {plan}"
+        )
     }
 
     async fn revert(self: Arc<Self>, plan: GuardrailPlan) -> Result<(), RevertError> {

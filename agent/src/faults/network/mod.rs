@@ -264,12 +264,12 @@ impl NetworkDriver {
         }
     }
 
-    /// Keeps the list of drains under way in `state_dir` (see [`DRAIN_FILE`]).
     /// Where tools run for a namespace (None: the agent's own).
     fn ns<'a>(&'a self, path: Option<&'a std::path::Path>) -> Ns<'a> {
         Ns::new(&*self.tools, path)
     }
 
+    /// Keeps the list of drains under way in `state_dir` (see [`DRAIN_FILE`]).
     pub fn with_drain_file(mut self, state_dir: &std::path::Path) -> Self {
         self.drain_file = Some(state_dir.join(DRAIN_FILE));
         self
@@ -1405,7 +1405,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn refusals_happen_at_planning_with_nothing_run() {
+    async fn planning_refuses_or_plans_with_nothing_run() {
         let (tools, d) = rig();
         for (yaml, want) in [
             (
