@@ -43,7 +43,6 @@ pub struct RunRecord {
 #[serde(rename_all = "kebab-case")]
 pub enum Verdict {
     /// Every objective held.
-    #[default]
     Passed,
     /// An objective failed (or the steady state did not return).
     Failed,
@@ -56,7 +55,9 @@ pub enum Verdict {
     /// Something may be left behind.
     RevertFailed,
     /// The run could not go on for a reason of its own (e.g. a stop condition that
-    /// cannot be set up).
+    /// cannot be set up). Also the default: a record nobody gave a verdict never
+    /// reads as passed.
+    #[default]
     Error,
 }
 
