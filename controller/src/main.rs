@@ -10,11 +10,19 @@ use gpuchaos_controller::exit::{self, CliError};
 use gpuchaos_controller::fleet::{Fleet, TlsClient};
 use gpuchaos_controller::output::Output;
 
+/// `0.1.0 (commit 1a2b3c4d5e6f)`: the release and the commit it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("GPUCHAOS_COMMIT"),
+    ")"
+);
+
 /// gpuchaos: chaos engineering for GPU inference nodes.
 #[derive(Parser, Debug)]
 #[command(
     name = "gpuchaos",
-    version,
+    version = VERSION,
     after_help = "Exit codes: 0 ok, 1 objective failed, 2 aborted, 3 inject failed, 4 revert failed (something may be left behind), 64 invalid input, 69 agent unreachable, 70 internal error, 74 state directory or history database unusable"
 )]
 struct Cli {
@@ -31,6 +39,13 @@ struct Cli {
     fleet: Option<PathBuf>,
     #[arg(long, global = true, value_enum, default_value = "text")]
     output: Output,
+    /// Only errors, warnings and results: no progress lines, no notes.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// More log lines on stderr: -v info, -vv debug, -vvv trace (GPUCHAOS_LOG, an
+    /// env-filter, overrides).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
     /// CA certificate the agents' certificates chain to (mutual TLS).
     #[arg(long, global = true, env = "GPUCHAOS_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
     tls_ca: Option<PathBuf>,
@@ -133,6 +148,8 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Write a commented first experiment or game-day file to stdout.
+    New(commands::new::NewArgs),
     /// Print the JSON Schema of the experiment format (for editors).
     Schema,
     /// Zero-setup demo against a local agent.
@@ -190,7 +207,7 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         }
         Cmd::Revert { id } => commands::revert::revert(&fleet()?, cli.output, &id).await,
         Cmd::Halt => commands::revert::halt(&fleet()?, cli.output).await,
-        Cmd::Validate { files } => commands::validate::run(&files),
+        Cmd::Validate { files } => commands::validate::run(&files, cli.output),
         Cmd::Run {
             file,
             report_dir,
@@ -268,6 +285,7 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
                 out,
             },
         ),
+        Cmd::New(args) => commands::new::run(&args, &cli.agents),
         Cmd::Demo => commands::demo::run().await,
         Cmd::Certs {
             out,
@@ -279,6 +297,7 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
             sans: &sans,
             days,
             force,
+            output: cli.output,
         }),
     }
 }
@@ -296,11 +315,20 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    gpuchaos_controller::output::set_quiet(cli.quiet);
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => "error",
+        (_, 0) => "warn",
+        (_, 1) => "info",
+        (_, 2) => "debug",
+        _ => "trace",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("GPUCHAOS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(gpuchaos_controller::output::stderr_styled())
         .init();
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -12,6 +12,7 @@ use rcgen::{
 };
 
 use crate::exit::{self, CliError};
+use crate::output::Output;
 
 pub struct Options<'a> {
     pub out: &'a Path,
@@ -19,6 +20,7 @@ pub struct Options<'a> {
     pub sans: &'a [String],
     pub days: u32,
     pub force: bool,
+    pub output: Output,
 }
 
 pub const FILES: &[&str] = &[
@@ -163,6 +165,24 @@ pub fn run(opts: Options<'_>) -> Result<u8, CliError> {
     write(&o.join("agent-key.pem"), &agent_key, 0o600, opts.force)?;
     write(&o.join("controller.pem"), &ctl_pem, 0o644, opts.force)?;
     write(&o.join("controller-key.pem"), &ctl_key, 0o600, opts.force)?;
+    if opts.output == Output::Json {
+        let path = |f: &str| o.join(f).display().to_string();
+        let v = serde_json::json!({
+            "dir": o.display().to_string(),
+            "days": opts.days,
+            "agent_names": agent_names,
+            "files": {
+                "ca": path("ca.pem"),
+                "ca_key": path("ca-key.pem"),
+                "agent": path("agent.pem"),
+                "agent_key": path("agent-key.pem"),
+                "controller": path("controller.pem"),
+                "controller_key": path("controller-key.pem"),
+            },
+        });
+        println!("{v}");
+        return Ok(exit::OK);
+    }
     println!(
         "wrote a CA and certificates to {} (valid {} days)",
         o.display(),
@@ -201,6 +221,7 @@ mod tests {
             sans: &["node-7".into()],
             days: 30,
             force: false,
+            output: Output::Text,
         })
         .unwrap();
         for f in FILES {
@@ -217,6 +238,7 @@ mod tests {
             sans: &[],
             days: 30,
             force: false,
+            output: Output::Text,
         })
         .unwrap_err();
         assert!(e.message.contains("--force"), "{e}");
@@ -225,6 +247,7 @@ mod tests {
             sans: &[],
             days: 30,
             force: true,
+            output: Output::Text,
         })
         .unwrap();
     }

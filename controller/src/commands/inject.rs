@@ -263,7 +263,7 @@ async fn attach(
         .collect();
     let mut renew = tokio::time::interval(lease / 3);
     let mut poll = tokio::time::interval(Duration::from_millis(200));
-    eprintln!(
+    crate::note!(
         "attached: renewing the {} lease every {}; Ctrl-C reverts now",
         short_duration(lease),
         short_duration(lease / 3)

@@ -116,14 +116,14 @@ pub async fn run(cli_fleet: &Fleet, opts: Options) -> Result<u8, CliError> {
     let store = Store::open(&opts.state_dir).map_err(history_error)?;
     let added = store.sync_pending().map_err(history_error)?;
     if added > 0 {
-        eprintln!(
+        crate::note!(
             "history: added {added} run result{} that had waited in the state directory",
             if added == 1 { "" } else { "s" }
         );
     }
     let closed = close_orphans(&store, clock.now().as_millisecond()).map_err(history_error)?;
     if closed > 0 {
-        eprintln!(
+        crate::note!(
             "history: {closed} run{} left running by a controller that is gone recorded as interrupted",
             if closed == 1 { "" } else { "s" }
         );

@@ -4,10 +4,12 @@
 
 use std::path::PathBuf;
 
+use gpuchaos_proto::spec::FaultSpec;
+use serde::Serialize;
+
 use crate::exit::{self, CliError};
 use crate::experiment::{load, yaml};
-
-use super::inject::parse_specs;
+use crate::output::Output;
 
 /// A file of fault specs (every document has a `kind` and no `method`), rather
 /// than an experiment.
@@ -23,115 +25,221 @@ fn is_fault_spec(text: &str) -> bool {
     }
 }
 
-pub fn run(files: &[PathBuf]) -> Result<u8, CliError> {
+/// One problem found, located.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Problem {
+    pub file: String,
+    /// 1-based; absent when the problem is the file as a whole.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub column: Option<u64>,
+    /// Field path (`probes[1].http.url`); empty for the whole document.
+    pub field: String,
+    pub message: String,
+}
+
+impl From<load::LoadError> for Problem {
+    fn from(e: load::LoadError) -> Self {
+        Problem {
+            file: e.file,
+            line: (e.line > 0).then_some(e.line),
+            column: (e.line > 0).then_some(e.column),
+            field: e.path,
+            message: e.message,
+        }
+    }
+}
+
+/// What one file was found to be.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Checked {
+    pub file: String,
+    /// `experiment`, `gameday`, `fault-spec`, or empty when it could not be told.
+    pub kind: &'static str,
+    pub ok: bool,
+    /// One line: `experiment NAME: 2 probes, …` (empty when not ok).
+    pub summary: String,
+    pub problems: Vec<Problem>,
+}
+
+pub fn run(files: &[PathBuf], output: Output) -> Result<u8, CliError> {
     if files.is_empty() {
         return Err(CliError::invalid("validate: name at least one file"));
     }
-    let mut code = exit::OK;
-    let mut expanded = Vec::new();
+    let mut checked = Vec::new();
     for f in files {
         if f.is_dir() {
-            let before = expanded.len();
-            yaml_files_in(f, &mut expanded);
-            if expanded.len() == before {
-                eprintln!(
-                    "{}: a directory with no .yaml or .yml files in it",
-                    f.display()
-                );
-                code = exit::INVALID_INPUT;
+            let mut found = Vec::new();
+            yaml_files_in(f, &mut found);
+            if found.is_empty() {
+                checked.push(failed(
+                    f,
+                    "",
+                    whole(f, "a directory with no .yaml or .yml files in it"),
+                ));
             }
+            checked.extend(found.iter().map(|f| check_file(f)));
         } else {
-            expanded.push(f.clone());
+            checked.push(check_file(f));
         }
     }
-    for f in &expanded {
-        let text =
-            match gpuchaos_proto::files::read_text_capped(f, gpuchaos_proto::files::MAX_YAML_BYTES)
-            {
-                Ok(t) => t,
-                Err(e) => {
-                    eprintln!("{e}");
-                    code = exit::INVALID_INPUT;
-                    continue;
-                }
-            };
-        if crate::gameday::file::looks_like_gameday(&text) {
-            let base = f
-                .parent()
-                .unwrap_or(std::path::Path::new("."))
-                .to_path_buf();
-            match crate::gameday::file::load_str(&text, &f.display().to_string(), f, &base) {
-                Ok(g) => {
-                    let next = g
-                        .schedule
-                        .next_after(jiff::Timestamp::now())
-                        .map(|t| g.schedule.local(t))
-                        .unwrap_or_else(|| "never".into());
-                    println!(
-                        "{}: ok (game day {}: {}, next {}; {} experiment{}, max {}, {} blackout{}, {} notification{})",
-                        f.display(),
-                        g.name,
-                        g.schedule.describe(),
-                        next,
-                        g.experiments.len(),
-                        plural(g.experiments.len()),
-                        humantime::format_duration(g.max_duration),
-                        g.blackouts.len(),
-                        plural(g.blackouts.len()),
-                        g.notify.len(),
-                        plural(g.notify.len())
-                    );
-                }
-                Err(errs) => {
-                    for e in errs {
-                        eprintln!("{e}");
+    match output {
+        Output::Json => {
+            let v = serde_json::json!({
+                "ok": checked.iter().all(|c| c.ok),
+                "files": checked,
+            });
+            println!("{v}");
+        }
+        Output::Text => {
+            for c in &checked {
+                if c.ok {
+                    if !crate::output::quiet() {
+                        println!("{}: ok ({})", c.file, c.summary);
                     }
-                    code = exit::INVALID_INPUT;
+                } else {
+                    for p in &c.problems {
+                        eprintln!("{}", located(p));
+                    }
                 }
             }
-            continue;
         }
-        if is_fault_spec(&text) {
-            match parse_specs(&f.display().to_string(), &text) {
-                Ok(specs) => println!(
-                    "{}: ok ({} fault spec{})",
-                    f.display(),
+    }
+    Ok(if checked.iter().all(|c| c.ok) {
+        exit::OK
+    } else {
+        exit::INVALID_INPUT
+    })
+}
+
+/// `FILE:LINE:COL: field: message`, as compilers say it.
+fn located(p: &Problem) -> String {
+    let loc = match (p.line, p.column) {
+        (Some(l), Some(c)) => format!("{}:{l}:{c}", p.file),
+        // A message about the whole file that names it already (`cannot read F: …`).
+        _ if p.field.is_empty() && p.message.contains(&p.file) => return p.message.clone(),
+        _ => p.file.clone(),
+    };
+    if p.field.is_empty() {
+        format!("{loc}: {}", p.message)
+    } else {
+        format!("{loc}: {}: {}", p.field, p.message)
+    }
+}
+
+fn whole(f: &std::path::Path, message: impl Into<String>) -> Problem {
+    Problem {
+        file: f.display().to_string(),
+        line: None,
+        column: None,
+        field: String::new(),
+        message: message.into(),
+    }
+}
+
+fn failed(f: &std::path::Path, kind: &'static str, p: Problem) -> Checked {
+    Checked {
+        file: f.display().to_string(),
+        kind,
+        ok: false,
+        summary: String::new(),
+        problems: vec![p],
+    }
+}
+
+fn check_file(f: &std::path::Path) -> Checked {
+    let name = f.display().to_string();
+    let text =
+        match gpuchaos_proto::files::read_text_capped(f, gpuchaos_proto::files::MAX_YAML_BYTES) {
+            Ok(t) => t,
+            Err(e) => return failed(f, "", whole(f, e.to_string())),
+        };
+    let done = |kind, r: Result<String, Vec<Problem>>| match r {
+        Ok(summary) => Checked {
+            file: name.clone(),
+            kind,
+            ok: true,
+            summary,
+            problems: vec![],
+        },
+        Err(problems) => Checked {
+            file: name.clone(),
+            kind,
+            ok: false,
+            summary: String::new(),
+            problems,
+        },
+    };
+    if crate::gameday::file::looks_like_gameday(&text) {
+        let base = f
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .to_path_buf();
+        let r = crate::gameday::file::load_str(&text, &name, f, &base)
+            .map(|g| {
+                let next = g
+                    .schedule
+                    .next_after(jiff::Timestamp::now())
+                    .map(|t| g.schedule.local(t))
+                    .unwrap_or_else(|| "never".into());
+                format!(
+                    "game day {}: {}, next {}; {} experiment{}, max {}, {} blackout{}, {} notification{}",
+                    g.name,
+                    g.schedule.describe(),
+                    next,
+                    g.experiments.len(),
+                    plural(g.experiments.len()),
+                    humantime::format_duration(g.max_duration),
+                    g.blackouts.len(),
+                    plural(g.blackouts.len()),
+                    g.notify.len(),
+                    plural(g.notify.len())
+                )
+            })
+            .map_err(|errs| errs.into_iter().map(Problem::from).collect());
+        return done("gameday", r);
+    }
+    if is_fault_spec(&text) {
+        let r = FaultSpec::from_yaml_multi(&text)
+            .map(|specs| {
+                format!(
+                    "{} fault spec{}",
                     specs.len(),
                     if specs.len() == 1 { "" } else { "s" }
-                ),
-                Err(e) => {
-                    eprintln!("{}", e.message);
-                    code = exit::INVALID_INPUT;
-                }
-            }
-            continue;
-        }
-        match load::load_text(f, &text) {
-            Ok(l) => {
-                let e = &l.experiment;
-                println!(
-                    "{}: ok (experiment {}: {} probe{}, {} step{}, {} objective{}, {} trial{})",
-                    f.display(),
-                    e.metadata.name,
-                    e.probes.len(),
-                    plural(e.probes.len()),
-                    e.method.len(),
-                    plural(e.method.len()),
-                    e.objectives.len(),
-                    plural(e.objectives.len()),
-                    e.trials,
-                    plural(e.trials as usize)
-                );
-            }
-            Err(errs) => {
-                for e in errs {
-                    eprintln!("{e}");
-                }
-                code = exit::INVALID_INPUT;
-            }
-        }
+                )
+            })
+            .map_err(|e| {
+                e.0.into_iter()
+                    .map(|fe| Problem {
+                        file: name.clone(),
+                        line: fe.line,
+                        column: fe.column,
+                        field: fe.field,
+                        message: fe.message,
+                    })
+                    .collect()
+            });
+        return done("fault-spec", r);
     }
-    Ok(code)
+    let r = load::load_text(f, &text)
+        .map(|l| {
+            let e = &l.experiment;
+            format!(
+                "experiment {}: {} probe{}, {} step{}, {} objective{}, {} trial{}",
+                e.metadata.name,
+                e.probes.len(),
+                plural(e.probes.len()),
+                e.method.len(),
+                plural(e.method.len()),
+                e.objectives.len(),
+                plural(e.objectives.len()),
+                e.trials,
+                plural(e.trials as usize)
+            )
+        })
+        .map_err(|errs| errs.into_iter().map(Problem::from).collect());
+    done("experiment", r)
 }
 
 /// The YAML files under `dir` (its subdirectories too, hidden ones skipped), sorted.

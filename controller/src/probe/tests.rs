@@ -192,6 +192,7 @@ async fn https_probes_trust_the_given_ca_only() {
         sans: &[],
         days: 1,
         force: false,
+        output: crate::output::Output::Json,
     })
     .unwrap();
     let certs: Vec<rustls::pki_types::CertificateDer<'static>> =

@@ -175,12 +175,17 @@ impl Shared {
         let message = message.into();
         let t_ns = self.clock.now_ns();
         let line = format!("[{}] {message}", secs(t_ns));
+        let said = !crate::output::quiet() || matches!(kind, EventKind::Abort | EventKind::Warning);
         self.timeline.lock().unwrap().events.push(Event {
             t_ns,
             kind,
             trial,
             message,
         });
+        // Under -q only what went wrong is said; the journal has every event.
+        if !said {
+            return;
+        }
         let _g = self.print.lock().unwrap();
         let mut err = std::io::stderr().lock();
         if self.tty {
@@ -195,7 +200,7 @@ impl Shared {
 
     /// Redraws the status line (terminals only): elapsed, trial, step, probe health.
     pub fn draw_status(&self) {
-        if !self.tty {
+        if !self.tty || crate::output::quiet() {
             return;
         }
         let live = self.live.lock().unwrap().clone();
