@@ -14,11 +14,13 @@
 //! - [`metrics`]: Prometheus metrics; [`inventory`]: what the node is and can do.
 //! - [`failpoint`]: crash points for the crash-safety tests (the `test-hooks`
 //!   feature only).
+//! - [`cli`]: the flags of `gpuchaos-agent` (also read by `gpuchaos man`).
 //!
 //! [`run`] wires it together: it takes the state directory's lock, opens the
 //! journal, binds the ports, builds the drivers, recovers what a previous run left,
 //! then serves until shutdown and reverts everything.
 
+pub mod cli;
 pub mod error;
 pub mod failpoint;
 pub mod faults;

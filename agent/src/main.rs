@@ -1,81 +1,9 @@
 //! `gpuchaos-agent`: flags, logging and signals; everything else is in the library.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::Duration;
-
-use clap::{Parser, ValueEnum};
-use gpuchaos_agent::{AddressError, AgentConfig, ConfigError, StateDirError, tls::TlsFiles};
+use clap::Parser;
+use gpuchaos_agent::cli::{Args, LogFormat};
+use gpuchaos_agent::{AddressError, ConfigError, StateDirError};
 use tokio_util::sync::CancellationToken;
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-/// The gpuchaos node agent: injects faults on command, and never leaves one behind.
-#[derive(Parser, Debug)]
-#[command(
-    name = "gpuchaos-agent",
-    version,
-    after_help = "Exit codes: 0 stopped cleanly (every fault reverted) · 64 invalid flags or files (policy, TLS, guardrail proxies) · 69 a listen address cannot be bound (in use, not on this node) · 70 internal error · 74 the state directory cannot be used (another agent holds it, unwritable)"
-)]
-struct Args {
-    /// gRPC address. Anything but loopback requires mutual TLS.
-    #[arg(long, default_value = "127.0.0.1:7070", env = "GPUCHAOS_AGENT_LISTEN")]
-    listen: SocketAddr,
-    /// Prometheus metrics address (/metrics).
-    #[arg(long, default_value = "127.0.0.1:9464")]
-    metrics_listen: SocketAddr,
-    /// Where the journal lives. One agent per directory.
-    #[arg(long, default_value = "/var/lib/gpuchaos")]
-    state_dir: PathBuf,
-    /// Policy file (YAML): protected processes, limits, enabled kinds.
-    #[arg(long)]
-    policy: Option<PathBuf>,
-    /// Server certificate (PEM) for mutual TLS.
-    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
-    tls_cert: Option<PathBuf>,
-    /// Server private key (PEM).
-    #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
-    tls_key: Option<PathBuf>,
-    /// CA that client (controller) certificates must chain to.
-    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
-    tls_ca: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "text")]
-    log_format: LogFormat,
-    /// Path of libnvidia-ml (default: libnvidia-ml.so.1 from the loader path).
-    #[arg(long, env = "GPUCHAOS_NVML_LIB")]
-    nvml_lib: Option<PathBuf>,
-    /// Path of libcuda (default: libcuda.so.1 from the loader path), for gpu_memory.
-    #[arg(long, env = "GPUCHAOS_CUDA_LIB")]
-    cuda_lib: Option<PathBuf>,
-    /// A standing guardrail proxy, LISTEN=UPSTREAM (e.g. 127.0.0.1:9001=http://127.0.0.1:9000):
-    /// it passes answers untouched until a guardrail fault attaches. Repeatable.
-    #[arg(long, value_parser = guardrail_proxy_arg)]
-    guardrail_proxy: Vec<(SocketAddr, String)>,
-    /// How long SIGTERM/SIGINT may spend reverting faults before exiting.
-    #[arg(long, default_value = "30s", value_parser = humantime_arg)]
-    shutdown_grace: Duration,
-}
-
-fn guardrail_proxy_arg(s: &str) -> Result<(SocketAddr, String), String> {
-    let (l, u) = s
-        .split_once('=')
-        .ok_or("write it as LISTEN=UPSTREAM, e.g. 127.0.0.1:9001=http://127.0.0.1:9000")?;
-    let listen = l
-        .parse()
-        .map_err(|e| format!("{l:?} is not an address ({e}): write IP:PORT"))?;
-    if !u.starts_with("http://") {
-        return Err(format!("{u:?}: the upstream must be an http:// URL"));
-    }
-    Ok((listen, u.to_string()))
-}
-
-fn humantime_arg(s: &str) -> Result<Duration, String> {
-    gpuchaos_proto::spec::HumanDuration::parse(s).map(|d| d.0)
-}
 
 fn color_allowed() -> bool {
     use std::io::IsTerminal;
@@ -116,21 +44,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(70);
         }
     };
-    let cfg = AgentConfig {
-        listen: args.listen,
-        metrics_listen: args.metrics_listen,
-        state_dir: args.state_dir,
-        policy: args.policy,
-        tls: TlsFiles {
-            cert: args.tls_cert,
-            key: args.tls_key,
-            ca: args.tls_ca,
-        },
-        nvml_lib: args.nvml_lib,
-        cuda_lib: args.cuda_lib,
-        guardrail_proxies: args.guardrail_proxy,
-        shutdown_grace: args.shutdown_grace,
-    };
+    let cfg = args.into_config();
     let result = rt.block_on(async {
         let shutdown = CancellationToken::new();
         let s = shutdown.clone();
