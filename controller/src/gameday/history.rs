@@ -384,6 +384,37 @@ impl Store {
             .collect())
     }
 
+    /// The latest `limit` runs of a game day that ran (neither missed, skipped nor
+    /// still running), newest first, and how many it has in all: the page's trends.
+    pub fn ran_runs(
+        &self,
+        gameday: &str,
+        limit: usize,
+    ) -> Result<(Vec<GamedayRun>, usize), HistoryError> {
+        const RAN: &str = "gameday = ?1 AND verdict NOT IN ('missed', 'skipped', 'running')";
+        let go = || -> rusqlite::Result<(Vec<String>, i64)> {
+            let mut stmt = self.conn.prepare(&format!(
+                "SELECT summary FROM runs WHERE {RAN} ORDER BY started_unix_ms DESC, id DESC LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![gameday, limit as i64], |r| r.get(0))?;
+            let texts = rows.collect::<rusqlite::Result<Vec<String>>>()?;
+            let total = self.conn.query_row(
+                &format!("SELECT count(*) FROM runs WHERE {RAN}"),
+                [gameday],
+                |r| r.get(0),
+            )?;
+            Ok((texts, total))
+        };
+        let (texts, total) = go().map_err(|e| self.err(&e))?;
+        Ok((
+            texts
+                .iter()
+                .filter_map(|t| serde_json::from_str(t).ok())
+                .collect(),
+            usize::try_from(total).unwrap_or(0),
+        ))
+    }
+
     /// One run by id, or by a unique prefix of its id, or `last`/`GAMEDAY:last`.
     pub fn get(&self, id: &str) -> Result<GamedayRun, HistoryError> {
         let not_found = |m: String| HistoryError {
@@ -678,6 +709,34 @@ mod tests {
         old.revision = 0;
         s.index(&old).unwrap();
         assert_eq!(s.get("w-2").unwrap().verdict, GamedayVerdict::Failed);
+    }
+
+    #[test]
+    fn ran_runs_leave_out_missed_skipped_and_running_and_count_them_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        for (i, v) in [
+            GamedayVerdict::Passed,
+            GamedayVerdict::Missed,
+            GamedayVerdict::Failed,
+            GamedayVerdict::Skipped,
+            GamedayVerdict::Error,
+            GamedayVerdict::Running,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            s.save(&sample(&format!("w-{i}"), "w", 1000 * i as i64, v, 1.0))
+                .unwrap();
+        }
+        s.save(&sample("x-1", "x", 500, GamedayVerdict::Passed, 1.0))
+            .unwrap();
+        let (runs, total) = s.ran_runs("w", 2).unwrap();
+        assert_eq!(total, 3);
+        assert_eq!(
+            runs.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["w-4", "w-2"]
+        );
     }
 
     /// `run.json` as gpuchaos wrote it while verdicts were plain strings.

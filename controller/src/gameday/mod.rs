@@ -2,6 +2,7 @@
 //! execution, the history, notifications, the scheduler loop, and the page and
 //! metrics `gpuchaos serve` offers.
 
+pub mod chart;
 pub mod clock;
 pub mod exec;
 pub mod file;

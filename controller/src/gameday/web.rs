@@ -1,6 +1,11 @@
-//! The page `serve` offers: game days with their next slots, recent runs with their
-//! verdicts and links to every report; `/metrics` for Prometheus; `/api/status`
-//! as JSON; `/runs/ID/...` serves a run's folder.
+//! The page `serve` offers: game days with their next slots, each objective's trend
+//! as a chart ([`super::chart`]), recent runs with their verdicts and links to every
+//! report; `/metrics` for Prometheus; `/api/status` as JSON; `/runs/ID/...` serves a
+//! run's folder.
+//!
+//! Status marks are text glyphs every Debian has a font for (DejaVu: ✓ U+2713,
+//! ✗ U+2717, ⚠ U+26A0, ○ U+25CB), never emoji: a headless browser or a server
+//! without an emoji font would draw boxes.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -17,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::Live;
+use super::chart;
 use super::history::{GamedayRun, GamedayVerdict, Store};
 use super::notify::rfc3339;
 use crate::report::escape;
@@ -75,10 +81,11 @@ async fn route(web: &Arc<Web>, req: Request<hyper::body::Incoming>) -> Response<
     match path.as_str() {
         "/" => {
             let (runs, pending) = recent(web).await;
+            let trends = trend_runs(web).await;
             reply(
                 StatusCode::OK,
                 "text/html; charset=utf-8",
-                page(&web.live, &runs, pending, Timestamp::now()),
+                page(&web.live, &runs, &trends, pending, Timestamp::now()),
             )
         }
         "/metrics" => {
@@ -121,6 +128,28 @@ async fn recent(web: &Arc<Web>) -> (Result<Vec<GamedayRun>, String>, usize) {
     .unwrap_or_else(|e| (Err(e.to_string()), 0))
 }
 
+/// Per configured game day: its latest runs that ran (newest first) and how many
+/// it has in all, or why the history could not say.
+pub type TrendRuns = Vec<(String, Result<(Vec<GamedayRun>, usize), String>)>;
+
+/// The runs the trend charts draw (off the runtime, as [`recent`]).
+async fn trend_runs(web: &Arc<Web>) -> TrendRuns {
+    let store = web.store.clone();
+    let names: Vec<String> = web.live.gamedays.iter().map(|g| g.name.clone()).collect();
+    tokio::task::spawn_blocking(move || {
+        let s = store.lock().unwrap();
+        names
+            .into_iter()
+            .map(|n| {
+                let r = s.ran_runs(&n, chart::MAX_RUNS).map_err(|e| e.message);
+                (n, r)
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
+}
+
 fn verdict_class(v: &GamedayVerdict) -> &'static str {
     use GamedayVerdict as V;
     match v {
@@ -147,6 +176,7 @@ fn local(gd_tz: &jiff::tz::TimeZone, ms: i64) -> String {
 pub fn page(
     live: &Live,
     runs: &Result<Vec<GamedayRun>, String>,
+    trends: &TrendRuns,
     pending: usize,
     now: Timestamp,
 ) -> String {
@@ -159,8 +189,9 @@ pub fn page(
          <title>gpuchaos game days</title>\n<style>{}\
          .v-run{{background:#eff6ff;border-color:#2563eb}}td.v-ok,td.v-fail,td.v-warn,td.v-run{{font-weight:600}}\
          td.v-ok{{color:#15803d}}td.v-fail{{color:#b91c1c}}td.v-warn{{color:#b45309}}td.v-run{{color:#1d4ed8}}\
-         .err{{background:#fef2f2;border:2px solid #dc2626;padding:8px 16px;border-radius:6px}}</style>\n</head>\n<body>\n",
-        crate::report::CSS
+         .err{{background:#fef2f2;border:2px solid #dc2626;padding:8px 16px;border-radius:6px}}{}</style>\n</head>\n<body>\n",
+        crate::report::CSS,
+        chart::CSS
     );
     let _ = writeln!(
         h,
@@ -251,7 +282,9 @@ pub fn page(
             },
         );
     }
-    h.push_str("</table>\n<h2>Recent runs</h2>\n");
+    h.push_str("</table>\n");
+    trend_section(&mut h, live, trends);
+    h.push_str("<h2>Recent runs</h2>\n");
     match runs {
         Err(e) => {
             let _ = writeln!(
@@ -318,12 +351,53 @@ pub fn page(
     h
 }
 
+/// Each configured game day's objectives as charts.
+fn trend_section(h: &mut String, live: &Live, trends: &TrendRuns) {
+    h.push_str("<h2>Trends</h2>\n");
+    for (g, (name, runs)) in trends.iter().enumerate() {
+        let _ = writeln!(h, "<h3 data-trends=\"{0}\">{0}</h3>", escape(name));
+        let (runs, total) = match runs {
+            Err(e) => {
+                let _ = writeln!(
+                    h,
+                    "<div class=\"err\"><b>The history cannot be read:</b> {}</div>",
+                    escape(e)
+                );
+                continue;
+            }
+            Ok(r) => r,
+        };
+        let list = chart::trends(runs, *total);
+        if list.is_empty() {
+            h.push_str("<p>No measurements yet.</p>\n");
+            continue;
+        }
+        let (tz, tz_name) = live
+            .gamedays
+            .iter()
+            .find(|gd| &gd.name == name)
+            .map(|gd| (gd.schedule.tz.clone(), gd.schedule.tz_name.clone()))
+            .unwrap_or((jiff::tz::TimeZone::UTC, "UTC".into()));
+        h.push_str(&chart::legend());
+        h.push_str("<div class=\"trends\">\n");
+        for (k, t) in list.iter().enumerate() {
+            let _ = write!(
+                h,
+                "<section class=\"trend-box\"><h4>{}</h4>\n{}</section>\n",
+                escape(&t.title()),
+                chart::svg(t, &format!("trend-{g}-{k}"), &tz, &tz_name)
+            );
+        }
+        h.push_str("</div>\n");
+    }
+}
+
 fn verdict_icon(v: &GamedayVerdict) -> &'static str {
     match v {
-        GamedayVerdict::Passed => "✅",
-        GamedayVerdict::Failed => "❌",
-        GamedayVerdict::NotRun => "⏭️",
-        _ => "⚠️",
+        GamedayVerdict::Passed => "✓",
+        GamedayVerdict::Failed => "✗",
+        GamedayVerdict::NotRun => "○",
+        _ => "⚠",
     }
 }
 
@@ -360,6 +434,18 @@ async fn run_file(web: &Arc<Web>, rest: &str) -> Response<Full<Bytes>> {
         return not_found();
     }
     let dir: PathBuf = web.runs_dir.join(id);
+    if !rest.contains('/')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        // `/runs/ID`: the page's links are relative to `/runs/ID/`.
+        return Response::builder()
+            .status(StatusCode::MOVED_PERMANENTLY)
+            .header("location", format!("/runs/{id}/"))
+            .body(Full::new(Bytes::new()))
+            .expect("static response parts");
+    }
     if file.is_empty() {
         let Ok(run) = super::history::read_summary(&dir) else {
             return not_found();
@@ -405,6 +491,29 @@ pub fn run_index(run: &GamedayRun) -> String {
     if let Some(r) = &run.reason {
         let _ = writeln!(h, "<p><b>reason:</b> {}</p>", escape(r));
     }
+    let reports: Vec<String> = run
+        .experiments
+        .iter()
+        .filter_map(|e| {
+            e.report_dir.as_ref().map(|d| {
+                format!(
+                    "<a class=\"report\" href=\"/runs/{}/{}/report.html\">{} {}</a>",
+                    escape(&run.id),
+                    escape(d),
+                    verdict_icon(&e.verdict),
+                    escape(&e.name)
+                )
+            })
+        })
+        .collect();
+    if !reports.is_empty() {
+        let _ = writeln!(
+            h,
+            "<p id=\"reports\"><b>report{}:</b> {}</p>",
+            if reports.len() == 1 { "" } else { "s" },
+            reports.join(" · ")
+        );
+    }
     h.push_str("</header>\n<h2>Experiments</h2>\n<table>\n<tr><th>#</th><th>experiment</th><th>verdict</th><th>objectives</th><th>reports</th></tr>\n");
     for e in &run.experiments {
         let objectives: Vec<String> = e
@@ -413,7 +522,7 @@ pub fn run_index(run: &GamedayRun) -> String {
             .map(|o| {
                 format!(
                     "{} {}: {} (limit {})",
-                    if o.passed { "✅" } else { "❌" },
+                    if o.passed { "✓" } else { "✗" },
                     escape(&o.name),
                     o.measured
                         .map(|v| crate::report::format_value(v, &o.unit))
@@ -425,7 +534,13 @@ pub fn run_index(run: &GamedayRun) -> String {
         let reports = match &e.report_dir {
             Some(d) => ["report.html", "summary.md", "junit.xml", "journal.json"]
                 .iter()
-                .map(|f| format!("<a href=\"{}/{f}\">{f}</a>", escape(d)))
+                .map(|f| {
+                    format!(
+                        "<a href=\"/runs/{}/{}/{f}\">{f}</a>",
+                        escape(&run.id),
+                        escape(d)
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(" · "),
             None => "-".into(),
@@ -465,4 +580,87 @@ pub fn run_index(run: &GamedayRun) -> String {
     }
     h.push_str("</body>\n</html>\n");
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::history::{ExperimentOutcome, ObjectiveOutcome};
+    use super::*;
+
+    fn run(id: &str, started: i64, measured: f64, name: &str) -> GamedayRun {
+        let passed = measured <= 10.0;
+        let verdict = if passed {
+            GamedayVerdict::Passed
+        } else {
+            GamedayVerdict::Failed
+        };
+        GamedayRun {
+            id: id.into(),
+            gameday: "nightly".into(),
+            started_unix_ms: started,
+            verdict: verdict.clone(),
+            experiments: vec![ExperimentOutcome {
+                seq: 1,
+                name: "pause-target".into(),
+                verdict,
+                report_dir: Some("01-pause-target".into()),
+                objectives: vec![ObjectiveOutcome {
+                    name: name.into(),
+                    kind: "rto".into(),
+                    unit: "s".into(),
+                    measured: Some(measured),
+                    limit: "≤ 10s".into(),
+                    passed,
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_page_draws_a_chart_per_objective_with_names_escaped_and_no_emoji() {
+        let live = Live::new(vec![], Timestamp::UNIX_EPOCH);
+        let name = "<script>alert(1)</script>";
+        let runs = vec![
+            run("nightly-2", 2_000, 12.0, name),
+            run("nightly-1", 1_000, 2.0, name),
+        ];
+        let trends: TrendRuns = vec![("nightly".into(), Ok((runs.clone(), 2)))];
+        let page = page(&live, &Ok(runs), &trends, 0, Timestamp::UNIX_EPOCH);
+        assert!(page.contains("<h2>Trends</h2>"));
+        assert_eq!(page.matches("class=\"trend\"").count(), 1, "{page}");
+        assert_eq!(page.matches("class=\"pt fail\" data-run").count(), 1);
+        assert_eq!(page.matches("class=\"pt ok\" data-run").count(), 1);
+        assert!(!page.contains("<script"), "{page}");
+        assert!(page.contains("<h4>pause-target · &lt;script&gt;alert(1)&lt;/script&gt;</h4>"));
+        assert!(page.contains("✗ pause-target</a>"), "{page}");
+        assert!(
+            !page
+                .chars()
+                .any(|c| matches!(c as u32, 0x1f000..|0xfe0f| 0x2705 | 0x274c))
+        );
+    }
+
+    #[test]
+    fn a_history_with_no_measurement_says_so() {
+        let live = Live::new(vec![], Timestamp::UNIX_EPOCH);
+        let trends: TrendRuns = vec![
+            ("a".into(), Ok((vec![], 0))),
+            ("b".into(), Err("locked".into())),
+        ];
+        let page = page(&live, &Ok(vec![]), &trends, 0, Timestamp::UNIX_EPOCH);
+        assert!(page.contains("<h3 data-trends=\"a\">a</h3>\n<p>No measurements yet.</p>"));
+        assert!(page.contains("<b>The history cannot be read:</b> locked"));
+    }
+
+    #[test]
+    fn the_run_page_links_its_reports_from_the_site_root() {
+        let page = run_index(&run("nightly-1", 1_000, 2.0, "rto"));
+        assert!(page.contains(
+            "<p id=\"reports\"><b>report:</b> <a class=\"report\" href=\"/runs/nightly-1/01-pause-target/report.html\">✓ pause-target</a></p>"
+        ), "{page}");
+        assert!(page.contains("<a href=\"/runs/nightly-1/01-pause-target/journal.json\">"));
+        assert!(page.contains("✓ rto: 2.000s (limit ≤ 10s)"));
+    }
 }
