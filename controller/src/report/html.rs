@@ -1,6 +1,11 @@
 //! Renders `report.html`: a self-contained page (inline CSS and SVG, no scripts, no
 //! external resources) with the verdict, the objectives, a timeline of probe samples,
 //! faults, trials and recovery markers, and the events, faults and agents.
+//!
+//! Its marks are text glyphs that DejaVu (on every Debian) covers: ✓ U+2713,
+//! ✗ U+2717, ⚠ U+26A0 without the emoji selector. Emoji (✅, ❌, ⚠️) came out as
+//! boxes in a browser without an emoji font, headless Chromium on a server among
+//! them; the Markdown summary keeps them, for GitHub draws its own.
 
 use std::fmt::Write;
 
@@ -39,9 +44,9 @@ th{background:#f3f4f6}tr.pass td:last-child{color:#15803d;font-weight:600}tr.fai
 /// The report page.
 pub fn html(record: &RunRecord) -> String {
     let (class, icon) = match record.verdict {
-        Verdict::Passed => ("v-ok", "✅"),
-        Verdict::Failed => ("v-fail", "❌"),
-        _ => ("v-warn", "⚠️"),
+        Verdict::Passed => ("v-ok", "✓"),
+        Verdict::Failed => ("v-fail", "✗"),
+        _ => ("v-warn", "⚠"),
     };
     let title = escape(&format!(
         "gpuchaos: {}: {}",
@@ -74,7 +79,7 @@ pub fn html(record: &RunRecord) -> String {
     }
     h.push_str("</header>\n");
     if !record.leftovers.is_empty() {
-        h.push_str("<div class=\"leftovers\"><p><b>⚠️ these faults could not be reverted: something is still broken on the agents; clean up by hand.</b></p><ul>\n");
+        h.push_str("<div class=\"leftovers\"><p><b>⚠ these faults could not be reverted: something is still broken on the agents; clean up by hand.</b></p><ul>\n");
         for leftover in &record.leftovers {
             let _ = writeln!(h, "<li>{}</li>", escape(leftover));
         }
@@ -487,6 +492,33 @@ fn tick_step(span: f64) -> f64 {
 mod tests {
     use super::super::fixture;
     use super::*;
+
+    /// Emoji need an emoji font, which servers and headless browsers rarely have:
+    /// the report's marks are glyphs DejaVu covers (tests/tests/page.rs checks
+    /// them in Chromium).
+    #[test]
+    fn marks_are_text_glyphs_not_emoji() {
+        let mut record = fixture::record();
+        for verdict in [Verdict::Passed, Verdict::Failed, Verdict::RevertFailed] {
+            record.verdict = verdict;
+            record.leftovers = vec!["f-1 on node-a".into()];
+            let page = html(&record);
+            let emoji: Vec<char> = page
+                .chars()
+                .filter(|c| {
+                    matches!(
+                        *c as u32,
+                        0x1f000..=0x1ffff | 0xfe0f | 0x2705 | 0x274c | 0x23ed
+                    )
+                })
+                .collect();
+            assert!(emoji.is_empty(), "{emoji:?}");
+        }
+        record.verdict = Verdict::Passed;
+        assert!(html(&record).contains("<h1>✓ "));
+        record.verdict = Verdict::Failed;
+        assert!(html(&record).contains("<h1>✗ "));
+    }
 
     #[test]
     fn renders_page_with_merged_runs_and_markers() {
