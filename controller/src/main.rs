@@ -167,6 +167,8 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    #[command(flatten)]
+    Generate(commands::completions::Generate),
 }
 
 fn duration_arg(s: &str) -> Result<Duration, String> {
@@ -287,6 +289,7 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         ),
         Cmd::New(args) => commands::new::run(&args, &cli.agents),
         Cmd::Demo => commands::demo::run().await,
+        Cmd::Generate(g) => commands::completions::run(g, <Cli as clap::CommandFactory>::command()),
         Cmd::Certs {
             out,
             sans,

@@ -2,6 +2,7 @@
 //! stop a command early are [`CliError`](crate::exit::CliError)s with their own code.
 
 pub mod certs;
+pub mod completions;
 pub mod demo;
 pub mod history;
 pub mod inject;
