@@ -6,6 +6,7 @@ pub mod completions;
 pub mod demo;
 pub mod history;
 pub mod inject;
+pub mod new;
 pub mod report;
 pub mod revert;
 pub mod run;
