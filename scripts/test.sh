@@ -23,6 +23,8 @@ command -v curl >/dev/null || need_pkgs+=(curl)
 # holds SQLite's lock from Python's sqlite3.
 command -v chromium >/dev/null || need_pkgs+=(chromium)
 command -v python3 >/dev/null || need_pkgs+=(python3)
+# check-jsonschema's virtualenv (below) needs venv and ensurepip.
+python3 -c 'import ensurepip, venv' 2>/dev/null || need_pkgs+=(python3-venv)
 # Stop conditions and probes are tested against a real Prometheus server.
 command -v prometheus >/dev/null || need_pkgs+=(prometheus)
 if ((${#need_pkgs[@]})); then
@@ -32,6 +34,17 @@ if ((${#need_pkgs[@]})); then
     fi
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}"
 fi
+# The CI templates (examples/ci) are checked against GitHub's and GitLab's published
+# schemas by check-jsonschema (its vendored copies: no network at test time), from a
+# virtualenv of its own, made once and reused while the version matches.
+CHECK_JSONSCHEMA_VERSION=0.39.0
+venv="${XDG_CACHE_HOME:-$HOME/.cache}/gpuchaos-test/venv"
+if [[ "$("$venv/bin/check-jsonschema" --version 2>/dev/null)" != *" $CHECK_JSONSCHEMA_VERSION" ]]; then
+    echo "== installing check-jsonschema $CHECK_JSONSCHEMA_VERSION into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q "check-jsonschema==$CHECK_JSONSCHEMA_VERSION"
+fi
+export GPUCHAOS_CHECK_JSONSCHEMA="$venv/bin/check-jsonschema"
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "== installing cargo-nextest"
     cargo install --locked cargo-nextest
@@ -49,7 +62,7 @@ cargo clippy --workspace --all-targets --locked "${HOOKS[@]}" -- -D warnings
 echo "== cargo build --workspace, with the test hooks (the end-to-end tests run these binaries)"
 cargo build --workspace --locked "${HOOKS[@]}"
 echo "== gpuchaos validate experiments/"
-./target/debug/gpuchaos validate experiments/*.yaml experiments/specs/*.yaml experiments/refstack/*.yaml experiments/gamedays/*.yaml
+./target/debug/gpuchaos validate experiments/*.yaml experiments/specs/*.yaml experiments/refstack/*.yaml experiments/gamedays/*.yaml examples/ci/*.yaml
 echo "== tests"
 cargo nextest run --workspace --locked --no-fail-fast "${HOOKS[@]}"
 echo "== doc tests (nextest does not run them; e.g. a CUDA context cannot be destroyed twice)"
