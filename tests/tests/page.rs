@@ -413,7 +413,7 @@ fn trends_are_drawn_per_run_against_the_limit_and_every_glyph_has_a_font() {
     let ids = |nodes: &[roxmltree::Node<'_, '_>]| -> BTreeSet<String> {
         nodes
             .iter()
-            .map(|n| attr(n, "data-run").to_string())
+            .map(|n| attr(n, "data-run-id").to_string())
             .collect()
     };
     let ok = marks("pt ok");
@@ -435,7 +435,7 @@ fn trends_are_drawn_per_run_against_the_limit_and_every_glyph_has_a_font() {
     // line where that scale puts 10 s.
     let mut points: Vec<(usize, f64, f64, f64)> = Vec::new(); // (run index, x, y, value)
     for n in ok.iter().chain(&fail) {
-        let run = attr(n, "data-run");
+        let run = attr(n, "data-run-id");
         let i = want_runs.iter().position(|r| r.0 == run).unwrap();
         let (x, y) = if n.has_tag_name("circle") {
             (num(n, "cx"), num(n, "cy"))

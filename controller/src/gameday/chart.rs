@@ -391,7 +391,7 @@ pub fn svg(t: &Trend, id: &str, tz: &TimeZone, tz_name: &str) -> String {
         if s.value.is_none() {
             let _ = writeln!(
                 h,
-                "<rect class=\"t-gap\" data-run=\"{run}\" x=\"{:.2}\" y=\"{TOP}\" width=\"{:.2}\" height=\"{:.1}\"><title>{run}, {}: not evaluated</title></rect>",
+                "<rect class=\"t-gap\" data-run-id=\"{run}\" x=\"{:.2}\" y=\"{TOP}\" width=\"{:.2}\" height=\"{:.1}\"><title>{run}, {}: not evaluated</title></rect>",
                 x(i) - slot_w / 2.0,
                 slot_w,
                 PLOT_BOTTOM - TOP,
@@ -487,7 +487,7 @@ pub fn svg(t: &Trend, id: &str, tz: &TimeZone, tz_name: &str) -> String {
         if s.passed {
             let _ = writeln!(
                 h,
-                "<circle class=\"pt ok\" data-run=\"{}\" data-value=\"{v}\" cx=\"{px:.2}\" cy=\"{py:.2}\" r=\"{r:.2}\"><title>{}</title></circle>",
+                "<circle class=\"pt ok\" data-run-id=\"{}\" data-value=\"{v}\" cx=\"{px:.2}\" cy=\"{py:.2}\" r=\"{r:.2}\"><title>{}</title></circle>",
                 escape(&s.run_id),
                 escape(&tip)
             );
@@ -495,7 +495,7 @@ pub fn svg(t: &Trend, id: &str, tz: &TimeZone, tz_name: &str) -> String {
             let d = r + 0.5;
             let _ = writeln!(
                 h,
-                "<path class=\"pt fail\" data-run=\"{}\" data-value=\"{v}\" d=\"M{px:.2} {py:.2}m{:.2} {:.2}l{:.2} {:.2}m0 {:.2}l{:.2} {:.2}\"><title>{}</title></path>",
+                "<path class=\"pt fail\" data-run-id=\"{}\" data-value=\"{v}\" d=\"M{px:.2} {py:.2}m{:.2} {:.2}l{:.2} {:.2}m0 {:.2}l{:.2} {:.2}\"><title>{}</title></path>",
                 escape(&s.run_id),
                 -d,
                 -d,
@@ -647,9 +647,9 @@ mod tests {
         assert_eq!(tr.len(), 1);
         let svg = svg(&tr[0], "t-0", &TimeZone::UTC, "UTC");
         assert_eq!(count(&svg, "class=\"pt ok\""), 3, "{svg}");
-        assert_eq!(count(&svg, "class=\"pt fail\" data-run=\"gd-0001\""), 1);
+        assert_eq!(count(&svg, "class=\"pt fail\" data-run-id=\"gd-0001\""), 1);
         assert_eq!(count(&svg, "class=\"pt fail\""), 1);
-        assert_eq!(count(&svg, "class=\"t-gap\" data-run=\"gd-0002\""), 1);
+        assert_eq!(count(&svg, "class=\"t-gap\" data-run-id=\"gd-0002\""), 1);
         // The line breaks at the gap: two segments.
         assert_eq!(count(&svg, "<polyline"), 2);
         assert!(svg.contains("data-runs=\"5\" data-failed=\"1\" data-gaps=\"1\""));

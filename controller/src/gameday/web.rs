@@ -630,8 +630,8 @@ mod tests {
         let page = page(&live, &Ok(runs), &trends, 0, Timestamp::UNIX_EPOCH);
         assert!(page.contains("<h2>Trends</h2>"));
         assert_eq!(page.matches("class=\"trend\"").count(), 1, "{page}");
-        assert_eq!(page.matches("class=\"pt fail\" data-run").count(), 1);
-        assert_eq!(page.matches("class=\"pt ok\" data-run").count(), 1);
+        assert_eq!(page.matches("class=\"pt fail\" data-run-id").count(), 1);
+        assert_eq!(page.matches("class=\"pt ok\" data-run-id").count(), 1);
         assert!(!page.contains("<script"), "{page}");
         assert!(page.contains("<h4>pause-target · &lt;script&gt;alert(1)&lt;/script&gt;</h4>"));
         assert!(page.contains("✗ pause-target</a>"), "{page}");
