@@ -27,6 +27,7 @@ command -v python3 >/dev/null || need_pkgs+=(python3)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_pkgs+=(python3-venv)
 # Stop conditions and probes are tested against a real Prometheus server.
 command -v prometheus >/dev/null || need_pkgs+=(prometheus)
+for t in lintian:lintian systemd-analyze:systemd dpkg-shlibdeps:dpkg-dev strip:binutils man:man-db; do command -v "${t%%:*}" >/dev/null || need_pkgs+=("${t#*:}"); done # the .deb, man-page and completion tests (tests/tests/package.rs, completions.rs)
 if ((${#need_pkgs[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "missing ${need_pkgs[*]}: install them (as root: apt-get install ${need_pkgs[*]})" >&2
