@@ -64,6 +64,8 @@ echo "== cargo build --workspace, with the test hooks (the end-to-end tests run 
 cargo build --workspace --locked "${HOOKS[@]}"
 echo "== gpuchaos validate experiments/"
 ./target/debug/gpuchaos validate experiments/*.yaml experiments/specs/*.yaml experiments/refstack/*.yaml experiments/gamedays/*.yaml examples/ci/*.yaml
+echo "== cargo build --release of the two binaries (the package test packs them; built here, not alongside the timing-sensitive tests)"
+cargo build --release --locked -p gpuchaos-agent -p gpuchaos-controller
 echo "== tests"
 cargo nextest run --workspace --locked --no-fail-fast "${HOOKS[@]}"
 echo "== doc tests (nextest does not run them; e.g. a CUDA context cannot be destroyed twice)"

@@ -19,12 +19,7 @@ pub enum LogFormat {
 
 /// `0.1.0 (commit 1a2b3c4d5e6f)`: the release and the commit it was built from
 /// (`GPUCHAOS_COMMIT` comes from build/version.rs, shared with `gpuchaos`).
-pub const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (commit ",
-    env!("GPUCHAOS_COMMIT"),
-    ")"
-);
+pub const VERSION: &str = gpuchaos_proto::long_version!();
 
 /// The gpuchaos node agent: injects faults on command, and never leaves one behind.
 #[derive(Parser, Debug)]

@@ -11,12 +11,7 @@ use gpuchaos_controller::fleet::{Fleet, TlsClient};
 use gpuchaos_controller::output::Output;
 
 /// `0.1.0 (commit 1a2b3c4d5e6f)`: the release and the commit it was built from.
-const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (commit ",
-    env!("GPUCHAOS_COMMIT"),
-    ")"
-);
+const VERSION: &str = gpuchaos_proto::long_version!();
 
 /// gpuchaos: chaos engineering for GPU inference nodes.
 #[derive(Parser, Debug)]

@@ -21,6 +21,21 @@ pub mod pb {
 /// The version every gpuchaos binary reports.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// `0.1.0 (commit 1a2b3c4d5e6f)`: the release and the commit a binary was built
+/// from, for `--version`. Expands in the calling crate, whose build script must be
+/// build/version.rs (it sets `GPUCHAOS_COMMIT`).
+#[macro_export]
+macro_rules! long_version {
+    () => {
+        concat!(
+            env!("CARGO_PKG_VERSION"),
+            " (commit ",
+            env!("GPUCHAOS_COMMIT"),
+            ")"
+        )
+    };
+}
+
 /// Human name of a fault state as printed by the CLI and written in reports.
 pub fn state_name(state: pb::FaultState) -> &'static str {
     use pb::FaultState as S;
