@@ -170,7 +170,10 @@ fn duration_arg(s: &str) -> Result<Duration, String> {
     gpuchaos_proto::spec::HumanDuration::parse(s).map(|d| d.0)
 }
 
-async fn run(cli: Cli) -> Result<u8, CliError> {
+async fn run(mut cli: Cli) -> Result<u8, CliError> {
+    // `GPUCHAOS_AGENT=` (set but empty, as CI templates leave an unset variable)
+    // names no agent, not one with an empty address.
+    cli.agents.retain(|a| !a.trim().is_empty());
     let tls = match (cli.tls_ca, cli.tls_cert, cli.tls_key) {
         (Some(ca), Some(cert), Some(key)) => Some(TlsClient {
             ca,
@@ -314,9 +317,9 @@ fn main() -> ExitCode {
         }
     };
     gpuchaos_controller::output::set_quiet(cli.quiet);
+    // -q drops progress and notes, never warnings.
     let level = match (cli.quiet, cli.verbose) {
-        (true, _) => "error",
-        (_, 0) => "warn",
+        (true, _) | (_, 0) => "warn",
         (_, 1) => "info",
         (_, 2) => "debug",
         _ => "trace",

@@ -147,10 +147,29 @@ fn no_escape_codes_when_stderr_is_not_a_terminal() {
     let err = text(&out.stderr);
     assert!(err.lines().count() > 5, "{err}");
     assert!(!err.contains('\u{1b}'), "escape codes in a pipe: {err}");
-    let out = Command::new(bin("gpuchaos"))
-        .args(["-q", "status", "--agent", "127.0.0.1:9"])
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap();
-    assert!(!text(&out.stderr).contains('\u{1b}'));
+    // On a terminal (script(1) gives it one) log lines are styled, unless NO_COLOR.
+    let on_a_tty = |no_color: bool| {
+        let cmd = format!(
+            "{} -vvv --timeout 200ms status --agent 127.0.0.1:9",
+            bin("gpuchaos").display()
+        );
+        let mut c = Command::new("script");
+        c.args(["-qec", &cmd, "/dev/null"]);
+        c.env_remove("NO_COLOR");
+        if no_color {
+            c.env("NO_COLOR", "1");
+        }
+        let out = c
+            .output()
+            .expect("script(1), from bsdutils, gives the command a terminal");
+        text(&out.stdout)
+    };
+    let styled = on_a_tty(false);
+    assert!(
+        styled.contains("\u{1b}["),
+        "a terminal gets styled lines: {styled}"
+    );
+    let plain = on_a_tty(true);
+    assert!(plain.lines().count() > 5, "{plain}");
+    assert!(!plain.contains("\u{1b}["), "NO_COLOR: {plain}");
 }

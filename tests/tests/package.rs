@@ -123,7 +123,24 @@ struct Purge;
 impl Drop for Purge {
     fn drop(&mut self) {
         if status().is_some() {
-            let _ = Command::new("dpkg").args(["-P", "gpuchaos"]).status();
+            // Forced: a test that failed midway may have left its own open intent.
+            let _ = Command::new("dpkg")
+                .args(["-P", "gpuchaos"])
+                .env("GPUCHAOS_FORCE_REMOVE", "1")
+                .status();
+        }
+        // And the copy purge kept of the test's own journal.
+        for e in std::fs::read_dir("/var/backups")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let p = e.path();
+            if p.to_string_lossy().contains("gpuchaos-journal-")
+                && std::fs::read_to_string(&p).is_ok_and(|t| t.contains("f-test-open"))
+            {
+                let _ = std::fs::remove_file(&p);
+            }
         }
     }
 }
@@ -205,13 +222,14 @@ fn deb_lints_clean_installs_where_it_says_and_purges_to_nothing() {
     ] {
         need(tool, pkg);
     }
-    if status().is_some() {
-        eprintln!("a gpuchaos package is installed (an interrupted run?): purging it first");
-        dpkg(&["-P", "gpuchaos"]);
-    }
+    // Never touch a real installation: its journal may hold faults to revert.
     assert!(
         !exists(STATE),
         "{STATE} exists: this test installs the package and purges it, which deletes {STATE}; move it away first"
+    );
+    assert!(
+        status().is_none(),
+        "a gpuchaos package is installed on this machine: this test installs and purges its own; remove that one by hand first (dpkg -P gpuchaos)"
     );
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let version = env!("CARGO_PKG_VERSION");
@@ -391,6 +409,48 @@ fn deb_lints_clean_installs_where_it_says_and_purges_to_nothing() {
     );
     assert!(exists(STATE));
 
+    // A journal that names a fault never reverted: removal refuses (once the binary
+    // is gone nothing could revert it), says which, and goes on only when forced.
+    let journal = format!("{STATE}/journal.jsonl");
+    let before = std::fs::read(&journal).unwrap_or_default();
+    let open = r#"{"rec":"intent","id":"f-test-open","kind":"process","spec_json":"{}","target":"pid 1","plan":{},"unix_ms":1}"#;
+    std::fs::write(
+        &journal,
+        [before.as_slice(), open.as_bytes(), b"\n"].concat(),
+    )
+    .unwrap();
+    let refused = Command::new("dpkg")
+        .args(["-r", "gpuchaos"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .output()
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "removal went on with an open fault"
+    );
+    let said = text(&refused.stderr);
+    assert!(
+        said.contains("never reverted")
+            && said.contains("f-test-open")
+            && said.contains("GPUCHAOS_FORCE_REMOVE=1"),
+        "{said}"
+    );
+    // Still installed ("ri": removal requested, the package as it was).
+    let st = status().unwrap_or_default();
+    assert_eq!(
+        st.get(1..2),
+        Some("i"),
+        "a refused removal leaves it installed: {st:?}"
+    );
+    assert!(exists("/usr/bin/gpuchaos-agent"));
+    let reverted = r#"{"rec":"reverted","id":"f-test-open","reason":"test","unix_ms":2}"#;
+    let with_open = std::fs::read(&journal).unwrap();
+    std::fs::write(
+        &journal,
+        [with_open.as_slice(), reverted.as_bytes(), b"\n"].concat(),
+    )
+    .unwrap();
+
     // Remove: the configuration and the journal stay, everything else goes.
     dpkg(&["-r", "gpuchaos"]);
     assert_eq!(status().as_deref(), Some("rc "));
@@ -420,7 +480,32 @@ fn deb_lints_clean_installs_where_it_says_and_purges_to_nothing() {
         "/etc/systemd/system/multi-user.target.wants/gpuchaos-agent.service"
     ));
 
+    // Purge keeps a copy of a journal that holds intents (the only record of what
+    // to revert by hand), then removes the state directory.
+    let backups = || -> Vec<PathBuf> {
+        std::fs::read_dir("/var/backups")
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.to_string_lossy().contains("gpuchaos-journal-"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let had = backups();
     dpkg(&["-P", "gpuchaos"]);
+    let kept: Vec<PathBuf> = backups().into_iter().filter(|b| !had.contains(b)).collect();
+    assert_eq!(
+        kept.len(),
+        1,
+        "the journal with intents was not kept: {kept:?}"
+    );
+    assert!(
+        std::fs::read_to_string(&kept[0])
+            .unwrap()
+            .contains("f-test-open")
+    );
+    std::fs::remove_file(&kept[0]).unwrap();
     assert_eq!(status(), None, "dpkg still knows gpuchaos after -P");
     for f in FILES
         .iter()

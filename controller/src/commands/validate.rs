@@ -37,6 +37,9 @@ pub struct Problem {
     /// Field path (`probes[1].http.url`); empty for the whole document.
     pub field: String,
     pub message: String,
+    /// The message names the file itself (`cannot read F: …`): said as it is.
+    #[serde(skip)]
+    pub names_file: bool,
 }
 
 impl From<load::LoadError> for Problem {
@@ -47,6 +50,7 @@ impl From<load::LoadError> for Problem {
             column: (e.line > 0).then_some(e.column),
             field: e.path,
             message: e.message,
+            names_file: false,
         }
     }
 }
@@ -117,8 +121,7 @@ pub fn run(files: &[PathBuf], output: Output) -> Result<u8, CliError> {
 fn located(p: &Problem) -> String {
     let loc = match (p.line, p.column) {
         (Some(l), Some(c)) => format!("{}:{l}:{c}", p.file),
-        // A message about the whole file that names it already (`cannot read F: …`).
-        _ if p.field.is_empty() && p.message.contains(&p.file) => return p.message.clone(),
+        _ if p.names_file => return p.message.clone(),
         _ => p.file.clone(),
     };
     if p.field.is_empty() {
@@ -135,6 +138,7 @@ fn whole(f: &std::path::Path, message: impl Into<String>) -> Problem {
         column: None,
         field: String::new(),
         message: message.into(),
+        names_file: false,
     }
 }
 
@@ -153,7 +157,13 @@ fn check_file(f: &std::path::Path) -> Checked {
     let text =
         match gpuchaos_proto::files::read_text_capped(f, gpuchaos_proto::files::MAX_YAML_BYTES) {
             Ok(t) => t,
-            Err(e) => return failed(f, "", whole(f, e.to_string())),
+            Err(e) => {
+                let p = Problem {
+                    names_file: true,
+                    ..whole(f, e.to_string())
+                };
+                return failed(f, "", p);
+            }
         };
     let done = |kind, r: Result<String, Vec<Problem>>| match r {
         Ok(summary) => Checked {
@@ -217,6 +227,7 @@ fn check_file(f: &std::path::Path) -> Checked {
                         column: fe.column,
                         field: fe.field,
                         message: fe.message,
+                        names_file: false,
                     })
                     .collect()
             });

@@ -539,6 +539,12 @@ impl Prober {
                     .kill_on_drop(true)
                     .output()
                     .await;
+                match &out {
+                    Ok(o) => tracing::debug!(argv = ?argv, status = %o.status, "command probe ran"),
+                    Err(e) => {
+                        tracing::debug!(argv = ?argv, error = %e, "command probe could not start")
+                    }
+                }
                 match out {
                     Err(e) => Outcome::fail(format!("cannot run {}: {e}", argv[0])),
                     Ok(o) => {
