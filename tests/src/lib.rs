@@ -445,3 +445,66 @@ method:
         re = target.cmdline_regex(),
     )
 }
+
+/// Root is required for `what` (CI runs as root). Skipping is explicit, never
+/// silent: only with `GPUCHAOS_SKIP_PRIVILEGED` set.
+pub fn privileged(what: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var_os("GPUCHAOS_SKIP_PRIVILEGED").is_some() {
+        eprintln!("SKIPPED: not root and GPUCHAOS_SKIP_PRIVILEGED is set");
+        return false;
+    }
+    panic!(
+        "{what} need root: run scripts/test.sh as root, or set GPUCHAOS_SKIP_PRIVILEGED=1 to skip them on purpose"
+    );
+}
+
+/// Fails (never skips) when `tool` is missing, naming the package to install.
+pub fn need_tool(tool: &str, package: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "{tool} is not installed: apt-get install {package} (scripts/test.sh does)"
+    );
+}
+
+/// Headless Chromium (Debian's package) with a throwaway profile, run with `args`
+/// (`--dump-dom URL`, `--screenshot=F URL`); panics with its stderr if it fails.
+pub fn chromium(args: &[&str]) -> std::process::Output {
+    let bin = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|b| {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {b}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .expect("no chromium: install Debian's chromium package (scripts/test.sh does)");
+    let profile = tempfile::tempdir().unwrap();
+    let out = Command::new(bin)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--hide-scrollbars",
+            &format!("--user-data-dir={}", profile.path().display()),
+        ])
+        .args(args)
+        .output()
+        .expect("run chromium");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}

@@ -3,21 +3,9 @@
 //! man(1) with groff's warnings on. Missing tools fail with the package to install.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use gpuchaos_tests::bin;
-
-fn need(tool: &str, package: &str) {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        found,
-        "{tool} is not installed: apt-get install {package} (scripts/test.sh does)"
-    );
-}
+use gpuchaos_tests::{bin, need_tool};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -64,7 +52,7 @@ printf '%s\n' "${COMPREPLY[@]}"
 
 #[test]
 fn bash_completes_subcommands_their_flags_and_values() {
-    need("bash", "bash");
+    need_tool("bash", "bash");
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("gpuchaos.bash");
     let out = Command::new(bin("gpuchaos"))
@@ -138,8 +126,8 @@ fn subcommands() -> Vec<String> {
 
 #[test]
 fn man_writes_a_page_per_subcommand_that_renders_without_warnings() {
-    need("man", "man-db");
-    need("groff", "groff-base");
+    need_tool("man", "man-db");
+    need_tool("groff", "groff-base");
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(bin("gpuchaos"))
         .args(["man", "--out"])

@@ -8,23 +8,9 @@ use std::time::{Duration, Instant};
 use gpuchaos_tests::netns::*;
 use gpuchaos_tests::*;
 
-/// Root is required; CI runs as root. Skipping is explicit, never silent.
-fn privileged() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var_os("GPUCHAOS_SKIP_PRIVILEGED").is_some() {
-        eprintln!("SKIPPED: not root and GPUCHAOS_SKIP_PRIVILEGED is set");
-        return false;
-    }
-    panic!(
-        "network tests need root (namespaces, nftables, tc): run scripts/test.sh as root, or set GPUCHAOS_SKIP_PRIVILEGED=1 to skip them on purpose"
-    );
-}
-
 #[test]
 fn partition_cuts_a_from_b_and_spares_c() {
-    if !privileged() {
+    if !privileged("network tests (namespaces, nftables, tc)") {
         return;
     }
     let Node { hosts, dir, agent } = Node::start();
@@ -112,7 +98,7 @@ fn partition_cuts_a_from_b_and_spares_c() {
 
 #[test]
 fn a_one_way_partition_is_one_way() {
-    if !privileged() {
+    if !privileged("network tests (namespaces, nftables, tc)") {
         return;
     }
     let Node { hosts, dir, agent } = Node::start();
@@ -164,7 +150,7 @@ fn a_one_way_partition_is_one_way() {
 
 #[test]
 fn latency_through_the_userspace_proxy_adds_the_delay() {
-    if !privileged() {
+    if !privileged("network tests (namespaces, nftables, tc)") {
         return;
     }
     let Node { hosts, dir, agent } = Node::start();
@@ -250,7 +236,7 @@ fn latency_through_the_userspace_proxy_adds_the_delay() {
 
 #[test]
 fn loss_drops_a_share_in_a_sane_band() {
-    if !privileged() {
+    if !privileged("network tests (namespaces, nftables, tc)") {
         return;
     }
     let Node { hosts, dir, agent } = Node::start();
@@ -282,7 +268,7 @@ fn loss_drops_a_share_in_a_sane_band() {
 
 #[test]
 fn rate_limit_with_tc_and_ifb_both_ways() {
-    if !privileged() {
+    if !privileged("network tests (namespaces, nftables, tc)") {
         return;
     }
     let Node { hosts, dir, agent } = Node::start();
@@ -349,7 +335,7 @@ rate: 8mbit
 
 #[test]
 fn a_workload_fault_stays_in_the_workload_namespace() {
-    if !privileged() {
+    if !privileged("network tests (namespaces, nftables, tc)") {
         return;
     }
     let mut hosts = Hosts::three();
@@ -418,7 +404,7 @@ fn a_workload_fault_stays_in_the_workload_namespace() {
 
 #[test]
 fn sigkill_with_faults_active_leaves_nothing_after_restart() {
-    if !privileged() {
+    if !privileged("network tests (namespaces, nftables, tc)") {
         return;
     }
     let hosts = Hosts::three();
@@ -472,7 +458,7 @@ fn sigkill_with_faults_active_leaves_nothing_after_restart() {
 
 #[tokio::test]
 async fn bad_network_input_is_refused_and_nothing_is_applied() {
-    if !privileged() {
+    if !privileged("network tests (namespaces, nftables, tc)") {
         return;
     }
     let mut hosts = Hosts::three();
@@ -571,7 +557,7 @@ async fn bad_network_input_is_refused_and_nothing_is_applied() {
 /// and auto falls back to the proxy. Either way the test checks something real.
 #[test]
 fn latency_with_netem_where_the_kernel_has_it() {
-    if !privileged() {
+    if !privileged("network tests (namespaces, nftables, tc)") {
         return;
     }
     let netem = std::process::Command::new("unshare")
@@ -636,7 +622,7 @@ fn latency_with_netem_where_the_kernel_has_it() {
 /// lease holds, the fault ends on its duration, and the run measures the recovery.
 #[test]
 fn a_node_wide_partition_spares_the_controller_during_a_run() {
-    if !privileged() {
+    if !privileged("network tests (namespaces, nftables, tc)") {
         return;
     }
     let hosts = Hosts::three();
@@ -722,7 +708,7 @@ objectives:
 /// the intent (journaled first) names the table, and the next start removes it.
 #[test]
 fn a_crash_between_nft_and_the_journal_is_recovered() {
-    if !privileged() {
+    if !privileged("network tests (namespaces, nftables, tc)") {
         return;
     }
     let hosts = Hosts::three();
@@ -758,7 +744,7 @@ fn a_crash_between_nft_and_the_journal_is_recovered() {
 /// The policy's protected interfaces: never named, never matched.
 #[test]
 fn protected_interfaces_are_left_alone() {
-    if !privileged() {
+    if !privileged("network tests (namespaces, nftables, tc)") {
         return;
     }
     let hosts = Hosts::three();
@@ -807,7 +793,7 @@ fn protected_interfaces_are_left_alone() {
 /// and the next request on the same connection pays nothing.
 #[test]
 fn proxied_connections_keep_flowing_after_the_revert() {
-    if !privileged() {
+    if !privileged("network tests (namespaces, nftables, tc)") {
         return;
     }
     let Node { hosts, dir, agent } = Node::start();
@@ -883,7 +869,7 @@ fn proxied_connections_keep_flowing_after_the_revert() {
 /// accepted says which interfaces it covers (loopback only when named).
 #[test]
 fn a_fault_that_would_hit_nothing_is_refused_and_coverage_is_shown() {
-    if !privileged() {
+    if !privileged("network tests (namespaces, nftables, tc)") {
         return;
     }
     let Node { hosts, dir, agent } = Node::start();
@@ -955,7 +941,7 @@ fn a_fault_that_would_hit_nothing_is_refused_and_coverage_is_shown() {
 /// list in the state directory) and removes the table.
 #[test]
 fn a_drain_cut_short_by_sigkill_is_cleaned_up_at_the_next_start() {
-    if !privileged() {
+    if !privileged("network tests (namespaces, nftables, tc)") {
         return;
     }
     let mut hosts = Hosts::three();

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use gpuchaos_proto::pb;
+use gpuchaos_tests::{need_tool, privileged};
 
 const UNIT: &str = "/lib/systemd/system/gpuchaos-agent.service";
 const STATE: &str = "/var/lib/gpuchaos";
@@ -44,32 +45,6 @@ const SYSTEMD_LEFTOVERS: &[&str] = &[
     "/var/lib/systemd/deb-systemd-helper-enabled/multi-user.target.wants/gpuchaos-agent.service",
     "/var/lib/systemd/deb-systemd-helper-masked/gpuchaos-agent.service",
 ];
-
-/// Root is required; CI runs as root. Skipping is explicit, never silent.
-fn privileged() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var_os("GPUCHAOS_SKIP_PRIVILEGED").is_some() {
-        eprintln!("SKIPPED: not root and GPUCHAOS_SKIP_PRIVILEGED is set");
-        return false;
-    }
-    panic!(
-        "the package test needs root (dpkg -i, -r, -P): run scripts/test.sh as root, or set GPUCHAOS_SKIP_PRIVILEGED=1 to skip it on purpose"
-    );
-}
-
-fn need(tool: &str, package: &str) {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        found,
-        "{tool} is not installed: apt-get install {package} (scripts/test.sh does)"
-    );
-}
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -206,7 +181,7 @@ fn build_package(root: &Path) -> PathBuf {
 
 #[test]
 fn deb_lints_clean_installs_where_it_says_and_purges_to_nothing() {
-    if !privileged() {
+    if !privileged("the package test (dpkg -i, -r, -P)") {
         return;
     }
     for (tool, pkg) in [
@@ -220,7 +195,7 @@ fn deb_lints_clean_installs_where_it_says_and_purges_to_nothing() {
         ("deb-systemd-helper", "init-system-helpers"),
         ("man", "man-db"),
     ] {
-        need(tool, pkg);
+        need_tool(tool, pkg);
     }
     // Never touch a real installation: its journal may hold faults to revert.
     assert!(

@@ -105,39 +105,6 @@ fn artefacts() -> PathBuf {
     dir
 }
 
-fn chromium(args: &[&str]) -> std::process::Output {
-    let bin = ["chromium", "chromium-browser", "google-chrome"]
-        .into_iter()
-        .find(|b| {
-            Command::new("sh")
-                .args(["-c", &format!("command -v {b}")])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-        .expect("no chromium: install Debian's chromium package (scripts/test.sh does)");
-    let profile = tempfile::tempdir().unwrap();
-    let out = Command::new(bin)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-dev-shm-usage",
-            "--no-first-run",
-            "--hide-scrollbars",
-            &format!("--user-data-dir={}", profile.path().display()),
-        ])
-        .args(args)
-        .output()
-        .expect("run chromium");
-    assert!(
-        out.status.success(),
-        "chromium failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 fn dom(url: &str) -> String {
     String::from_utf8_lossy(&chromium(&["--dump-dom", url]).stdout).into_owned()
 }

@@ -191,36 +191,7 @@ fn run_verdicts(h: &serde_json::Value) -> Vec<(String, String)> {
 
 /// Headless Debian Chromium's rendering of `url` (the DOM after scripts ran).
 fn chromium_dom(url: &str) -> String {
-    let bin = ["chromium", "chromium-browser", "google-chrome"]
-        .into_iter()
-        .find(|b| {
-            Command::new("sh")
-                .args(["-c", &format!("command -v {b}")])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-        .expect("no chromium: install Debian's chromium package (scripts/test.sh does)");
-    let profile = tempfile::tempdir().unwrap();
-    let out = Command::new(bin)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-dev-shm-usage",
-            "--no-first-run",
-            &format!("--user-data-dir={}", profile.path().display()),
-            "--dump-dom",
-            url,
-        ])
-        .output()
-        .expect("run chromium");
-    assert!(
-        out.status.success(),
-        "chromium failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    String::from_utf8_lossy(&chromium(&["--dump-dom", url]).stdout).into_owned()
 }
 
 fn gameday_file(dir: &Path, exp: &Path, hooks: &str, extra: &str) -> PathBuf {
