@@ -24,18 +24,7 @@ use super::{fault_json, fault_line};
 pub fn render_errors(file: &str, errs: &SpecErrors) -> String {
     errs.0
         .iter()
-        .map(|e| {
-            let loc = match (e.line, e.column) {
-                (Some(l), Some(c)) => format!("{file}:{l}:{c}"),
-                _ => file.to_string(),
-            };
-            let field = if e.field.is_empty() {
-                String::new()
-            } else {
-                format!("{}: ", e.field)
-            };
-            format!("{loc}: {field}{}", e.message)
-        })
+        .map(|e| super::validate::Problem::of_field(file, e.clone()).to_string())
         .collect::<Vec<_>>()
         .join("\n")
 }

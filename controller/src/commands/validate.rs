@@ -104,7 +104,7 @@ pub fn run(files: &[PathBuf], output: Output) -> Result<u8, CliError> {
                     }
                 } else {
                     for p in &c.problems {
-                        eprintln!("{}", located(p));
+                        eprintln!("{p}");
                     }
                 }
             }
@@ -117,17 +117,33 @@ pub fn run(files: &[PathBuf], output: Output) -> Result<u8, CliError> {
     })
 }
 
+impl Problem {
+    /// A fault spec's field error, in `file`.
+    pub fn of_field(file: &str, fe: gpuchaos_proto::spec::FieldError) -> Self {
+        Problem {
+            file: file.to_string(),
+            line: fe.line,
+            column: fe.column,
+            field: fe.field,
+            message: fe.message,
+            names_file: false,
+        }
+    }
+}
+
 /// `FILE:LINE:COL: field: message`, as compilers say it.
-fn located(p: &Problem) -> String {
-    let loc = match (p.line, p.column) {
-        (Some(l), Some(c)) => format!("{}:{l}:{c}", p.file),
-        _ if p.names_file => return p.message.clone(),
-        _ => p.file.clone(),
-    };
-    if p.field.is_empty() {
-        format!("{loc}: {}", p.message)
-    } else {
-        format!("{loc}: {}: {}", p.field, p.message)
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let loc = match (self.line, self.column) {
+            (Some(l), Some(c)) => format!("{}:{l}:{c}", self.file),
+            _ if self.names_file => return f.write_str(&self.message),
+            _ => self.file.clone(),
+        };
+        if self.field.is_empty() {
+            write!(f, "{loc}: {}", self.message)
+        } else {
+            write!(f, "{loc}: {}: {}", self.field, self.message)
+        }
     }
 }
 
@@ -221,14 +237,7 @@ fn check_file(f: &std::path::Path) -> Checked {
             })
             .map_err(|e| {
                 e.0.into_iter()
-                    .map(|fe| Problem {
-                        file: name.clone(),
-                        line: fe.line,
-                        column: fe.column,
-                        field: fe.field,
-                        message: fe.message,
-                        names_file: false,
-                    })
+                    .map(|fe| Problem::of_field(&name, fe))
                     .collect()
             });
         return done("fault-spec", r);
