@@ -109,6 +109,12 @@ enum Internal {
         id: String,
         result: Result<(), RevertError>,
     },
+    /// The fault's watch saw something (a replacement, its GPU memory settled): kept
+    /// with the fault, also once it ended.
+    Observed {
+        id: String,
+        observation: pb::Observation,
+    },
 }
 
 /// Lifecycle as data: what a fault is doing, and what may happen next.
@@ -145,6 +151,7 @@ struct Fault {
     applied: bool,
     details: Arc<Mutex<serde_json::Value>>,
     background: Option<JoinHandle<()>>,
+    observations: Vec<pb::Observation>,
     cancel: CancellationToken,
     started: Instant,
     revert_started: Option<Instant>,
@@ -197,6 +204,7 @@ impl Fault {
             created_unix_ms: self.created_unix,
             verified_unix_ms: self.verified_unix,
             ended_unix_ms: self.ended_unix,
+            observations: self.observations.clone(),
         }
     }
 
@@ -285,6 +293,9 @@ pub struct Manager {
     internal_rx: mpsc::UnboundedReceiver<Internal>,
     shutting_down: bool,
     shutdown_waiters: Vec<Reply<Vec<pb::Fault>>>,
+    /// Cancelled at shutdown: the watches' observations are no longer listened to,
+    /// which ends the watches.
+    watches_stop: CancellationToken,
     /// Plans on the manager's own task instead of the blocking pool (unit tests on
     /// tokio's paused clock: see [`Manager::new_inline_io`]).
     plan_inline: bool,
@@ -351,6 +362,7 @@ impl Manager {
             internal_rx,
             shutting_down: false,
             shutdown_waiters: Vec::new(),
+            watches_stop: CancellationToken::new(),
             plan_inline,
         }
     }
@@ -513,6 +525,7 @@ impl Manager {
                         // Every handle is gone: nobody can revert any more, so we do.
                         commands_open = false;
                         self.shutting_down = true;
+                        self.watches_stop.cancel();
                         self.revert_all("shutdown");
                     }
                 },
@@ -775,6 +788,7 @@ impl Manager {
             }
             Command::Shutdown { reply } => {
                 self.shutting_down = true;
+                self.watches_stop.cancel();
                 self.shutdown_waiters.push(reply);
                 self.revert_all("shutdown");
             }
@@ -827,6 +841,7 @@ impl Manager {
             applied: false,
             details: Arc::new(Mutex::new(serde_json::Value::Null)),
             background: None,
+            observations: Vec::new(),
             cancel: CancellationToken::new(),
             started: Instant::now(),
             revert_started: None,
@@ -1042,6 +1057,27 @@ impl Manager {
                     Ok(applied) => {
                         f.details = applied.details;
                         f.background = applied.background;
+                        if let Some(mut rx) = applied.observations {
+                            let tx = self.internal_tx.clone();
+                            let stop = self.watches_stop.clone();
+                            let id = id.clone();
+                            tokio::spawn(async move {
+                                loop {
+                                    tokio::select! {
+                                        _ = stop.cancelled() => return,
+                                        o = rx.recv() => match o {
+                                            Some(observation) => {
+                                                let id = id.clone();
+                                                if tx.send(Internal::Observed { id, observation }).is_err() {
+                                                    return;
+                                                }
+                                            }
+                                            None => return,
+                                        },
+                                    }
+                                }
+                            });
+                        }
                         f.applied = true;
                         self.journal.append_later(Record::Applied {
                             id: id.clone(),
@@ -1085,6 +1121,7 @@ impl Manager {
                     }
                 }
             }
+            Internal::Observed { id, observation } => self.observed(id, observation),
             Internal::Reverted { id, result } => {
                 let Some(f) = self.faults.get_mut(&id) else {
                     return;
@@ -1155,6 +1192,20 @@ impl Manager {
                 }
                 self.update_active_gauge(kind);
             }
+        }
+    }
+
+    fn observed(&mut self, id: String, observation: pb::Observation) {
+        tracing::info!(fault.id = %id, kind = %observation.kind, pid = observation.pid,
+            detail = %observation.detail, "observed");
+        if let Some(f) = self.faults.get_mut(&id) {
+            f.observations.push(observation);
+            self.emit_fault(&id);
+        } else if let Some(f) = self.history.iter_mut().find(|f| f.id == id) {
+            // Ended already (a kill ends long before its replacement is ready).
+            f.observations.push(observation);
+            let snapshot = f.clone();
+            self.emit(pb::fault_event::Event::Fault(snapshot));
         }
     }
 

@@ -362,6 +362,7 @@ impl GpuMemoryDriver {
         });
         Ok(Applied {
             details,
+            observations: None,
             background: Some(background),
         })
     }

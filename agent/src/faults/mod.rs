@@ -14,6 +14,7 @@ pub mod guardrail;
 pub mod network;
 pub mod process;
 pub mod select;
+pub mod watch;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -46,6 +47,10 @@ pub struct Applied {
     pub details: Arc<Mutex<serde_json::Value>>,
     /// Work that goes on while the fault is active; cancelled and awaited on revert.
     pub background: Option<JoinHandle<()>>,
+    /// What the fault's watch will observe (process kills: the replacement and its
+    /// GPU memory), possibly long after the fault ended. The manager keeps listening
+    /// until the sender is dropped, or until shutdown.
+    pub observations: Option<watch::ObservationRx>,
 }
 
 /// A revert that did not complete.

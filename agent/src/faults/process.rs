@@ -15,6 +15,7 @@ use tokio::time::{Instant, sleep};
 use tokio_util::sync::CancellationToken;
 
 pub use super::select::{Selector, Target};
+use super::watch::{ObservationRx, ObservationTx, Watch, gpu_unavailable};
 use super::{Applied, KindDriver, Planned, RevertError, Support};
 use crate::error::AgentError;
 use crate::failpoint;
@@ -101,6 +102,76 @@ impl ProcessDriver {
         }
     }
 
+    /// Every process the fault's selector matches now, and the plan's targets: what
+    /// the replacement watch will never take for a replacement.
+    fn known(&self, spec: &ProcessSpec, plan: &ProcessPlan) -> Vec<(u32, u64)> {
+        if !spec.watches() {
+            return Vec::new();
+        }
+        let mut known: Vec<(u32, u64)> = self
+            .selector
+            .select(&spec.target)
+            .unwrap_or_default()
+            .iter()
+            .chain(&plan.targets)
+            .map(|t| (t.pid, t.start_time))
+            .collect();
+        known.sort_unstable();
+        known.dedup();
+        known
+    }
+
+    /// What the fault's details say of its watch.
+    fn watch_note(&self, spec: &ProcessSpec) -> serde_json::Value {
+        if !spec.watches() {
+            return serde_json::Value::String("off".into());
+        }
+        let mut note = serde_json::json!({
+            "timeout": humantime::format_duration(spec.watch_timeout()).to_string(),
+            "settle": humantime::format_duration(spec.watch_settle()).to_string(),
+        });
+        if let Some(why) = gpu_unavailable(&self.selector) {
+            note["gpu"] = format!("no NVML: gpu_ready not observed ({why})").into();
+        }
+        note
+    }
+
+    fn watch(
+        &self,
+        spec: &ProcessSpec,
+        known: Vec<(u32, u64)>,
+        killed: Vec<Target>,
+        tx: ObservationTx,
+    ) {
+        if killed.is_empty() {
+            return;
+        }
+        Watch {
+            selector: Arc::clone(&self.selector),
+            target: spec.target.clone(),
+            known,
+            killed,
+            timeout: spec.watch_timeout(),
+            settle: spec.watch_settle(),
+        }
+        .spawn(tx);
+    }
+
+    /// Starts the watch of a kill or terminate that was just verified.
+    fn watch_now(
+        &self,
+        spec: &ProcessSpec,
+        known: Vec<(u32, u64)>,
+        killed: &[Target],
+    ) -> Option<ObservationRx> {
+        if !spec.watches() {
+            return None;
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.watch(spec, known, killed.to_vec(), tx);
+        Some(rx)
+    }
+
     async fn kill_round(&self, targets: &[Target], sig: i32) -> Result<Vec<Target>, String> {
         let hit = self.signal_all(targets, sig)?;
         failpoint::hit("after-effect");
@@ -123,6 +194,7 @@ impl ProcessDriver {
         cancel: tokio_util::sync::CancellationToken,
     ) -> Result<Applied, String> {
         let details = |v: serde_json::Value| Arc::new(Mutex::new(v));
+        let known = self.known(&spec, &plan);
         match plan.action {
             ProcessAction::Pause => {
                 let hit = self.signal_all(&plan.targets, SIGSTOP)?;
@@ -159,6 +231,7 @@ impl ProcessDriver {
                         "seed": plan.seed,
                     })),
                     background: None,
+                    observations: None,
                 })
             }
             ProcessAction::Kill => {
@@ -170,8 +243,10 @@ impl ProcessDriver {
                         "signal": signal::name(sig),
                         "killed": hit,
                         "seed": plan.seed,
+                        "watch": self.watch_note(&spec),
                     })),
                     background: None,
+                    observations: self.watch_now(&spec, known, &hit),
                 })
             }
             ProcessAction::Terminate => {
@@ -193,8 +268,10 @@ impl ProcessDriver {
                         "sigkilled_after_grace": escalated,
                         "grace": humantime::format_duration(grace).to_string(),
                         "seed": plan.seed,
+                        "watch": self.watch_note(&spec),
                     })),
                     background: None,
+                    observations: self.watch_now(&spec, known, &hit),
                 })
             }
             ProcessAction::CrashLoop => {
@@ -206,40 +283,54 @@ impl ProcessDriver {
                     "killed_total": first.len(),
                     "last_killed": first,
                     "seed": plan.seed,
+                    "watch": self.watch_note(&spec),
                 }));
                 let me = Arc::clone(&self);
                 let live = Arc::clone(&state);
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                let watch = spec.watches().then_some(rx);
                 let background = tokio::spawn(async move {
-                    me.crash_loop(spec, plan.seed, live, cancel).await;
+                    let seen = me.crash_loop(&spec, plan.seed, known, live, cancel).await;
+                    // Replacements during the loop were killed by it: the one that
+                    // counts comes after the end.
+                    if spec.watches() {
+                        me.watch(&spec, seen, first, tx);
+                    }
                 });
                 Ok(Applied {
                     details: state,
                     background: Some(background),
+                    observations: watch,
                 })
             }
         }
     }
 
     /// Kills the matching processes, replacements included, every interval until
-    /// cancelled.
+    /// cancelled. Returns `seen` with every process the rounds matched (killed or not
+    /// picked): none of them is the replacement the watch looks for afterwards.
     async fn crash_loop(
         &self,
-        spec: ProcessSpec,
+        spec: &ProcessSpec,
         seed: u64,
+        mut seen: Vec<(u32, u64)>,
         live: Arc<Mutex<serde_json::Value>>,
         cancel: tokio_util::sync::CancellationToken,
-    ) {
+    ) -> Vec<(u32, u64)> {
         let mut round: u64 = 1;
         loop {
             tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => return seen,
                 _ = sleep(spec.interval()) => {}
             }
             round += 1;
             // A replacement has a new pid: re-select every round. Matching nothing is
             // normal while the supervisor restarts the worker.
             let targets = match self.selector.select(&spec.target) {
-                Ok(t) => Selector::pick(t, spec.target.pick, seed.wrapping_add(round)),
+                Ok(t) => {
+                    seen.extend(t.iter().map(|t| (t.pid, t.start_time)));
+                    Selector::pick(t, spec.target.pick, seed.wrapping_add(round))
+                }
                 Err(AgentError::NoTargets(_)) => Vec::new(),
                 Err(e) => {
                     tracing::warn!(error = %e, round, "crash-loop: selection failed; skipping this round");
@@ -247,7 +338,7 @@ impl ProcessDriver {
                 }
             };
             if cancel.is_cancelled() {
-                return;
+                return seen;
             }
             let killed = match self.kill_round(&targets, SIGKILL).await {
                 Ok(k) => k,
@@ -578,6 +669,222 @@ pub mod tests {
         let n = p.signals.lock().unwrap().len();
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert_eq!(p.signals.lock().unwrap().len(), n, "no kill after cancel");
+    }
+
+    use crate::faults::watch::WATCH_INTERVAL;
+    use crate::sys::fake::FakeGpus;
+    use gpuchaos_proto::pb;
+    use tokio::time::sleep_until;
+
+    const GIB: u64 = 1 << 30;
+
+    /// Waits for every observation until the watch ends (its sender dropped).
+    async fn observations(rx: Option<crate::faults::watch::ObservationRx>) -> Vec<pb::Observation> {
+        let mut rx = rx.expect("a kill is watched");
+        let mut out = Vec::new();
+        while let Some(o) = rx.recv().await {
+            out.push(o);
+        }
+        out
+    }
+
+    /// `at` (ms after the start) lies in (truth, truth + one watch interval], with a
+    /// little slack for the real time between the test's and the watch's clock reads.
+    fn within_one_interval(what: &str, at_ns: u64, truth_ms: u64) {
+        let at = at_ns as f64 / 1e6;
+        let (lo, hi) = (
+            truth_ms as f64,
+            truth_ms as f64 + WATCH_INTERVAL.as_millis() as f64 + 30.0,
+        );
+        println!("{what}: observed {at:.1} ms after the kill, truth {truth_ms} ms");
+        assert!(
+            at >= lo && at <= hi,
+            "{what}: {at:.1} ms not in [{lo}, {hi}]"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kill_observes_each_replacement_and_when_its_gpu_memory_settled() {
+        let p = workers();
+        let gpus = Arc::new(FakeGpus::new(2));
+        let sel = Arc::new(Selector::new(
+            p.clone(),
+            gpus.clone(),
+            Arc::new(Policy::new(PolicyFile::default()).unwrap()),
+        ));
+        let d = crate::faults::typed(Arc::new(ProcessDriver::new(sel)));
+        // Two of the ten workers; the other eight match the selector all along and
+        // must never be taken for replacements.
+        let s = spec(
+            "kind: process\nduration: 1s\nseed: 3\ntarget: {name: ^vllm, pick: {count: 2}}\naction: kill\nwatch: {settle: 1s, timeout: 1m}\n",
+        );
+        let plan = d.plan(&s).unwrap();
+        let killed: ProcessPlan = serde_json::from_value(plan.revert.clone()).unwrap();
+        let (t0, t0_mono) = (Instant::now(), crate::sys::clock::mono_ns());
+        let a = d
+            .clone()
+            .apply(ApplyCtx {
+                id: "f".into(),
+                spec: s,
+                plan: plan.revert,
+                cancel: Default::default(),
+            })
+            .await
+            .unwrap();
+        assert!(
+            a.details.lock().unwrap()["watch"]["gpu"].is_null(),
+            "NVML is there"
+        );
+        let (p2, g2) = (p.clone(), gpus.clone());
+        let ms = move |n: u64| t0 + Duration::from_millis(n);
+        tokio::spawn(async move {
+            sleep_until(ms(1230)).await;
+            p2.add(300, "vllm-worker", "python -m vllm.worker --rank 0");
+            // Weights loading in steps onto two GPUs: last growth at 2100 ms.
+            sleep_until(ms(1500)).await;
+            g2.set(0, 300, GIB);
+            sleep_until(ms(1800)).await;
+            g2.set(0, 300, 2 * GIB);
+            sleep_until(ms(2050)).await;
+            p2.add(301, "vllm-worker", "python -m vllm.worker --rank 1");
+            sleep_until(ms(2100)).await;
+            g2.set(1, 300, GIB / 2);
+            sleep_until(ms(2500)).await;
+            g2.set(0, 301, 4 * GIB);
+            // A worker that is not a replacement's is ignored.
+            g2.set(0, 105, 7 * GIB);
+        });
+        let obs = observations(a.observations).await;
+        let kinds: Vec<(&str, u32)> = obs.iter().map(|o| (o.kind.as_str(), o.pid)).collect();
+        assert_eq!(
+            kinds,
+            [
+                ("replaced", 300),
+                ("replaced", 301),
+                ("gpu_ready", 300),
+                ("gpu_ready", 301)
+            ],
+            "{obs:#?}"
+        );
+        let rel = |o: &pb::Observation| o.mono_ns - t0_mono;
+        within_one_interval("replaced 300", rel(&obs[0]), 1230);
+        within_one_interval("replaced 301", rel(&obs[1]), 2050);
+        within_one_interval("gpu_ready 300", rel(&obs[2]), 2100);
+        within_one_interval("gpu_ready 301", rel(&obs[3]), 2500);
+        assert_eq!(obs[0].start_time, 3000);
+        assert_eq!(obs[2].gpu_bytes, 2 * GIB + GIB / 2, "summed over both GPUs");
+        assert_eq!(obs[3].gpu_bytes, 4 * GIB);
+        assert!(obs.iter().all(|o| o.error_ns == 100_000_000));
+        assert!(
+            obs[0]
+                .detail
+                .contains(&format!("replaced {}", killed.targets[0])),
+            "{}",
+            obs[0].detail
+        );
+        // The watch ended when everything was seen, 1 s of settling after 2.5 s.
+        let ended = t0.elapsed();
+        assert!(ended < Duration::from_millis(3700), "{ended:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_nvml_a_kill_observes_the_replacement_only() {
+        let p = workers();
+        let d = driver(p.clone());
+        let s = spec("kind: process\nduration: 1s\ntarget: {pid: 100}\naction: kill\n");
+        let s = match s {
+            FaultSpec::Process(mut ps) => {
+                // A pid selector cannot match a replacement: watch by name instead.
+                ps.target = as_process(&spec(
+                    "kind: process\nduration: 1s\ntarget: {cmdline: 'rank 0$'}\naction: kill\n",
+                ))
+                .target
+                .clone();
+                FaultSpec::Process(ps)
+            }
+            other => other,
+        };
+        let plan = d.plan(&s).unwrap();
+        let a = d
+            .clone()
+            .apply(ApplyCtx {
+                id: "f".into(),
+                spec: s,
+                plan: plan.revert,
+                cancel: Default::default(),
+            })
+            .await
+            .unwrap();
+        let note = a.details.lock().unwrap()["watch"]["gpu"].clone();
+        assert!(
+            note.as_str()
+                .unwrap()
+                .starts_with("no NVML: gpu_ready not observed"),
+            "{note}"
+        );
+        let p2 = p.clone();
+        tokio::spawn(async move {
+            sleep(Duration::from_millis(400)).await;
+            p2.add(300, "vllm-worker", "python -m vllm.worker --rank 0");
+        });
+        let obs = observations(a.observations).await;
+        assert_eq!(obs.len(), 1, "{obs:#?}");
+        assert_eq!((obs[0].kind.as_str(), obs[0].pid), ("replaced", 300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn crash_loop_watches_only_after_its_end() {
+        let p = workers();
+        let d = driver(p.clone());
+        let s = spec(
+            "kind: process\nduration: 1m\nseed: 1\ntarget: {name: ^vllm, pick: {count: 1}}\naction: crash-loop\ninterval: 1s\n",
+        );
+        let plan = d.plan(&s).unwrap();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let t0 = Instant::now();
+        let mut a = d
+            .clone()
+            .apply(ApplyCtx {
+                id: "f".into(),
+                spec: s,
+                plan: plan.revert,
+                cancel: cancel.clone(),
+            })
+            .await
+            .unwrap();
+        // A replacement during the loop: killed or left, it is not what recovery waits for.
+        sleep_until(t0 + Duration::from_millis(500)).await;
+        p.add(300, "vllm-worker", "python -m vllm.worker --rank 0");
+        sleep_until(t0 + Duration::from_millis(2500)).await;
+        let mut rx = a.observations.take().unwrap();
+        assert!(rx.try_recv().is_err(), "nothing observed during the loop");
+        cancel.cancel();
+        a.background.take().unwrap().await.unwrap();
+        sleep_until(t0 + Duration::from_millis(3000)).await;
+        p.add(301, "vllm-worker", "python -m vllm.worker --rank 0");
+        let obs = observations(Some(rx)).await;
+        assert_eq!(obs.len(), 1, "{obs:#?}");
+        assert_eq!((obs[0].kind.as_str(), obs[0].pid), ("replaced", 301));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_can_be_turned_off() {
+        let d = driver(workers());
+        let s = spec(
+            "kind: process\nduration: 1s\ntarget: {pid: 100}\naction: kill\nwatch: {enabled: false}\n",
+        );
+        let plan = d.plan(&s).unwrap();
+        let a = d
+            .apply(ApplyCtx {
+                id: "f".into(),
+                spec: s,
+                plan: plan.revert,
+                cancel: Default::default(),
+            })
+            .await
+            .unwrap();
+        assert!(a.observations.is_none());
+        assert_eq!(a.details.lock().unwrap()["watch"], "off");
     }
 
     fn as_process(s: &FaultSpec) -> &ProcessSpec {

@@ -44,6 +44,11 @@ impl Selector {
         }
     }
 
+    /// The GPUs that `gpu` selectors (and the replacement watch) ask.
+    pub fn gpus(&self) -> &Arc<dyn GpuQuery> {
+        &self.gpus
+    }
+
     /// The process table selections are made in.
     pub fn procs(&self) -> &Arc<dyn Processes> {
         &self.procs

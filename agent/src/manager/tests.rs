@@ -682,3 +682,42 @@ async fn the_real_io_paths_keep_journal_before_effect() {
     );
     assert_eq!(r.procs.state(100), Some('S'), "the worker was left stopped");
 }
+
+#[tokio::test(start_paused = true)]
+async fn observations_reach_the_fault_also_after_it_ended() {
+    let r = rig().await;
+    let mut events = r.handle.subscribe();
+    let f = r
+        .inject(
+            "kind: process\nduration: 1s\ntarget: {cmdline: 'rank 0$'}\naction: kill\n",
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(f.observations.is_empty());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(r.find(&f.id).await.state, pb::FaultState::Reverted as i32);
+    // The supervisor's replacement comes after the fault ended.
+    r.procs
+        .add(300, "vllm-worker", "python -m vllm.worker --rank 0");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ended = r.find(&f.id).await;
+    assert_eq!(ended.state, pb::FaultState::Reverted as i32);
+    let kinds: Vec<(&str, u32)> = ended
+        .observations
+        .iter()
+        .map(|o| (o.kind.as_str(), o.pid))
+        .collect();
+    assert_eq!(kinds, [("replaced", 300)]);
+    // And WatchEvents said so.
+    let mut seen = false;
+    while let Ok(ev) = events.try_recv() {
+        if let Some(pb::fault_event::Event::Fault(x)) = ev.event
+            && x.id == f.id
+            && !x.observations.is_empty()
+        {
+            seen = true;
+        }
+    }
+    assert!(seen, "an event carries the observation");
+}

@@ -104,6 +104,79 @@ impl GpuQuery for NoGpus {
     }
 }
 
+/// GPUs whose per-process memory a test sets (`set(gpu, pid, bytes)`), as NVML
+/// reports it; each GPU has 80 GiB.
+pub struct FakeGpus {
+    pub count: u32,
+    pub memory: Mutex<BTreeMap<(u32, u32), u64>>,
+}
+
+impl FakeGpus {
+    pub fn new(count: u32) -> Self {
+        FakeGpus {
+            count,
+            memory: Mutex::new(BTreeMap::new()),
+        }
+    }
+    pub fn set(&self, gpu: u32, pid: u32, bytes: u64) {
+        self.memory.lock().unwrap().insert((gpu, pid), bytes);
+    }
+    fn index(&self, gpu: &gpuchaos_proto::spec::GpuRef) -> Result<u32, String> {
+        match gpu {
+            gpuchaos_proto::spec::GpuRef::Index(i) if *i < self.count => Ok(*i),
+            other => Err(format!("{other} does not exist on this node")),
+        }
+    }
+}
+
+const FAKE_GPU_TOTAL: u64 = 80 << 30;
+
+impl GpuQuery for FakeGpus {
+    fn list(&self) -> Result<Vec<crate::sys::gpu::GpuInfo>, String> {
+        let memory = self.memory.lock().unwrap();
+        Ok((0..self.count)
+            .map(|index| {
+                let used: u64 = memory
+                    .iter()
+                    .filter(|((g, _), _)| *g == index)
+                    .map(|(_, b)| *b)
+                    .sum();
+                crate::sys::gpu::GpuInfo {
+                    index,
+                    uuid: format!("GPU-fake-{index}"),
+                    name: "Fake GPU".into(),
+                    total: FAKE_GPU_TOTAL,
+                    used,
+                    free: FAKE_GPU_TOTAL.saturating_sub(used),
+                    mig: false,
+                    compute_mode: "default".into(),
+                }
+            })
+            .collect())
+    }
+    fn processes_on(&self, gpu: &gpuchaos_proto::spec::GpuRef) -> Result<Vec<u32>, String> {
+        Ok(self
+            .process_memory(gpu)?
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect())
+    }
+    fn process_memory(
+        &self,
+        gpu: &gpuchaos_proto::spec::GpuRef,
+    ) -> Result<Vec<(u32, Option<u64>)>, String> {
+        let i = self.index(gpu)?;
+        Ok(self
+            .memory
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|((g, _), _)| *g == i)
+            .map(|((_, pid), b)| (*pid, Some(*b)))
+            .collect())
+    }
+}
+
 /// A node with init, the agent (pid 4), ten vLLM workers (pids 100-109) and sshd.
 pub fn workers() -> Arc<FakeProcs> {
     let p = Arc::new(FakeProcs::default());

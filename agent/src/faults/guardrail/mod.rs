@@ -323,6 +323,7 @@ impl KindDriver for GuardrailDriver {
             return Ok(Applied {
                 details,
                 background: None,
+                observations: None,
             });
         }
         let proxy = match self.find(&plan.listen) {
@@ -386,6 +387,7 @@ impl KindDriver for GuardrailDriver {
         Ok(Applied {
             details,
             background: None,
+            observations: None,
         })
     }
 

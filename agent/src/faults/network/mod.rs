@@ -1199,6 +1199,7 @@ impl KindDriver for NetworkDriver {
         Ok(Applied {
             details,
             background,
+            observations: None,
         })
     }
 
