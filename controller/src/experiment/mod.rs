@@ -9,6 +9,7 @@
 //! - [`plan`]: which faults go to which agents (shared by `--dry-run` and the runner),
 //!   and the `--dry-run` printout.
 
+pub mod checks;
 pub mod load;
 pub mod plan;
 pub mod valid;
@@ -161,20 +162,25 @@ pub struct HttpExpect {
     /// A regex the body must match.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body_regex: Option<String>,
-    /// A JSON pointer (RFC 6901) into the body, and the value it must equal.
+    /// Checks of the JSON body, all of which must hold: one check or a list. Each is
+    /// a JSON pointer (RFC 6901) and one of `equals`, `op` with `value`, `matches`,
+    /// `count`, `exists`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub json: Option<JsonEquals>,
+    pub json: Option<checks::JsonChecks>,
+    /// Response headers (names case-insensitive), each with a regex its first value
+    /// must match.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// Response headers that must not be present.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub header_absent: Vec<String>,
     /// A slower answer fails.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_latency: Option<HumanDuration>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct JsonEquals {
-    pub pointer: String,
-    pub equals: serde_json::Value,
-}
+/// The single `{pointer, equals}` check of earlier versions: one form of [`checks::JsonCheck`].
+pub type JsonEquals = checks::JsonCheck;
 
 /// A TCP connect.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

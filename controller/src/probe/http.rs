@@ -26,6 +26,8 @@ pub struct Request {
 #[derive(Debug)]
 pub struct Response {
     pub status: u16,
+    /// The response headers (names case-insensitive, as HTTP has them).
+    pub headers: hyper::HeaderMap,
     pub body: Bytes,
 }
 
@@ -139,12 +141,17 @@ where
             .await
             .map_err(|e| format!("request failed: {e}"))?;
         let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
         let body = Limited::new(resp.into_body(), MAX_BODY)
             .collect()
             .await
             .map_err(|e| format!("reading the body: {e}"))?
             .to_bytes();
-        Ok(Response { status, body })
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
     }
     .await;
     driver.abort();

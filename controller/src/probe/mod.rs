@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use regex::Regex;
 
+use crate::experiment::checks::{self, HeaderMatcher, JsonMatcher};
+use crate::experiment::yaml::Path as FieldPath;
 use crate::experiment::{ProbeKind, PromCheck};
 
 /// The result of one sample.
@@ -104,7 +106,8 @@ enum Kind {
         tls: Option<Arc<rustls::ClientConfig>>,
         status: Vec<u16>,
         body_regex: Option<Regex>,
-        json: Option<(String, serde_json::Value)>,
+        json: Option<JsonMatcher>,
+        headers: HeaderMatcher,
         max_latency: Option<Duration>,
     },
     Tcp {
@@ -159,6 +162,15 @@ fn tls_for(
     } else {
         Ok(None)
     }
+}
+
+/// A check the loader would have refused, as one message: `expect.json[1].op: …`.
+fn first_error(errors: Vec<checks::CheckError>) -> String {
+    errors
+        .into_iter()
+        .next()
+        .map(|(path, message)| format!("expect.{path}: {message}"))
+        .unwrap_or_default()
 }
 
 fn regex(r: &Option<String>) -> Result<Option<Regex>, String> {
@@ -399,7 +411,15 @@ impl Prober {
                         .expect
                         .json
                         .as_ref()
-                        .map(|j| (j.pointer.clone(), j.equals.clone())),
+                        .map(|j| checks::compile_json(j, &FieldPath::root().key("json")))
+                        .transpose()
+                        .map_err(first_error)?,
+                    headers: checks::compile_headers(
+                        &h.expect.headers,
+                        &h.expect.header_absent,
+                        &FieldPath::root(),
+                    )
+                    .map_err(first_error)?,
                     max_latency: h.expect.max_latency.map(|d| d.0),
                 }
             }
@@ -462,6 +482,7 @@ impl Prober {
                 status,
                 body_regex,
                 json,
+                headers,
                 max_latency,
             } => {
                 let start = Instant::now();
@@ -496,17 +517,21 @@ impl Prober {
                         snippet(&resp.body)
                     ));
                 }
-                if let Some((pointer, want)) = json {
+                if let Err(e) = headers.check(&resp.headers) {
+                    return Outcome::fail(e);
+                }
+                if let Some(m) = json {
                     let v: serde_json::Value = match serde_json::from_slice(&resp.body) {
                         Ok(v) => v,
-                        Err(e) => return Outcome::fail(format!("body is not JSON: {e}")),
-                    };
-                    match v.pointer(pointer) {
-                        Some(got) if got == want => {}
-                        Some(got) => {
-                            return Outcome::fail(format!("{pointer} is {got}, expected {want}"));
+                        Err(e) => {
+                            return Outcome::fail(format!(
+                                "body is not JSON: {e}: {}",
+                                snippet(&resp.body)
+                            ));
                         }
-                        None => return Outcome::fail(format!("{pointer} is absent from the body")),
+                    };
+                    if let Err(e) = m.check(&v) {
+                        return Outcome::fail(e);
                     }
                 }
                 if let Some(max) = max_latency

@@ -20,6 +20,11 @@ fn answer(path: &str, body: &str) -> (u16, String) {
     match path {
         "/health" => (200, r#"{"status":"ok","workers":2}"#.into()),
         "/sick" => (503, "no workers".into()),
+        "/cluster" => (
+            200,
+            r#"{"queue_depth":3,"model":"llama-3-8b","replicas":[{"state":"RUNNING"},{"state":"RUNNING"},{"state":"STARTING"}]}"#.into(),
+        ),
+        "/html" => (200, "<html>overloaded</html>".into()),
         "/slow" => (200, "slow".into()),
         p if p.starts_with("/api/v1/query") => {
             // What a real Prometheus answers to a PromQL syntax error.
@@ -96,8 +101,13 @@ async fn serve_one<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut 
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let (status, text) = answer(&path, &body);
+    let kind = if path == "/html" {
+        "content-type: text/html\r\nX-Error: overloaded"
+    } else {
+        "content-type: application/json"
+    };
     let resp = format!(
-        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
+        "HTTP/1.1 {status} X\r\n{kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
         text.len()
     );
     let _ = s.write_all(resp.as_bytes()).await;
@@ -156,7 +166,7 @@ async fn http_probes_check_status_body_json_and_latency() {
     ));
     let o = sample(&json).await;
     assert!(
-        o.error.as_deref().unwrap().contains("/status is \"ok\""),
+        o.error.as_deref() == Some(r#"json /status: "ok" is not "degraded""#),
         "{o:?}"
     );
     let slow = probe(&format!(
@@ -181,6 +191,75 @@ async fn http_probes_check_status_body_json_and_latency() {
     assert!(
         o.error.as_deref().unwrap().starts_with("connect 127.0.0.1"),
         "{o:?}"
+    );
+}
+
+#[tokio::test]
+async fn http_probes_check_json_lists_counts_and_headers() {
+    let port = server(None).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let check = |path: &str, expect: &str| {
+        probe(&format!(
+            "{{name: h, http: {{url: '{base}{path}', expect: {expect}}}}}"
+        ))
+    };
+    let ready = r#"{status: [200], headers: {Content-Type: '^application/json'}, header_absent: [x-error], json: [{pointer: /queue_depth, op: '<', value: 10}, {pointer: /model, matches: '^llama'}, {pointer: /replicas, count: {where: {pointer: /state, equals: RUNNING}, op: '>=', value: 2}}, {pointer: /replicas, count: {op: '==', value: 3}}, {pointer: /error, exists: false}]}"#;
+    assert_eq!(sample(&check("/cluster", ready)).await, Outcome::pass());
+    let err = |o: Outcome| o.error.expect("the sample fails");
+    assert_eq!(
+        err(sample(&check(
+            "/cluster",
+            "{json: {pointer: /replicas, count: {where: {pointer: /state, equals: RUNNING}, op: '>=', value: 3}}}"
+        ))
+        .await),
+        r#"json /replicas: 2 elements match state == "RUNNING", need >= 3"#
+    );
+    assert_eq!(
+        err(sample(&check(
+            "/cluster",
+            "{json: [{pointer: /model, exists: true}, {pointer: /queue_depth, op: '<', value: 2}]}"
+        ))
+        .await),
+        "json /queue_depth: 3 is not < 2"
+    );
+    assert_eq!(
+        err(sample(&check(
+            "/cluster",
+            "{json: {pointer: /ready, exists: true}}"
+        ))
+        .await),
+        "json /ready: missing"
+    );
+    // Headers: names case-insensitive, the value a regex; absent ones.
+    assert_eq!(
+        err(sample(&check(
+            "/html",
+            "{headers: {content-type: '^application/json'}}"
+        ))
+        .await),
+        r#"header content-type: "text/html" does not match ^application/json"#
+    );
+    assert_eq!(
+        err(sample(&check("/html", "{header_absent: [X-ERROR]}")).await),
+        r#"header x-error: present ("overloaded"), expected absent"#
+    );
+    assert_eq!(
+        err(sample(&check("/html", "{headers: {x-request-id: '.'}}")).await),
+        "header x-request-id: missing"
+    );
+    let o = err(sample(&check("/html", "{json: {pointer: /status, equals: ok}}")).await);
+    assert!(
+        o.starts_with("body is not JSON: ") && o.contains("<html>"),
+        "{o}"
+    );
+    // The old single form, and a header check that passes, on the same answer.
+    assert_eq!(
+        sample(&check(
+            "/health",
+            "{headers: {content-type: json}, json: {pointer: /workers, equals: 2}}"
+        ))
+        .await,
+        Outcome::pass()
     );
 }
 

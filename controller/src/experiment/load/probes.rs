@@ -180,16 +180,22 @@ fn check_http(cx: &mut Cx, hp: &FieldPath, p: &Probe, h: &HttpProbe) {
         }
     }
     check_regex(cx, hp.key("expect").key("body_regex"), &h.expect.body_regex);
+    let expect = hp.key("expect");
     if let Some(j) = &h.expect.json
-        && !(j.pointer.is_empty() || j.pointer.starts_with('/'))
+        && let Err(errors) = crate::experiment::checks::compile_json(j, &expect.key("json"))
     {
-        cx.error(
-            &hp.key("expect").key("json").key("pointer"),
-            format!(
-                "{:?} is not a JSON pointer: start it with / (e.g. /status)",
-                j.pointer
-            ),
-        );
+        for (path, message) in errors {
+            cx.error(&path, message);
+        }
+    }
+    if let Err(errors) = crate::experiment::checks::compile_headers(
+        &h.expect.headers,
+        &h.expect.header_absent,
+        &expect,
+    ) {
+        for (path, message) in errors {
+            cx.error(&path, message);
+        }
     }
     for name in h.headers.keys() {
         if hyper::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
