@@ -1,17 +1,21 @@
 //! A realistic journal for the renderers' tests: two probes, two trials, a failed
-//! rto objective and a passed availability objective.
+//! rto objective (with a tolerated failure) and a passed availability objective
+//! (with its windows); trial 1's fault has recovery phases, some not observed with
+//! the reasons, trial 2's none.
+
+use std::collections::BTreeMap;
 
 use crate::runner::record::*;
 
 const S: u64 = 1_000_000_000;
 
-/// One sample per second per probe for 100 s. `chat` fails during 11..=17 s and
-/// 56..=95 s (5 runs of one state); `guard` lets an unsafe output through at 60 s
+/// One sample per second per probe for 100 s. `chat` fails during 11..=17 s, at
+/// 25 s (a failure the rto tolerates) and 56..=95 s (7 runs of one state); `guard` lets an unsafe output through at 60 s
 /// and fails at 61 s with a hostile error message (4 runs).
-pub(super) fn record() -> RunRecord {
+pub(crate) fn record() -> RunRecord {
     let mut samples = Vec::new();
     for t in 0..100u64 {
-        let chat_ok = !(11..=17).contains(&t) && !(56..=95).contains(&t);
+        let chat_ok = !(11..=17).contains(&t) && t != 25 && !(56..=95).contains(&t);
         samples.push(Sample {
             probe: 0,
             t_ns: t * S,
@@ -45,8 +49,9 @@ pub(super) fn record() -> RunRecord {
         anchor_ns: Some(anchor),
         detect_ns: Some(detect),
         recovered_ns: Some(recovered),
+        ..Default::default()
     };
-    let availability = |value: f64| ObjectiveResult {
+    let availability = |value: f64, window: Window| ObjectiveResult {
         name: "chat availability".into(),
         kind: ResultKind::Availability,
         probe: "chat".into(),
@@ -55,7 +60,13 @@ pub(super) fn record() -> RunRecord {
         limit: 0.5,
         error_bar: None,
         detail: format!("{value} of samples ok"),
+        window: Some(window),
         ..Default::default()
+    };
+    let window = |from: u64, to: u64, covers: &str| Window {
+        from_ns: from,
+        to_ns: to,
+        covers: covers.into(),
     };
     RunRecord {
         format: FORMAT,
@@ -120,11 +131,21 @@ pub(super) fn record() -> RunRecord {
                     inject_ns: Some(10 * S),
                     end_ns: Some(12 * S),
                     end_reason: "reverted".into(),
-                    ..Default::default()
+                    ..phased()
                 }],
                 objectives: vec![
-                    rto(true, 8.2, 10 * S, 10_500_000_000, 18_200_000_000),
-                    availability(0.93),
+                    ObjectiveResult {
+                        isolated_failures: vec![25 * S],
+                        ..rto(true, 8.2, 10 * S, 10_500_000_000, 18_200_000_000)
+                    },
+                    availability(
+                        0.93,
+                        window(
+                            10 * S,
+                            18_120_000_000,
+                            "first fault verified → chat recovered",
+                        ),
+                    ),
                 ],
             },
             TrialRecord {
@@ -147,7 +168,10 @@ pub(super) fn record() -> RunRecord {
                 }],
                 objectives: vec![
                     rto(false, 41.2, 55 * S, 55_500_000_000, 96_200_000_000),
-                    availability(0.55),
+                    availability(
+                        0.55,
+                        window(55 * S, 100 * S, "first fault verified → observation end"),
+                    ),
                 ],
             },
         ],
@@ -200,6 +224,68 @@ pub(super) fn record() -> RunRecord {
         ],
         samples,
         leftovers: vec![],
+    }
+}
+
+/// Trial 1's fault (verified at 10 s): chat fails from 11 s and answers again at
+/// 18.12 s; the agent saw pid 4321 replace pid 4242 at 12.5 s, holding 2 GiB from
+/// 15.5 s; masked and ready were not observed (with why), the readiness durations
+/// are null.
+fn phased() -> FaultRecord {
+    const CLOCK: u64 = 40_000;
+    let chat = |t_ns: u64, sample: u64| PhaseMark {
+        t_ns,
+        error_ns: S + CLOCK,
+        probe: Some("chat".into()),
+        sample_t_ns: Some(sample),
+        ..Default::default()
+    };
+    let agent = |t_ns: u64, event: &str, gpu_bytes: Option<u64>| PhaseMark {
+        t_ns,
+        error_ns: S / 2 + CLOCK,
+        event: Some(event.into()),
+        pid: Some(4321),
+        gpu_bytes,
+        ..Default::default()
+    };
+    FaultRecord {
+        phases: Phases {
+            detected: Some(chat(11 * S, 11 * S)),
+            masked: None,
+            replaced: Some(agent(12_500_000_000, "pid 4321 replaced pid 4242", None)),
+            gpu_ready: Some(agent(15_500_000_000, "GPU memory settled", Some(2 << 30))),
+            ready: None,
+            first_good: Some(chat(18_120_000_000, 18 * S)),
+            recovered: Some(chat(18_120_000_000, 18 * S)),
+        },
+        phase_durations: PhaseDurations {
+            detect: Some(1.0),
+            replace: Some(2.5),
+            load: Some(3.0),
+            total: Some(8.12),
+            ..Default::default()
+        },
+        probe_phases: vec![ProbePhases {
+            probe: "chat".into(),
+            role: Some("generation".into()),
+            detected: Some(chat(11 * S, 11 * S)),
+            masked: None,
+            first_pass: Some(chat(18_120_000_000, 18 * S)),
+            recovered: Some(chat(18_120_000_000, 18 * S)),
+            isolated_failures: vec![25 * S],
+        }],
+        phase_probe: "chat".into(),
+        phase_notes: BTreeMap::from([
+            (
+                "masked".to_string(),
+                "chat did not pass 3 in a row while the fault was active".to_string(),
+            ),
+            (
+                "ready".to_string(),
+                "no probe has `role: readiness` (a health endpoint)".to_string(),
+            ),
+        ]),
+        ..Default::default()
     }
 }
 

@@ -1,6 +1,8 @@
 //! Renders `report.html`: a self-contained page (inline CSS and SVG, no scripts, no
-//! external resources) with the verdict, the objectives, a timeline of probe samples,
-//! faults, trials and recovery markers, and the events, faults and agents.
+//! external resources) with the verdict, the objectives (and the windows their
+//! figures cover), a timeline of probe samples, faults, trials, recovery markers and
+//! each fault's recovery phases as ticks, the faults with a phase table each, and
+//! the events and agents.
 //!
 //! Its marks are text glyphs that DejaVu (on every Debian) covers: ✓ U+2713,
 //! ✗ U+2717, ⚠ U+26A0 without the emoji selector. Emoji (✅, ❌, ⚠️) came out as
@@ -9,11 +11,12 @@
 
 use std::fmt::Write;
 
+use super::phases::{self, has_phases};
 use super::{
     OBJECTIVE_COLUMNS, agent_name, escape, format_at, format_duration, format_offset,
     objective_cells, started_at,
 };
-use crate::runner::record::{ResultKind, RunRecord, Sample, Verdict};
+use crate::runner::record::{PHASE_NAMES, ResultKind, RunRecord, Sample, Verdict};
 
 const WIDTH: f64 = 1100.0;
 const LEFT: f64 = 150.0;
@@ -24,6 +27,12 @@ const GAP: f64 = 6.0;
 const AXIS: f64 = 30.0;
 /// The narrowest sample rect, in px, so that a lone sample stays visible.
 const MIN_W: f64 = 1.5;
+
+/// Each recovery phase's colour on the timeline, in [`PHASE_NAMES`] order (the CSS
+/// classes `ph-NAME` carry the same).
+const PHASE_COLOURS: [&str; 7] = [
+    "#e11d48", "#0891b2", "#7c3aed", "#c026d3", "#ea580c", "#65a30d", "#166534",
+];
 
 pub(crate) const CSS: &str = "body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#1f2937}\
 h1{margin:0 0 4px;font-size:22px}h2{font-size:17px;margin:28px 0 8px}\
@@ -39,7 +48,11 @@ th{background:#f3f4f6}tr.pass td:last-child{color:#15803d;font-weight:600}tr.fai
 .trial{stroke:#374151;stroke-dasharray:5 4}.axis{stroke:#6b7280}\
 .mk{stroke-width:2}.anchor{stroke:#2563eb}.detect{stroke:#b91c1c}.recovered{stroke:#15803d}\
 .mkl{paint-order:stroke;stroke:#fff;stroke-width:3px;font-size:10px}\
-.legend span{display:inline-block;width:12px;height:12px;margin:0 4px 0 12px;vertical-align:middle}";
+.legend span{display:inline-block;width:12px;height:12px;margin:0 4px 0 12px;vertical-align:middle}\
+.ph{stroke-width:3}.ph-agent{stroke-width:2;stroke-dasharray:4 2}\
+.ph-detected{stroke:#e11d48}.ph-masked{stroke:#0891b2}.ph-replaced{stroke:#7c3aed}.ph-gpu_ready{stroke:#c026d3}\
+.ph-ready{stroke:#ea580c}.ph-first_good{stroke:#65a30d}.ph-recovered{stroke:#166534}\
+tr.np td{color:#6b7280}.notes{font-size:13px;margin:6px 0}";
 
 /// The report page.
 pub fn html(record: &RunRecord) -> String {
@@ -112,6 +125,15 @@ pub fn html(record: &RunRecord) -> String {
         }),
     );
 
+    let notes = phases::objective_notes(record);
+    if !notes.is_empty() {
+        h.push_str("<ul class=\"notes\">\n");
+        for note in notes {
+            let _ = writeln!(h, "<li>{}</li>", escape(&note));
+        }
+        h.push_str("</ul>\n");
+    }
+
     h.push_str("<h2>timeline</h2>\n<div class=\"tl\">\n");
     timeline(&mut h, record);
     h.push_str(
@@ -119,6 +141,14 @@ pub fn html(record: &RunRecord) -> String {
          <span style=\"background:#ef4444\"></span>failed<span style=\"background:#9333ea\"></span>unsafe output\
          <span style=\"background:#fcd34d\"></span>fault active</p>\n",
     );
+    let any_phase = record.trials.iter().flat_map(|t| &t.faults).any(has_phases);
+    if any_phase {
+        h.push_str("<p class=\"legend\">recovery phases (ticks: solid on the probe's row that saw it, dashed across the fault for the agent's):");
+        for (name, colour) in PHASE_NAMES.iter().zip(PHASE_COLOURS) {
+            let _ = write!(h, "<span style=\"background:{colour}\"></span>{name}");
+        }
+        h.push_str("</p>\n");
+    }
 
     h.push_str("<h2>faults</h2>\n");
     let at = |ns: Option<u64>| ns.map_or_else(|| "-".to_string(), format_at);
@@ -162,6 +192,8 @@ pub fn html(record: &RunRecord) -> String {
         }),
     );
 
+    phase_tables(&mut h, record);
+
     h.push_str("<h2>events</h2>\n");
     table(
         &mut h,
@@ -203,6 +235,63 @@ pub fn html(record: &RunRecord) -> String {
     );
     h.push_str("</body>\n</html>\n");
     h
+}
+
+/// Per fault with an observed phase: every phase (the missing ones with why), then
+/// the durations.
+fn phase_tables(h: &mut String, record: &RunRecord) {
+    for t in &record.trials {
+        for f in t.faults.iter().filter(|f| has_phases(f)) {
+            let _ = writeln!(
+                h,
+                "<h3>phases of {}</h3>\n<p class=\"notes\">at: {}</p>",
+                escape(&phases::fault_title(record, t, f)),
+                escape(&phases::origin(f))
+            );
+            let rows = phases::rows(f);
+            table(
+                h,
+                &["phase", "at", "±", "on the run", "from"],
+                PHASE_NAMES
+                    .iter()
+                    .map(|name| match rows.iter().find(|r| r.name == *name) {
+                        Some(r) => (
+                            "",
+                            vec![
+                                name.to_string(),
+                                r.at.clone(),
+                                r.error.clone(),
+                                r.run_at.clone(),
+                                r.from.clone(),
+                            ],
+                        ),
+                        None => (
+                            "np",
+                            vec![
+                                name.to_string(),
+                                "-".into(),
+                                "-".into(),
+                                "-".into(),
+                                match f.phase_notes.get(*name) {
+                                    Some(note) => format!("not observed: {note}"),
+                                    None => "not observed".into(),
+                                },
+                            ],
+                        ),
+                    }),
+            );
+            if let Some(d) = phases::durations(&f.phase_durations) {
+                let _ = writeln!(h, "<p class=\"notes\"><b>durations:</b> {}</p>", escape(&d));
+            }
+            if let Some(i) = phases::isolated(f) {
+                let _ = writeln!(
+                    h,
+                    "<p class=\"notes\"><b>isolated failures tolerated:</b> {}</p>",
+                    escape(&i)
+                );
+            }
+        }
+    }
 }
 
 /// Appends a table; `rows` are (row class, cells), every cell escaped.
@@ -409,9 +498,13 @@ fn timeline(h: &mut String, record: &RunRecord) {
         );
     }
 
-    // Recovery markers of rto objectives, on their probe's row.
+    // Recovery markers of rto (and detect) objectives, on their probe's row.
     for t in &record.trials {
-        for r in t.objectives.iter().filter(|r| r.kind == ResultKind::Rto) {
+        for r in t
+            .objectives
+            .iter()
+            .filter(|r| matches!(r.kind, ResultKind::Rto | ResultKind::Detect))
+        {
             let Some(row) = record.probes.iter().position(|p| p.name == r.probe) else {
                 continue;
             };
@@ -439,6 +532,39 @@ fn timeline(h: &mut String, record: &RunRecord) {
                     )),
                     x(ns) + 3.0,
                     label_y
+                );
+            }
+        }
+    }
+
+    // Recovery phases: a tick on the row of the probe whose sample marks the phase,
+    // or, for the agent's observations, a dashed one across the fault's band.
+    for t in &record.trials {
+        for f in &t.faults {
+            for r in phases::rows(f) {
+                let row = r
+                    .mark
+                    .probe
+                    .as_ref()
+                    .and_then(|p| record.probes.iter().position(|q| &q.name == p));
+                let (class, y1, y2) = match row {
+                    Some(row) => ("ph", row_y(row) + ROW / 2.0, row_y(row) + ROW + 3.0),
+                    None => ("ph ph-agent", TOP - 4.0, bottom),
+                };
+                let _ = writeln!(
+                    h,
+                    "<line class=\"{class} ph-{0}\" x1=\"{1:.1}\" x2=\"{1:.1}\" y1=\"{y1:.1}\" y2=\"{y2:.1}\"><title>{2}</title></line>",
+                    r.name,
+                    x(r.mark.t_ns),
+                    escape(&format!(
+                        "{} {} ±{}: {}\n{} at {}",
+                        r.name,
+                        r.at,
+                        r.error,
+                        phases::tooltip_source(r.mark),
+                        phases::fault_title(record, t, f),
+                        r.run_at
+                    ))
                 );
             }
         }
@@ -532,9 +658,9 @@ mod tests {
             !page.contains("src=") && !page.contains("<link"),
             "external resource"
         );
-        // chat: ok, failed, ok, failed, ok; guard: ok, unsafe, failed, ok.
-        assert_eq!(page.matches("<rect class=\"s-ok\"").count(), 5);
-        assert_eq!(page.matches("<rect class=\"s-fail\"").count(), 3);
+        // chat: ok, failed, ok, failed, ok, failed, ok; guard: ok, unsafe, failed, ok.
+        assert_eq!(page.matches("<rect class=\"s-ok\"").count(), 6);
+        assert_eq!(page.matches("<rect class=\"s-fail\"").count(), 4);
         assert_eq!(page.matches("<rect class=\"s-unsafe\"").count(), 1);
         assert!(
             page.contains("chat: failed, 40 samples, 56.000s–95.120s\nconnection refused (×40)")
@@ -555,6 +681,73 @@ mod tests {
         assert!(page.contains(
             "<td>node-a</td><td>10.0.0.1:7070</td><td>gpu-a</td><td>+1.250ms ± 0.040ms</td>"
         ));
+    }
+
+    #[test]
+    fn phases_are_ticks_with_titles_and_tables() {
+        let page = html(&fixture::record());
+        // Trial 1's five observed phases: three on chat's row, two across the fault.
+        assert_eq!(page.matches("<line class=\"ph ph-").count(), 5, "{page}");
+        assert_eq!(page.matches("<line class=\"ph ph-agent ph-").count(), 2);
+        for name in [
+            "detected",
+            "replaced",
+            "gpu_ready",
+            "first_good",
+            "recovered",
+        ] {
+            assert!(page.contains(&format!(" ph-{name}\"")), "{name}");
+        }
+        assert!(!page.contains(" ph-masked\"") && !page.contains(" ph-ready\""));
+        assert!(page.contains(
+            "<title>replaced +2.500s ±0.500s: pid 4321 replaced pid 4242\ntrial 1 kill-worker (process-kill on node-a, fault f-1) at 12.500s</title>"
+        ));
+        assert!(page.contains("<title>detected +1.000s ±1.000s: chat (sample sent)\n"));
+        // The agent's ticks span the fault band; chat's sit on chat's row.
+        let tick = |name: &str| {
+            let at = page.find(&format!(" ph-{name}\"")).unwrap();
+            page[at..at + 90].to_string()
+        };
+        assert!(
+            tick("replaced").contains(&format!("y1=\"{:.1}\"", TOP - 4.0)),
+            "{}",
+            tick("replaced")
+        );
+        assert!(
+            tick("detected").contains(&format!("y1=\"{:.1}\"", TOP + ROW / 2.0)),
+            "{}",
+            tick("detected")
+        );
+        // A legend with every phase's colour.
+        for (name, colour) in PHASE_NAMES.iter().zip(PHASE_COLOURS) {
+            assert!(page.contains(&format!(
+                "<span style=\"background:{colour}\"></span>{name}"
+            )));
+        }
+        // The phase table and the objectives' windows.
+        assert!(page.contains(
+            "<h3>phases of trial 1 kill-worker (process-kill on node-a, fault f-1)</h3>"
+        ));
+        assert!(page.contains(
+            "<tr><td>gpu_ready</td><td>+5.500s</td><td>0.500s</td><td>15.500s</td><td>agent: GPU memory settled, pid 4321, 2.0 GiB on the GPU</td></tr>"
+        ));
+        assert!(page.contains(
+            "<tr class=\"np\"><td>masked</td><td>-</td><td>-</td><td>-</td><td>not observed: chat did not pass 3 in a row while the fault was active</td></tr>"
+        ));
+        assert!(page.contains(
+            "<b>durations:</b> detect 1.000s · replace 2.500s · load 3.000s · total 8.120s"
+        ));
+        assert!(page.contains("<li>chat availability: trial 1 over 10.0s–18.1s (first fault verified → chat recovered); trial 2 over"));
+        assert_eq!(page.matches("<h3>phases of").count(), 1);
+
+        let mut record = fixture::record();
+        record.trials[0].faults[0].phases = Default::default();
+        let page = html(&record);
+        assert!(
+            !page.contains("class=\"ph")
+                && !page.contains("<h3>phases")
+                && !page.contains("recovery phases")
+        );
     }
 
     #[test]

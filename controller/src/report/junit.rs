@@ -3,6 +3,7 @@
 
 use std::fmt::Write;
 
+use super::phases::{objective_notes, text_block};
 use super::{
     agent_name, escape, escape_attr, format_at, format_duration, format_offset, format_value,
     run_error, started_at, trial_results,
@@ -150,7 +151,8 @@ fn failure_details(record: &RunRecord, o: &ObjectiveSummary) -> String {
     text
 }
 
-/// Agents, probes, trials with their faults, and the events, one per line.
+/// Agents, probes, the objectives' notes (windows, tolerated failures), trials with
+/// their faults and those faults' recovery phases, and the events, one per line.
 fn system_out(record: &RunRecord) -> String {
     let mut out = format!(
         "experiment {} ({}), gpuchaos {}, started {}, run seed {}\nverdict: {} (exit {}), duration {}\n",
@@ -186,6 +188,9 @@ fn system_out(record: &RunRecord) -> String {
             format_duration(p.interval_ns)
         );
     }
+    for note in objective_notes(record) {
+        let _ = writeln!(out, "objective {note}");
+    }
     for t in &record.trials {
         let _ = writeln!(
             out,
@@ -208,6 +213,9 @@ fn system_out(record: &RunRecord) -> String {
                 at(f.end_ns),
                 f.end_reason
             );
+            for line in text_block(record, t, f).lines() {
+                let _ = writeln!(out, "    {line}");
+            }
         }
     }
     for e in &record.events {
@@ -270,6 +278,55 @@ mod tests {
         let out = out.text().unwrap();
         assert!(out.contains("agent node-a at 10.0.0.1:7070"), "{out}");
         assert!(out.contains("trial 2: 50.000s–100.000s"), "{out}");
+        assert!(
+            out.contains("objective chat availability: trial 1 over 10.0s–18.1s (first fault verified → chat recovered)"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn system_out_has_the_phase_lines() {
+        let xml = junit(&fixture::record());
+        let doc = roxmltree::Document::parse(&xml).unwrap();
+        let out = doc
+            .descendants()
+            .find(|n| n.has_tag_name("system-out"))
+            .unwrap()
+            .text()
+            .unwrap();
+        let lines: Vec<_> = out.lines().collect();
+        let fault = lines
+            .iter()
+            .position(|l| l.starts_with("  fault kill-worker on node-a"))
+            .unwrap();
+        assert_eq!(
+            lines[fault + 1],
+            "    phases of trial 1 kill-worker (process-kill on node-a, fault f-1; at: after its verification at 10.000s):"
+        );
+        let words = |l: &str| l.split_whitespace().map(String::from).collect::<Vec<_>>();
+        assert_eq!(
+            words(lines[fault + 3]),
+            ["detected", "+1.000s", "1.000s", "chat", "(sample", "sent)"]
+        );
+        assert_eq!(
+            words(lines[fault + 4])[..3],
+            ["replaced", "+2.500s", "0.500s"]
+        );
+        assert!(lines[fault + 4].ends_with("agent: pid 4321 replaced pid 4242"));
+        assert!(out.contains("    not observed: masked (chat did not pass 3 in a row while the fault was active); ready ("), "{out}");
+        assert!(
+            out.contains(
+                "    durations: detect 1.000s · replace 2.500s · load 3.000s · total 8.120s\n"
+            ),
+            "{out}"
+        );
+        // Trial 2's fault has no phase: its fault line is followed by the next record.
+        let second = lines
+            .iter()
+            .position(|l| l.starts_with("  fault kill-worker on node-b"))
+            .unwrap();
+        assert!(!lines[second + 1].starts_with("    "), "{out}");
+        assert_eq!(out.matches("phases of").count(), 1, "{out}");
     }
 
     #[test]

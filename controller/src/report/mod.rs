@@ -8,10 +8,11 @@
 mod html;
 mod junit;
 mod markdown;
+mod phases;
 mod table;
 
 #[cfg(test)]
-mod fixture;
+pub(crate) mod fixture;
 
 pub(crate) use html::CSS;
 pub use html::html;

@@ -1,8 +1,11 @@
-//! Renders the plain-text objectives table printed at the end of a run.
+//! Renders the plain-text table printed at the end of a run: the recovery phases of
+//! each fault that has any, then the objectives, what their figures cover, and the
+//! verdict.
 
 use std::fmt::Write;
 
 use super::format_opt;
+use super::phases::{objective_notes, text_block};
 use crate::runner::record::RunRecord;
 
 const HEADER: [&str; 8] = [
@@ -16,9 +19,20 @@ const HEADER: [&str; 8] = [
     "VERDICT",
 ];
 
-/// The objectives as an aligned table, then the verdict, the reason and what was
-/// left behind.
+/// One phase block per fault with an observed phase, the objectives as an aligned
+/// table with their notes (windows, tolerated failures), then the verdict, the
+/// reason and what was left behind.
 pub fn text_table(record: &RunRecord) -> String {
+    let mut out = String::new();
+    for t in &record.trials {
+        for f in &t.faults {
+            let block = text_block(record, t, f);
+            if !block.is_empty() {
+                out.push_str(&block);
+                out.push('\n');
+            }
+        }
+    }
     let mut rows = vec![HEADER.map(String::from)];
     rows.extend(record.objectives.iter().map(|o| {
         [
@@ -47,7 +61,6 @@ pub fn text_table(record: &RunRecord) -> String {
             *width = (*width).max(cell.chars().count());
         }
     }
-    let mut out = String::new();
     for row in &rows {
         let cells: Vec<_> = row
             .iter()
@@ -55,6 +68,9 @@ pub fn text_table(record: &RunRecord) -> String {
             .map(|(cell, width)| format!("{cell:<width$}"))
             .collect();
         let _ = writeln!(out, "{}", cells.join("  "));
+    }
+    for note in objective_notes(record) {
+        let _ = writeln!(out, "  {}", note.replace(['\n', '\r', '\t'], " "));
     }
     let _ = writeln!(
         out,
@@ -81,8 +97,10 @@ mod tests {
         record.objectives[1].median = None;
         record.objectives[1].error_bar = None;
         let table = text_table(&record);
-        let lines: Vec<_> = table.lines().collect();
-        assert_eq!(lines.len(), 5, "{table}");
+        let all: Vec<_> = table.lines().collect();
+        let start = all.iter().position(|l| l.starts_with("OBJECTIVE")).unwrap();
+        let lines = &all[start..];
+        assert_eq!(lines.len(), 7, "{table}");
         let rows = &lines[..3];
         let len = rows[0].chars().count();
         assert!(rows.iter().all(|l| l.chars().count() == len), "{table}");
@@ -111,7 +129,49 @@ mod tests {
                 "PASS"
             ]
         );
-        assert_eq!(lines[3], "verdict: failed (exit 1)");
-        assert!(lines[4].starts_with("reason: objective"));
+        assert!(lines[3].starts_with("  recovers in time: 1 isolated failure tolerated"));
+        assert!(lines[4].starts_with("  chat availability: trial 1 over 10.0s–18.1s"));
+        assert_eq!(lines[5], "verdict: failed (exit 1)");
+        assert!(lines[6].starts_with("reason: objective"));
+    }
+
+    #[test]
+    fn prints_a_phase_block_for_each_fault_with_phases() {
+        let table = text_table(&fixture::record());
+        let block: Vec<_> = table.lines().take_while(|l| !l.is_empty()).collect();
+        let expected = [
+            "phases of trial 1 kill-worker (process-kill on node-a, fault f-1; at: after its verification at 10.000s):",
+            "  phase       at       ±       from",
+            "  detected    +1.000s  1.000s  chat (sample sent)",
+            "  replaced    +2.500s  0.500s  agent: pid 4321 replaced pid 4242",
+            "  gpu_ready   +5.500s  0.500s  agent: GPU memory settled, pid 4321, 2.0 GiB on the GPU",
+            "  first_good  +8.120s  1.000s  chat (sample answered)",
+            "  recovered   +8.120s  1.000s  chat (sample answered)",
+            "  not observed: masked (chat did not pass 3 in a row while the fault was active); ready (no probe has `role: readiness` (a health endpoint))",
+            "  durations: detect 1.000s · replace 2.500s · load 3.000s · total 8.120s",
+            "  isolated failures tolerated: chat 1 (+15.0s)",
+        ];
+        assert_eq!(block, expected, "{table}");
+        // Trial 2's fault has no phase: one block only, and the objectives follow.
+        assert_eq!(table.matches("phases of ").count(), 1, "{table}");
+        assert!(
+            table
+                .lines()
+                .nth(expected.len() + 1)
+                .unwrap()
+                .starts_with("OBJECTIVE")
+        );
+    }
+
+    #[test]
+    fn a_fault_without_phases_prints_no_block() {
+        let mut record = fixture::record();
+        let f = &mut record.trials[0].faults[0];
+        f.phases = Default::default();
+        f.phase_durations = Default::default();
+        let table = text_table(&record);
+        assert!(!table.contains("phases of"), "{table}");
+        assert!(!table.contains("not observed"), "{table}");
+        assert!(table.starts_with("OBJECTIVE"), "{table}");
     }
 }
