@@ -143,7 +143,7 @@ pub fn html(record: &RunRecord) -> String {
     );
     let any_phase = record.trials.iter().flat_map(|t| &t.faults).any(has_phases);
     if any_phase {
-        h.push_str("<p class=\"legend\">recovery phases (ticks: solid on the probe's row that saw it, dashed across the fault for the agent's):");
+        h.push_str("<p class=\"legend\">recovery phases (ticks: solid on the row of the probe that saw it, dashed across every row for what the agent saw):");
         for (name, colour) in PHASE_NAMES.iter().zip(PHASE_COLOURS) {
             let _ = write!(h, "<span style=\"background:{colour}\"></span>{name}");
         }
@@ -538,7 +538,7 @@ fn timeline(h: &mut String, record: &RunRecord) {
     }
 
     // Recovery phases: a tick on the row of the probe whose sample marks the phase,
-    // or, for the agent's observations, a dashed one across the fault's band.
+    // or, for the agent's observations, a dashed one as tall as the fault bands.
     for t in &record.trials {
         for f in &t.faults {
             for r in phases::rows(f) {
@@ -549,7 +549,7 @@ fn timeline(h: &mut String, record: &RunRecord) {
                     .and_then(|p| record.probes.iter().position(|q| &q.name == p));
                 let (class, y1, y2) = match row {
                     Some(row) => ("ph", row_y(row) + ROW / 2.0, row_y(row) + ROW + 3.0),
-                    None => ("ph ph-agent", TOP - 4.0, bottom),
+                    None => ("ph ph-agent", TOP - 4.0, bottom - 4.0),
                 };
                 let _ = writeln!(
                     h,
