@@ -67,6 +67,14 @@ enum Cmd {
         /// GPU memory each worker reserves for its KV cache at start.
         #[arg(long, default_value = "8GiB", value_parser = size)]
         kv_cache: u64,
+        /// GPU memory each worker's weights take, allocated in steps over the cold
+        /// start (one every 100ms), before the KV cache.
+        #[arg(long, default_value = "2GiB", value_parser = size)]
+        weights: u64,
+        /// How long the supervisor waits after a worker died before it starts the
+        /// replacement (a slow supervisor, a pod being rescheduled).
+        #[arg(long, default_value = "0s", value_parser = duration)]
+        restart_delay: Duration,
         /// libcuda (the real one, or the project's fake driver).
         #[arg(long, env = "GPUCHAOS_CUDA_LIB")]
         cuda_lib: Option<PathBuf>,
@@ -91,6 +99,9 @@ enum Cmd {
         gpu: i32,
         #[arg(long)]
         kv_bytes: u64,
+        /// The weights' size, loaded over the cold start.
+        #[arg(long, default_value = "2GiB", value_parser = size)]
+        weights: u64,
         #[arg(long, value_parser = duration)]
         cold_start: Duration,
     },
@@ -140,6 +151,7 @@ fn main() -> ExitCode {
                 cuda_lib,
                 gpu,
                 kv_bytes,
+                weights,
                 cold_start,
             } => {
                 worker::run(worker::WorkerArgs {
@@ -149,6 +161,7 @@ fn main() -> ExitCode {
                     cuda_lib,
                     gpu,
                     kv_bytes,
+                    weights_bytes: weights,
                     cold_start,
                 })
                 .await
@@ -162,6 +175,8 @@ fn main() -> ExitCode {
                 no_restart,
                 cold_start,
                 kv_cache,
+                weights,
+                restart_delay,
                 cuda_lib,
                 gpu,
                 model,
@@ -176,6 +191,8 @@ fn main() -> ExitCode {
                             restart: !no_restart,
                             cold_start,
                             kv_bytes: kv_cache,
+                            weights_bytes: weights,
+                            restart_delay,
                             cuda_lib,
                             gpu,
                             model,

@@ -2,8 +2,10 @@
 //! SSE, `/health`, `/metrics`) over a supervisor of worker processes.
 //!
 //! Built to fail the way real servers do:
-//! - a worker that dies is restarted after its cold start (or never, with
-//!   `--no-restart`, and requests then fail with 503 once no worker is left);
+//! - a worker that dies is replaced (after `--restart-delay`, a slow supervisor) and
+//!   serves again after its cold start, during which it loads its weights onto the
+//!   GPU in steps (or never, with `--no-restart`, and requests then fail with 503
+//!   once no worker is left);
 //! - a worker that cannot get its KV cache (GPU memory taken) exits, and the
 //!   supervisor retries with a backoff;
 //! - `/health` can lie (`--health-lies`): 200 while every worker is dead;
@@ -35,6 +37,8 @@ pub struct ServerArgs {
     pub restart: bool,
     pub cold_start: Duration,
     pub kv_bytes: u64,
+    pub weights_bytes: u64,
+    pub restart_delay: Duration,
     pub cuda_lib: Option<std::path::PathBuf>,
     pub gpu: i32,
     pub model: String,
@@ -97,6 +101,8 @@ async fn supervise(s: Arc<State>, i: u32) {
     let exe = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
     let mut backoff = Duration::from_millis(200);
     let mut first = true;
+    // The last pid that served, while its replacement is not yet started.
+    let mut died: Option<u32> = None;
     loop {
         if !first {
             if !s.args.restart {
@@ -106,6 +112,14 @@ async fn supervise(s: Arc<State>, i: u32) {
                 return;
             }
             s.c.restarts.fetch_add(1, Ordering::Relaxed);
+            if died.is_some() && !s.args.restart_delay.is_zero() {
+                eprintln!(
+                    "supervisor: {} waiting {} before replacing worker {i}",
+                    now(),
+                    humantime::format_duration(s.args.restart_delay)
+                );
+                tokio::time::sleep(s.args.restart_delay).await;
+            }
         }
         first = false;
         let mut cmd = tokio::process::Command::new(&exe);
@@ -116,6 +130,7 @@ async fn supervise(s: Arc<State>, i: u32) {
             .stdout(std::process::Stdio::piped())
             .args(["--gpu", &s.args.gpu.to_string()])
             .args(["--kv-bytes", &s.args.kv_bytes.to_string()])
+            .args(["--weights", &format!("{}B", s.args.weights_bytes)])
             .args([
                 "--cold-start",
                 &humantime::format_duration(s.args.cold_start).to_string(),
@@ -133,6 +148,14 @@ async fn supervise(s: Arc<State>, i: u32) {
             }
         };
         let pid = child.id();
+        let spawned = tokio::time::Instant::now();
+        if let Some(old) = died.take() {
+            eprintln!(
+                "supervisor: {} worker {i} replaced: pid {old} -> {}",
+                now(),
+                pid.unwrap_or(0)
+            );
+        }
         s.slots.lock().await[i as usize].pid = pid;
         let stdout = child.stdout.take();
         // Ready once it says where it listens, and answers there.
@@ -175,9 +198,15 @@ async fn supervise(s: Arc<State>, i: u32) {
                     slots[i as usize].ready = true;
                 }
                 backoff = Duration::from_millis(200);
-                eprintln!("supervisor: worker {i} ready (pid {})", pid.unwrap_or(0));
+                eprintln!(
+                    "supervisor: {} worker {i} ready (pid {}) {} after its start",
+                    now(),
+                    pid.unwrap_or(0),
+                    humantime::format_duration(round_ms(spawned.elapsed()))
+                );
                 let status = child.wait().await;
-                eprintln!("supervisor: worker {i} exited ({status:?})");
+                eprintln!("supervisor: {} worker {i} (pid {}) exited ({status:?})", now(), pid.unwrap_or(0));
+                died = pid;
             }
             status = child.wait() => {
                 // It exited before it was ready: no GPU memory, no GPU.
@@ -190,6 +219,14 @@ async fn supervise(s: Arc<State>, i: u32) {
         slots[i as usize].ready = false;
         slots[i as usize].pid = None;
     }
+}
+
+fn now() -> String {
+    crate::worker::now()
+}
+
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis() as u64)
 }
 
 async fn live_workers(s: &State) -> Vec<u16> {
@@ -295,13 +332,18 @@ async fn handle(s: Arc<State>, req: Req) -> hyper::Response<http::Body> {
             }
         }
         "/metrics" => {
-            let live = live_workers(&s).await.len();
+            let (live, starting) = {
+                let slots = s.slots.lock().await;
+                let live = slots.iter().filter(|w| w.ready).count();
+                let starting = slots.iter().filter(|w| !w.ready && w.pid.is_some()).count();
+                (live, starting)
+            };
             let c = &s.c;
             http::text(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
                 format!(
-                    "refstack_workers_live {live}\nrefstack_workers_configured {}\nrefstack_requests_total {}\nrefstack_blocked_total {}\nrefstack_guardrail_errors_total {}\nrefstack_no_worker_total {}\nrefstack_worker_restarts_total {}\n",
+                    "refstack_workers_live {live}\nrefstack_workers_starting {starting}\nrefstack_workers_configured {}\nrefstack_requests_total {}\nrefstack_blocked_total {}\nrefstack_guardrail_errors_total {}\nrefstack_no_worker_total {}\nrefstack_worker_restarts_total {}\n",
                     s.args.workers,
                     c.requests.load(Ordering::Relaxed),
                     c.blocked.load(Ordering::Relaxed),

@@ -1,6 +1,7 @@
-//! A worker: loads its "model" (the cold start), reserves its KV cache on the GPU
-//! through the CUDA driver API (refusing to start when free memory is below its
-//! budget, as vLLM does), then generates on `POST /generate`.
+//! A worker: loads its "model" (the cold start: its weights allocated on the GPU in
+//! steps through the CUDA driver API, so that NVML shows the memory growing over the
+//! load time), reserves its KV cache (refusing to start when free memory is below
+//! weights + KV cache, as vLLM does), then generates on `POST /generate`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +20,35 @@ pub struct WorkerArgs {
     pub cuda_lib: Option<std::path::PathBuf>,
     pub gpu: i32,
     pub kv_bytes: u64,
+    pub weights_bytes: u64,
     pub cold_start: Duration,
+}
+
+/// One weights chunk every this long during the cold start.
+pub const LOAD_STEP: Duration = Duration::from_millis(100);
+
+/// The weights load as `n` chunks, one every `cold_start / n`: one per [`LOAD_STEP`],
+/// at least one, at most one per byte. Returns the chunk sizes (the last takes the
+/// remainder).
+pub fn chunks(weights: u64, cold_start: Duration) -> Vec<u64> {
+    if weights == 0 {
+        return Vec::new();
+    }
+    let n = (cold_start.as_nanos() / LOAD_STEP.as_nanos()).clamp(1, weights as u128) as u64;
+    let each = weights / n;
+    let mut v = vec![each; n as usize];
+    if let Some(last) = v.last_mut() {
+        *last += weights - each * n;
+    }
+    v
+}
+
+fn mib(b: u64) -> u64 {
+    b >> 20
+}
+
+pub fn now() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
 /// Exit codes the supervisor reads: 3 = not enough GPU memory, 4 = no GPU.
@@ -30,8 +59,6 @@ pub async fn run(a: WorkerArgs) -> std::process::ExitCode {
             return std::process::ExitCode::from(70);
         }
     }
-    // Model load.
-    tokio::time::sleep(a.cold_start).await;
     let cuda = match Cuda::open(a.cuda_lib.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -39,34 +66,83 @@ pub async fn run(a: WorkerArgs) -> std::process::ExitCode {
             return std::process::ExitCode::from(4);
         }
     };
-    // The context must live on this thread; it and the KV cache in it are held until
-    // exit (dropping the context would free the cache).
-    let kv = (|| {
+    // The context must live on this thread; it, the weights and the KV cache in it are
+    // held until exit (dropping the context would free them).
+    let start = (|| {
         cuda.init().map_err(|e| (4u8, e.to_string()))?;
         let ctx = cuda.ctx_create(a.gpu).map_err(|e| (3u8, e.to_string()))?;
         let (free, total) = cuda.mem_get_info().map_err(|e| (4u8, e.to_string()))?;
-        if free < a.kv_bytes {
+        let need = a.weights_bytes.saturating_add(a.kv_bytes);
+        if free < need {
             return Err((
                 3u8,
                 format!(
-                    "insufficient free GPU memory for the KV cache: {} MiB free of {} MiB, {} MiB needed",
-                    free >> 20,
-                    total >> 20,
-                    a.kv_bytes >> 20
+                    "insufficient free GPU memory for the weights and the KV cache: {} MiB free of {} MiB, {} MiB needed ({} MiB of weights + {} MiB of KV cache)",
+                    mib(free),
+                    mib(total),
+                    mib(need),
+                    mib(a.weights_bytes),
+                    mib(a.kv_bytes)
                 ),
             ));
         }
-        cuda.mem_alloc(a.kv_bytes as usize)
-            .map_err(|e| (3u8, e.to_string()))?;
         Ok(ctx)
     })();
-    let _ctx = match kv {
+    let _ctx = match start {
         Ok(ctx) => ctx,
         Err((code, e)) => {
             eprintln!("worker {}: {e}", a.id);
             return std::process::ExitCode::from(code);
         }
     };
+    // Model load: the weights in chunks spread evenly over the cold start.
+    let plan = chunks(a.weights_bytes, a.cold_start);
+    eprintln!(
+        "worker {}: {} loading {} MiB of weights in {} steps over {}",
+        a.id,
+        now(),
+        mib(a.weights_bytes),
+        plan.len(),
+        humantime::format_duration(a.cold_start)
+    );
+    let began = tokio::time::Instant::now();
+    if plan.is_empty() {
+        tokio::time::sleep(a.cold_start).await;
+    }
+    let n = plan.len() as u32;
+    for (k, bytes) in plan.iter().enumerate() {
+        let k = k as u32 + 1;
+        tokio::time::sleep_until(began + a.cold_start * k / n).await;
+        if let Err(e) = cuda.mem_alloc(*bytes as usize) {
+            eprintln!(
+                "worker {}: loading the weights: step {k} of {n} ({} MiB): {e}",
+                a.id,
+                mib(*bytes)
+            );
+            return std::process::ExitCode::from(3);
+        }
+    }
+    // Then the KV cache, in what is left.
+    let kv = (|| {
+        let (free, total) = cuda.mem_get_info().map_err(|e| (4u8, e.to_string()))?;
+        if free < a.kv_bytes {
+            return Err((
+                3u8,
+                format!(
+                    "insufficient free GPU memory for the KV cache: {} MiB free of {} MiB, {} MiB needed (the weights are loaded)",
+                    mib(free),
+                    mib(total),
+                    mib(a.kv_bytes)
+                ),
+            ));
+        }
+        cuda.mem_alloc(a.kv_bytes as usize)
+            .map_err(|e| (3u8, format!("the KV cache: {e}")))
+    })();
+    if let Err((code, e)) = kv {
+        eprintln!("worker {}: {e}", a.id);
+        return std::process::ExitCode::from(code);
+    }
     let listener = match TcpListener::bind(&a.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -80,10 +156,12 @@ pub async fn run(a: WorkerArgs) -> std::process::ExitCode {
         let _ = std::io::stdout().flush();
     }
     eprintln!(
-        "worker {}: ready on {} with {} MiB of KV cache",
+        "worker {}: {} ready on {} with {} MiB of weights and {} MiB of KV cache",
         a.id,
+        now(),
         a.listen,
-        a.kv_bytes >> 20
+        mib(a.weights_bytes),
+        mib(a.kv_bytes)
     );
     let id = a.id;
     http::serve(
@@ -113,4 +191,30 @@ pub async fn run(a: WorkerArgs) -> std::process::ExitCode {
     )
     .await;
     std::process::ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_load_in_even_steps_of_one_per_100ms() {
+        assert_eq!(chunks(1000, Duration::from_secs(1)), vec![100; 10]);
+        assert_eq!(
+            chunks(1003, Duration::from_secs(1)).iter().sum::<u64>(),
+            1003
+        );
+        assert_eq!(chunks(1003, Duration::from_secs(1))[9], 103);
+        assert_eq!(
+            chunks(5, Duration::from_millis(10)),
+            vec![5],
+            "at least one"
+        );
+        assert_eq!(
+            chunks(3, Duration::from_secs(1)),
+            vec![1, 1, 1],
+            "at most one a byte"
+        );
+        assert!(chunks(0, Duration::from_secs(1)).is_empty());
+    }
 }

@@ -73,7 +73,10 @@ impl Stack {
             }
         };
         let log = dir.path().join("server.log");
-        let mut args = vec!["server", "--cold-start", "300ms", "--kv-cache", "8GiB"];
+        let mut args = vec!["server", "--kv-cache", "8GiB"];
+        if !extra.contains(&"--cold-start") {
+            args.extend(["--cold-start", "300ms"]);
+        }
         let g = format!("http://{g_addr}");
         args.extend(["--guardrail", &g]);
         args.extend(extra);
@@ -149,6 +152,24 @@ impl Stack {
             (ppid == self.server.child.id() && String::from_utf8_lossy(&cmd).contains(&want))
                 .then_some(pid)
         })
+    }
+}
+
+impl Stack {
+    /// The GPU memory `pid` holds, as the fake NVML reports it per process (the sum
+    /// of its allocations and contexts in the fake driver's state file).
+    fn gpu_bytes(&self, pid: u32) -> u64 {
+        let text = std::fs::read_to_string(self._dir.path().join("gpu.json")).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        v["allocs"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|x| x["pid"].as_u64() == Some(pid as u64))
+                    .filter_map(|x| x["bytes"].as_u64())
+                    .sum()
+            })
+            .unwrap_or(0)
     }
 }
 
@@ -305,7 +326,8 @@ fn workers_refuse_to_start_without_their_kv_cache_memory() {
     assert_eq!(metric("refstack_workers_live"), "0");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
-        text.contains("insufficient free GPU memory for the KV cache"),
+        text.contains("insufficient free GPU memory for the weights and the KV cache")
+            && text.contains("2048 MiB of weights + 8192 MiB of KV cache"),
         "{text}"
     );
     // The memory comes back: the worker starts on the supervisor's next try.
@@ -349,4 +371,174 @@ fn a_guardrail_outage_fails_closed_or_open_as_configured() {
             .unwrap()
             .contains("guardrail failed")
     );
+}
+
+#[test]
+fn a_replacement_comes_after_the_restart_delay_and_loads_its_weights_in_steps() {
+    const GIB: u64 = 1 << 30;
+    let s = Stack::start(
+        "1x80GiB",
+        true,
+        &[
+            "--workers",
+            "1",
+            "--weights",
+            "1GiB",
+            "--cold-start",
+            "1s",
+            "--restart-delay",
+            "700ms",
+        ],
+    );
+    assert!(wait_until(Duration::from_secs(10), || s.live() == 1).is_some());
+    let old = s.worker_pid(0).expect("worker 0");
+    let killed = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let mut new = None;
+    let replaced = wait_until(Duration::from_secs(5), || {
+        new = s.worker_pid(0).filter(|p| *p != old);
+        new.is_some()
+    })
+    .expect("never replaced");
+    let new = new.unwrap();
+    eprintln!("pid {old} killed; pid {new} started {replaced:?} later (--restart-delay 700ms)");
+    assert!(replaced >= Duration::from_millis(700), "{replaced:?}");
+
+    // Its memory, sampled every 20ms until it serves and 500ms beyond.
+    let mut samples: Vec<(Duration, u64)> = Vec::new();
+    let mut ready_at = None;
+    while killed.elapsed() < Duration::from_secs(8) {
+        samples.push((killed.elapsed(), s.gpu_bytes(new)));
+        if ready_at.is_none() && s.live() == 1 {
+            ready_at = Some(killed.elapsed());
+        }
+        if ready_at.is_some_and(|r| killed.elapsed() > r + Duration::from_millis(500)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ready_at = ready_at.expect("the replacement never served");
+    let last = samples.last().unwrap().1;
+    let increases: Vec<(Duration, u64)> = samples
+        .windows(2)
+        // From the first sample that shows its CUDA context on.
+        .filter(|w| w[0].1 > 0 && w[1].1 > w[0].1)
+        .map(|w| (w[1].0, w[1].1))
+        .collect();
+    // The weights: every increase but the last (the KV cache, 8 GiB at once).
+    let weights: Vec<&(Duration, u64)> = increases.iter().filter(|(_, b)| *b < 8 * GIB).collect();
+    let (first, end) = (weights.first().unwrap().0, weights.last().unwrap().0);
+    eprintln!(
+        "weights: {} steps from {first:?} to {end:?} after the kill ({:?} of load); ready {ready_at:?}; final {} MiB",
+        weights.len(),
+        end - first,
+        last >> 20
+    );
+    assert!(weights.len() >= 5, "{increases:?}");
+    assert!(
+        end - first >= Duration::from_millis(600) && end - first <= Duration::from_millis(1500),
+        "the load spreads over about the 1s cold start: {increases:?}"
+    );
+    assert!(
+        last >= 9 * GIB,
+        "1 GiB of weights and 8 GiB of KV cache: {last}"
+    );
+    let after: Vec<u64> = samples
+        .iter()
+        .filter(|(t, _)| *t > ready_at)
+        .map(|(_, b)| *b)
+        .collect();
+    assert!(
+        after.len() >= 10 && after.iter().all(|b| *b == last),
+        "stable once ready: {after:?}"
+    );
+    let log = std::fs::read_to_string(&s.log).unwrap();
+    assert!(
+        log.contains(&format!("worker 0 replaced: pid {old} -> {new}")),
+        "{log}"
+    );
+    assert!(
+        log.contains("waiting 700ms before replacing worker 0"),
+        "{log}"
+    );
+}
+
+/// The whole chain on the fake GPU: the agent kills the worker, sees the supervisor's
+/// replacement after its restart delay, and sees its GPU memory (NVML per process)
+/// settle once the weights and the KV cache are loaded.
+#[test]
+fn the_agent_observes_the_replacement_and_its_gpu_memory() {
+    let s = Stack::start(
+        "1x80GiB",
+        true,
+        &[
+            "--workers",
+            "1",
+            "--weights",
+            "1GiB",
+            "--cold-start",
+            "1s",
+            "--restart-delay",
+            "500ms",
+        ],
+    );
+    assert!(wait_until(Duration::from_secs(10), || s.live() == 1).is_some());
+    let old = s.worker_pid(0).expect("worker 0");
+    let lib = bin("libgpuchaos_fakegpu.so").display().to_string();
+    let agent = Agent::start_with(AgentOpts {
+        state_dir: &s._dir.path().join("agent"),
+        args: vec!["--nvml-lib".into(), lib.clone(), "--cuda-lib".into(), lib],
+        env: vec![
+            (
+                "GPUCHAOS_FAKE_GPU_STATE".into(),
+                s._dir.path().join("gpu.json").display().to_string(),
+            ),
+            ("GPUCHAOS_FAKE_GPUS".into(), "1x80GiB".into()),
+        ],
+        netns: None,
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = agent.client().await;
+        let f = inject(
+            &mut c,
+            "kind: process\nduration: 1s\ntarget: {cmdline: 'gpuchaos-refstack worker --id 0 '}\naction: kill\nwatch: {settle: 500ms, timeout: 30s}\n",
+            "",
+        )
+        .await
+        .expect("inject");
+        let mut obs = Vec::new();
+        for _ in 0..200 {
+            obs = faults(&mut c, true)
+                .await
+                .into_iter()
+                .find(|x| x.id == f.id)
+                .map(|x| x.observations)
+                .unwrap_or_default();
+            if obs.len() >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let kinds: Vec<&str> = obs.iter().map(|o| o.kind.as_str()).collect();
+        assert_eq!(kinds, ["replaced", "gpu_ready"], "{obs:#?}\n{}", agent.log_text());
+        let new = s.worker_pid(0).expect("the replacement");
+        assert_ne!(new, old);
+        assert!(obs.iter().all(|o| o.pid == new), "{obs:#?}");
+        let ms = |ns: u64| ns as f64 / 1e6;
+        let replaced = ms(obs[0].mono_ns - f.verified_mono_ns);
+        let loaded = ms(obs[1].mono_ns - obs[0].mono_ns);
+        eprintln!(
+            "replaced {replaced:.0} ms after the kill (restart delay 500ms), GPU-ready {loaded:.0} ms later (cold start 1s) with {} MiB",
+            obs[1].gpu_bytes >> 20
+        );
+        assert!((500.0..1500.0).contains(&replaced), "{replaced}");
+        assert!((800.0..1800.0).contains(&loaded), "{loaded}");
+        assert_eq!(obs[1].gpu_bytes, s.gpu_bytes(new));
+        assert!(obs[1].gpu_bytes >= 9 << 30);
+    });
 }
