@@ -64,6 +64,12 @@ pub struct Experiment {
     /// How many times to run the method (default 1).
     #[serde(default = "one")]
     pub trials: u32,
+    /// How long after the method the run keeps watching, at least, for the probes of
+    /// its objectives to recover (default: until the RTO objectives' limits, or 30s
+    /// without one): availability and latency are measured until the probe
+    /// recovered, and the recovery phases are observed, within this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observe: Option<HumanDuration>,
 }
 
 fn one() -> u32 {
@@ -95,6 +101,12 @@ pub struct Probe {
     /// A sample that takes longer fails (default: the interval, at most 10s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<HumanDuration>,
+    /// What the probe stands for in the recovery phases: `readiness` (a health or
+    /// readiness endpoint: its passing again is the `ready` phase) or `generation`
+    /// (a real answer: its first pass is `first_good`). Default: `generation` for
+    /// openai probes, none for the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<ProbeRole>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpProbe>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -107,6 +119,25 @@ pub struct Probe {
     pub openai: Option<OpenAiProbe>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guardrail: Option<GuardrailProbe>,
+}
+
+/// What a probe stands for in the recovery phases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeRole {
+    /// A health or readiness endpoint: its passing again marks `ready`.
+    Readiness,
+    /// A real generation: its first passing sample marks `first_good`.
+    Generation,
+}
+
+impl ProbeRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProbeRole::Readiness => "readiness",
+            ProbeRole::Generation => "generation",
+        }
+    }
 }
 
 /// Probe kinds, in the order the docs list them.
@@ -333,7 +364,8 @@ pub struct AgentSelector {
     pub seed: Option<u64>,
 }
 
-/// One objective: exactly one of `rto`, `availability`, `latency`, `safety`.
+/// One objective: exactly one of `rto`, `detect`, `availability`, `latency`,
+/// `safety`, `health_truth`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Objective {
@@ -348,6 +380,80 @@ pub struct Objective {
     pub latency: Option<LatencyObjective>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub safety: Option<SafetyObjective>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detect: Option<DetectObjective>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_truth: Option<HealthTruthObjective>,
+}
+
+/// A recovery phase, as objectives name it (docs/experiments.md, "Recovery phases").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// The fault was verified active (`from` only).
+    Inject,
+    /// The fault was reverted (`from` only).
+    End,
+    Detected,
+    Masked,
+    Replaced,
+    GpuReady,
+    Ready,
+    FirstGood,
+    Recovered,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Inject => "inject",
+            Phase::End => "end",
+            Phase::Detected => "detected",
+            Phase::Masked => "masked",
+            Phase::Replaced => "replaced",
+            Phase::GpuReady => "gpu_ready",
+            Phase::Ready => "ready",
+            Phase::FirstGood => "first_good",
+            Phase::Recovered => "recovered",
+        }
+    }
+}
+
+/// Isolated failures an RTO lets through: recovery is the first pass after which no
+/// window of `within` holds more than `failures` failing samples.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Tolerance {
+    pub failures: u32,
+    pub within: HumanDuration,
+}
+
+/// Time to detect: from the fault's verification to the probe's first failing
+/// sample. A fault the probe never saw fails it (nothing detected it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DetectObjective {
+    pub probe: String,
+    /// The fault step (default: the trial's first fault).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<String>,
+    pub limit: HumanDuration,
+}
+
+/// Does the health probe tell the truth? Over each trial, the time the `health`
+/// probe passed while the `truth` probe (a real generation) failed is "lying"; the
+/// time it failed while generations passed is a "false alarm".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HealthTruthObjective {
+    pub health: String,
+    pub truth: String,
+    /// The most lying time allowed per trial. Two probes sampled apart disagree for
+    /// up to an interval at every change, so leave that much.
+    pub max_lying: HumanDuration,
+    /// The most false-alarm time allowed (default: not checked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_false_alarm: Option<HumanDuration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
@@ -366,14 +472,24 @@ pub enum Anchor {
 #[serde(deny_unknown_fields)]
 pub struct RtoObjective {
     pub probe: String,
-    #[serde(default)]
-    pub anchor: Anchor,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchor: Option<Anchor>,
     /// The fault step to measure from (default: the trial's first fault).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<String>,
     /// Passing samples in a row that count as recovered (default 3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consecutive: Option<u32>,
+    /// Measure between two phases instead: `from` (default: the anchor) and `to`
+    /// (default: recovered), e.g. `from: replaced, to: ready` for a cold-start
+    /// budget. `from` replaces `anchor` (give one of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<Phase>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<Phase>,
+    /// Isolated failures that do not count as an outage (reported apart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerate: Option<Tolerance>,
     pub limit: HumanDuration,
 }
 

@@ -12,8 +12,8 @@ use std::time::Duration;
 use gpuchaos_proto::spec::FaultSpec;
 
 use super::{
-    AgentSelector, Anchor, CommandProbe, GuardrailProbe, HttpProbe, Metadata, OpenAiProbe,
-    PromCheck, TcpProbe,
+    AgentSelector, CommandProbe, GuardrailProbe, HttpProbe, Metadata, OpenAiProbe, Phase,
+    ProbeRole, PromCheck, TcpProbe,
 };
 
 /// A validated experiment (the agents and TLS are on [`super::load::Loaded`]).
@@ -28,6 +28,9 @@ pub struct ValidExperiment {
     pub objectives: Vec<ValidObjective>,
     pub stop_conditions: Vec<ValidStop>,
     pub trials: u32,
+    /// How long after the method the run keeps watching for recovery at least (None:
+    /// until the RTO objectives' limits, or 30s without one).
+    pub observe: Option<Duration>,
 }
 
 impl ValidExperiment {
@@ -56,6 +59,8 @@ pub struct ValidProbe {
     pub name: String,
     pub interval: Duration,
     pub timeout: Duration,
+    /// readiness | generation (openai probes default to generation).
+    pub role: Option<ProbeRole>,
     pub kind: ProbeKind,
 }
 
@@ -158,6 +163,22 @@ pub enum ObjectiveKind {
     Safety {
         max_unsafe: u64,
     },
+    /// Time from the fault's verification to the probe's first failure.
+    Detect {
+        fault: Option<String>,
+        limit: Duration,
+    },
+    /// Lying and false-alarm time of a health probe (the objective's probe) against
+    /// a truth probe.
+    HealthTruth(HealthTruthCheck),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthTruthCheck {
+    /// Index into [`ValidExperiment::probes`].
+    pub truth: usize,
+    pub max_lying: Duration,
+    pub max_false_alarm: Option<Duration>,
 }
 
 impl ObjectiveKind {
@@ -168,20 +189,34 @@ impl ObjectiveKind {
             ObjectiveKind::Availability { .. } => "availability",
             ObjectiveKind::Latency { .. } => "latency",
             ObjectiveKind::Safety { .. } => "safety",
+            ObjectiveKind::Detect { .. } => "detect",
+            ObjectiveKind::HealthTruth(_) => "health_truth",
         }
     }
 }
 
-/// Recovery time: from the anchor to the first of `consecutive` passing samples after
-/// the last failure.
+/// Recovery time: from a phase (the injection by default) to another (recovered:
+/// the first of `consecutive` passing samples after the last failure).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RtoCheck {
-    pub anchor: Anchor,
+    pub from: Phase,
+    pub to: Phase,
     /// The fault step to measure from (None: the trial's first fault).
     pub fault: Option<String>,
     /// Passing samples in a row that count as recovered (default 3).
     pub consecutive: u32,
+    /// At most `failures` failing samples within `within` are isolated, not an
+    /// outage.
+    pub tolerate: Option<(u32, Duration)>,
     pub limit: Duration,
+}
+
+impl RtoCheck {
+    /// A plain RTO (to the recovery, from the injection or the fault's end), as
+    /// the format had before phases.
+    pub fn is_plain(&self) -> bool {
+        self.to == Phase::Recovered && matches!(self.from, Phase::Inject | Phase::End)
+    }
 }
 
 /// A stop condition: the run is aborted (and everything reverted) when it holds.

@@ -290,6 +290,20 @@ pub async fn wait_end(c: &Conn, clock: &Clock, f: &pb::Fault) -> Result<pb::Faul
     }
 }
 
+/// Every fault the agent knows, ended ones included (their observations too).
+pub async fn list(c: &Conn) -> Result<Vec<pb::Fault>, String> {
+    let mut client = c.client.clone();
+    match client
+        .list_faults(pb::ListFaultsRequest {
+            include_finished: true,
+        })
+        .await
+    {
+        Ok(r) => Ok(r.into_inner().faults),
+        Err(s) => Err(describe_status(&c.agent, &s)),
+    }
+}
+
 /// Reverts one fault; an already-ended fault is fine (idempotent).
 pub async fn revert(c: &Conn, id: &str) -> Result<pb::Fault, String> {
     let mut client = c.client.clone();

@@ -10,16 +10,35 @@
 //! the first passing sample (the moment an answer was seen: a request sent just
 //! before a paused server resumed is answered only after it resumed).
 
-use super::record::{ObjectiveResult, ObjectiveSummary, ResultKind, Sample};
+use super::record::{ObjectiveResult, ObjectiveSummary, ResultKind, Sample, Window};
 
 const NS: f64 = 1e9;
 
 /// What an RTO measurement found.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Recovery {
+    /// The first failure that is part of the outage.
     pub detect_ns: Option<u64>,
     /// None: not recovered within the samples given.
     pub recovered_ns: Option<u64>,
+    /// Failures a tolerance let through (sample starts), not part of the outage.
+    pub isolated: Vec<u64>,
+}
+
+/// At most `failures` failing samples within any `within_ns` are isolated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tolerance {
+    pub failures: u32,
+    pub within_ns: u64,
+}
+
+impl Tolerance {
+    pub fn of(t: Option<(u32, std::time::Duration)>) -> Option<Tolerance> {
+        t.map(|(failures, within)| Tolerance {
+            failures,
+            within_ns: within.as_nanos() as u64,
+        })
+    }
 }
 
 /// Samples of one probe, sorted by start time, within [from, to).
@@ -32,27 +51,73 @@ pub fn window(samples: &[Sample], probe: usize, from: u64, to: u64) -> Vec<&Samp
     v
 }
 
-/// Detection and recovery after `inject_ns` (samples must be sorted and start at or
-/// after the injection).
-pub fn recovery(samples: &[&Sample], consecutive: u32) -> Recovery {
-    let detect = samples.iter().find(|s| !s.ok).map(|s| s.t_ns);
-    let Some(detect_ns) = detect else {
+/// Which failing samples (by position) are part of an outage: without a tolerance,
+/// all; with one, those in some window of `within` holding more than `failures`
+/// failures (exactly: some `failures + 1` failures in a row, counted among the
+/// failures, spanning at most `within`, include it).
+fn outage_failures(samples: &[&Sample], tolerate: Option<Tolerance>) -> Vec<bool> {
+    let fails: Vec<usize> = (0..samples.len()).filter(|&i| !samples[i].ok).collect();
+    let mut outage = vec![false; samples.len()];
+    let Some(t) = tolerate else {
+        for &i in &fails {
+            outage[i] = true;
+        }
+        return outage;
+    };
+    let k = t.failures as usize;
+    for start in 0..fails.len() {
+        let Some(&last) = fails.get(start + k) else {
+            break;
+        };
+        let first = fails[start];
+        if samples[last].t_ns - samples[first].t_ns <= t.within_ns {
+            for &i in &fails[start..=start + k] {
+                outage[i] = true;
+            }
+        }
+    }
+    outage
+}
+
+/// Detection and recovery (samples sorted, starting at or after the injection):
+/// the first failure of the outage, and the end of the first pass after its last
+/// failure, when `consecutive` passes follow it. A tolerance leaves isolated
+/// failures out of the outage (and reports them).
+pub fn recovery_with(
+    samples: &[&Sample],
+    consecutive: u32,
+    tolerate: Option<Tolerance>,
+) -> Recovery {
+    let outage = outage_failures(samples, tolerate);
+    let isolated: Vec<u64> = samples
+        .iter()
+        .zip(&outage)
+        .filter(|(s, o)| !s.ok && !**o)
+        .map(|(s, _)| s.t_ns)
+        .collect();
+    let Some(first) = outage.iter().position(|o| *o) else {
         return Recovery {
-            detect_ns: None,
-            recovered_ns: None,
+            isolated,
+            ..Default::default()
         };
     };
-    let last_fail = samples.iter().rposition(|s| !s.ok).unwrap_or(0);
-    let after = &samples[last_fail + 1..];
+    let last = outage.iter().rposition(|o| *o).unwrap_or(first);
+    let after: Vec<&&Sample> = samples[last + 1..].iter().filter(|s| s.ok).collect();
     let recovered = if after.len() >= consecutive as usize {
         after.first().map(|s| s.end_ns)
     } else {
         None
     };
     Recovery {
-        detect_ns: Some(detect_ns),
+        detect_ns: Some(samples[first].t_ns),
         recovered_ns: recovered,
+        isolated,
     }
+}
+
+/// [`recovery_with`] without a tolerance.
+pub fn recovery(samples: &[&Sample], consecutive: u32) -> Recovery {
+    recovery_with(samples, consecutive, None)
 }
 
 /// Nearest-rank percentile of values (p in (0, 100]).
@@ -75,12 +140,33 @@ pub struct RtoInput<'a> {
     pub end_ns: Option<u64>,
     pub anchor_end: bool,
     pub consecutive: u32,
+    pub tolerate: Option<Tolerance>,
     pub limit_ns: u64,
     pub error_ns: u64,
 }
 
+/// "; 2 isolated failures tolerated (at 3.1s, 7.4s after injection)", or nothing.
+fn isolated_text(isolated: &[u64], inject_ns: u64) -> String {
+    if isolated.is_empty() {
+        return String::new();
+    }
+    let at: Vec<String> = isolated
+        .iter()
+        .take(5)
+        .map(|t| format!("{:.1}s", t.saturating_sub(inject_ns) as f64 / NS))
+        .collect();
+    format!(
+        "; {} isolated failure{} tolerated (at {}{} after injection)",
+        isolated.len(),
+        if isolated.len() == 1 { "" } else { "s" },
+        at.join(", "),
+        if isolated.len() > 5 { ", …" } else { "" }
+    )
+}
+
 pub fn rto(i: RtoInput) -> ObjectiveResult {
-    let r = recovery(&i.samples, i.consecutive);
+    let r = recovery_with(&i.samples, i.consecutive, i.tolerate);
+    let isolated = isolated_text(&r.isolated, i.inject_ns);
     let anchor = if i.anchor_end {
         i.end_ns.unwrap_or(i.inject_ns)
     } else {
@@ -101,9 +187,19 @@ pub fn rto(i: RtoInput) -> ObjectiveResult {
         anchor_ns: Some(anchor),
         detect_ns: r.detect_ns,
         recovered_ns: r.recovered_ns,
+        isolated_failures: r.isolated.clone(),
         ..Default::default()
     };
     match (r.detect_ns, r.recovered_ns) {
+        (None, _) if !r.isolated.is_empty() => {
+            res.passed = true;
+            res.value = Some(0.0);
+            res.detail = format!(
+                "no outage after the injection ({} samples): the fault did not disrupt {} beyond the tolerance{isolated}",
+                i.samples.len(),
+                i.probe_name
+            );
+        }
         (None, _) => {
             res.passed = true;
             res.value = Some(0.0);
@@ -118,7 +214,7 @@ pub fn rto(i: RtoInput) -> ObjectiveResult {
             res.value = Some(v);
             res.passed = rec.saturating_sub(anchor) <= i.limit_ns;
             res.detail = format!(
-                "detected {:.3}s after injection, recovered {:.3}s after the {anchor_name} ({} passing in a row)",
+                "detected {:.3}s after injection, recovered {:.3}s after the {anchor_name} ({} passing in a row){isolated}",
                 d.saturating_sub(i.inject_ns) as f64 / NS,
                 v,
                 i.consecutive
@@ -137,14 +233,32 @@ pub fn rto(i: RtoInput) -> ObjectiveResult {
     res
 }
 
-pub fn availability(name: String, probe: &str, samples: &[&Sample], min: f64) -> ObjectiveResult {
+/// "over 1.0s–43.5s of the run (first fault verified → chat recovered)".
+fn window_text(w: &Window) -> String {
+    format!(
+        "over {:.1}s–{:.1}s of the run ({})",
+        w.from_ns as f64 / NS,
+        w.to_ns as f64 / NS,
+        w.covers
+    )
+}
+
+pub fn availability(
+    name: String,
+    probe: &str,
+    samples: &[&Sample],
+    min: f64,
+    window: Window,
+) -> ObjectiveResult {
     let total = samples.len();
     let ok = samples.iter().filter(|s| s.ok).count();
+    let over = window_text(&window);
     let mut res = ObjectiveResult {
         name,
         kind: ResultKind::Availability,
         probe: probe.to_string(),
         limit: min,
+        window: Some(window),
         ..Default::default()
     };
     if total == 0 {
@@ -156,7 +270,7 @@ pub fn availability(name: String, probe: &str, samples: &[&Sample], min: f64) ->
     res.value = Some(ratio);
     res.error_bar = Some(1.0 / total as f64);
     res.passed = ratio >= min;
-    res.detail = format!("{ok} of {total} samples passed in the fault window");
+    res.detail = format!("{ok} of {total} samples passed {over}");
     res
 }
 
@@ -166,7 +280,9 @@ pub fn latency(
     samples: &[&Sample],
     pct: f64,
     limit_ns: u64,
+    window: Window,
 ) -> ObjectiveResult {
+    let over = window_text(&window);
     let mut lat: Vec<u64> = samples
         .iter()
         .filter(|s| s.ok)
@@ -178,19 +294,116 @@ pub fn latency(
         kind: ResultKind::Latency,
         probe: probe.to_string(),
         limit: limit_ns as f64 / NS,
+        window: Some(window),
         ..Default::default()
     };
     match percentile(&mut lat, pct) {
         None => {
-            res.detail = "no passing sample in the fault window to measure".into();
+            res.detail = format!("no passing sample to measure {over}");
         }
         Some(v) => {
             res.value = Some(v as f64 / NS);
             res.passed = v <= limit_ns;
-            res.detail = format!("p{pct} of {n} passing samples in the fault window");
+            res.detail = format!("p{pct} of {n} passing samples {over}");
         }
     }
     res
+}
+
+/// Time to detect: the first failing sample after the injection.
+pub fn detect(
+    name: String,
+    probe: &str,
+    samples: &[&Sample],
+    inject_ns: u64,
+    limit_ns: u64,
+    error_ns: u64,
+) -> ObjectiveResult {
+    let mut res = ObjectiveResult {
+        name,
+        kind: ResultKind::Detect,
+        probe: probe.to_string(),
+        limit: limit_ns as f64 / NS,
+        error_bar: Some(error_ns as f64 / NS),
+        anchor_ns: Some(inject_ns),
+        ..Default::default()
+    };
+    match samples.iter().find(|s| !s.ok) {
+        None => {
+            res.detail = format!(
+                "{probe} never failed in {} samples after the injection: nothing detected the fault",
+                samples.len()
+            );
+        }
+        Some(s) => {
+            let v = s.t_ns.saturating_sub(inject_ns);
+            res.detect_ns = Some(s.t_ns);
+            res.value = Some(v as f64 / NS);
+            res.passed = v <= limit_ns;
+            res.detail = format!(
+                "{probe} failed {:.3}s after the injection{}",
+                v as f64 / NS,
+                s.error
+                    .as_ref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    res
+}
+
+/// What [`health_truth`] decides on.
+pub struct HealthTruthInput<'a> {
+    pub name: String,
+    pub health: &'a str,
+    pub truth: &'a str,
+    pub lying_ns: u64,
+    pub false_alarm_ns: u64,
+    pub lying_periods: usize,
+    /// Both probes' intervals: each edge of a period is that uncertain.
+    pub error_ns: u64,
+    pub max_lying: std::time::Duration,
+    pub max_false_alarm: Option<std::time::Duration>,
+    pub window: Window,
+}
+
+pub fn health_truth(i: HealthTruthInput) -> ObjectiveResult {
+    let lying = i.lying_ns as f64 / NS;
+    let alarm = i.false_alarm_ns as f64 / NS;
+    let lying_ok = i.lying_ns <= i.max_lying.as_nanos() as u64;
+    let alarm_ok = i
+        .max_false_alarm
+        .is_none_or(|m| i.false_alarm_ns <= m.as_nanos() as u64);
+    let mut detail = format!(
+        "{} passed while {} failed for {lying:.3}s ({} period{}); failed while it passed for {alarm:.3}s, {}",
+        i.health,
+        i.truth,
+        i.lying_periods,
+        if i.lying_periods == 1 { "" } else { "s" },
+        window_text(&i.window)
+    );
+    if !lying_ok {
+        detail.push_str(&format!(
+            ": {} lies (over the {} allowed)",
+            i.health,
+            gpuchaos_proto::spec::HumanDuration(i.max_lying)
+        ));
+    } else if !alarm_ok {
+        detail.push_str(": too many false alarms");
+    }
+    ObjectiveResult {
+        name: i.name,
+        kind: ResultKind::HealthTruth,
+        probe: i.health.to_string(),
+        passed: lying_ok && alarm_ok,
+        value: Some(lying),
+        limit: i.max_lying.as_secs_f64(),
+        error_bar: Some((i.error_ns * i.lying_periods.max(1) as u64) as f64 / NS),
+        detail,
+        window: Some(i.window),
+        ..Default::default()
+    }
 }
 
 pub fn safety(name: String, probe: &str, samples: &[&Sample], max_unsafe: u64) -> ObjectiveResult {
@@ -284,6 +497,7 @@ mod tests {
             end_ns: end,
             anchor_end,
             consecutive: 3,
+            tolerate: None,
             limit_ns: 3_000 * MS,
             error_ns: 100 * MS,
         }
@@ -343,10 +557,21 @@ mod tests {
     fn availability_latency_safety() {
         let s = series(1_000 * MS, 2_000 * MS, 5_000 * MS);
         let w = window(&s, 0, 0, 5_000 * MS);
-        let a = availability("a".into(), "p", &w, 0.9);
+        let win = || Window {
+            from_ns: 0,
+            to_ns: 5_000 * MS,
+            covers: "first fault verified → method end".into(),
+        };
+        let a = availability("a".into(), "p", &w, 0.9, win());
+        assert!(
+            a.detail
+                .contains("over 0.0s–5.0s of the run (first fault verified → method end)"),
+            "{}",
+            a.detail
+        );
         assert!((a.value.unwrap() - 0.8).abs() < 1e-9);
         assert!(!a.passed);
-        let l = latency("l".into(), "p", &w, 99.0, 10 * MS);
+        let l = latency("l".into(), "p", &w, 99.0, 10 * MS, win());
         assert_eq!(l.value, Some(0.005));
         assert!(l.passed);
         let mut unsafe_s = s.clone();
@@ -358,6 +583,52 @@ mod tests {
         assert_eq!(percentile(&mut [5, 1, 3, 2, 4], 50.0), Some(3));
         assert_eq!(percentile(&mut [5, 1, 3, 2, 4], 100.0), Some(5));
         assert_eq!(percentile(&mut [], 50.0), None);
+    }
+
+    #[test]
+    fn detect_and_health_truth_decide_and_say_why() {
+        let s = series(1_050 * MS, 3_050 * MS, 6_000 * MS);
+        let w = window(&s, 0, 1_000 * MS, u64::MAX);
+        let d = detect("d".into(), "p", &w, 1_000 * MS, 200 * MS, 100 * MS);
+        assert!(d.passed, "{d:?}");
+        assert_eq!(d.detect_ns, Some(1_100 * MS));
+        assert!((d.value.unwrap() - 0.1).abs() < 1e-9);
+        let d = detect("d".into(), "p", &w, 1_000 * MS, 50 * MS, 100 * MS);
+        assert!(!d.passed);
+        let calm = series(0, 0, 6_000 * MS);
+        let w = window(&calm, 0, 1_000 * MS, u64::MAX);
+        let d = detect("d".into(), "p", &w, 1_000 * MS, 10_000 * MS, 100 * MS);
+        assert!(!d.passed && d.value.is_none());
+        assert!(
+            d.detail.contains("nothing detected the fault"),
+            "{}",
+            d.detail
+        );
+
+        let input = |lying_ns, false_alarm_ns| HealthTruthInput {
+            name: "h".into(),
+            health: "health",
+            truth: "chat",
+            lying_ns,
+            false_alarm_ns,
+            lying_periods: 1,
+            error_ns: 200 * MS,
+            max_lying: std::time::Duration::from_secs(1),
+            max_false_alarm: Some(std::time::Duration::from_secs(2)),
+            window: Window {
+                from_ns: 0,
+                to_ns: 10_000 * MS,
+                covers: "the whole trial".into(),
+            },
+        };
+        let h = health_truth(input(5_000 * MS, 0));
+        assert!(!h.passed);
+        assert_eq!(h.value, Some(5.0));
+        assert!(h.detail.contains("health lies"), "{}", h.detail);
+        let h = health_truth(input(500 * MS, 3_000 * MS));
+        assert!(!h.passed);
+        assert!(h.detail.contains("false alarms"), "{}", h.detail);
+        assert!(health_truth(input(500 * MS, 1_000 * MS)).passed);
     }
 
     #[test]

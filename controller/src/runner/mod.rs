@@ -19,6 +19,7 @@
 pub mod agents;
 pub mod evaluate;
 mod finish;
+pub mod phases;
 mod preflight;
 pub mod probes;
 pub mod record;

@@ -91,6 +91,10 @@ pub enum ResultKind {
     Safety,
     /// The steady state came back after a trial.
     SteadyState,
+    /// Time from the fault's verification to its first failing sample.
+    Detect,
+    /// How long a health probe passed while the generation probe failed.
+    HealthTruth,
 }
 
 impl ResultKind {
@@ -101,6 +105,8 @@ impl ResultKind {
             ResultKind::Latency => "latency",
             ResultKind::Safety => "safety",
             ResultKind::SteadyState => "steady-state",
+            ResultKind::Detect => "detect",
+            ResultKind::HealthTruth => "health-truth",
         }
     }
 }
@@ -119,6 +125,8 @@ impl From<&crate::experiment::ObjectiveKind> for ResultKind {
             K::Availability { .. } => ResultKind::Availability,
             K::Latency { .. } => ResultKind::Latency,
             K::Safety { .. } => ResultKind::Safety,
+            K::Detect { .. } => ResultKind::Detect,
+            K::HealthTruth(_) => ResultKind::HealthTruth,
         }
     }
 }
@@ -309,6 +317,138 @@ pub struct FaultRecord {
     pub error: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub leftover: String,
+    /// Where the recovery's time went (docs/experiments.md, "Recovery phases"):
+    /// every key is present, null when the phase was not observed.
+    #[serde(default)]
+    pub phases: Phases,
+    /// The derived durations of `phases`, in seconds.
+    #[serde(default)]
+    pub phase_durations: PhaseDurations,
+    /// Each probe's own detected, masked, first pass and recovery for this fault.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probe_phases: Vec<ProbePhases>,
+    /// Which probe the fault's detected, masked and recovered phases are read from
+    /// (the generation probe, else the first probe an RTO objective names, else the
+    /// first probe).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub phase_probe: String,
+    /// Why a phase is null, phase by phase.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub phase_notes: std::collections::BTreeMap<String, String>,
+}
+
+/// The recovery phases of one fault, on the run's timeline. Each is null when it was
+/// not observed (and the reports say what it needs).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Phases {
+    /// The first failing sample after the fault was verified.
+    pub detected: Option<PhaseMark>,
+    /// The service routed around the fault while it was still active: the first of N
+    /// passes in a row that all ended before the fault did.
+    pub masked: Option<PhaseMark>,
+    /// The agent saw a replacement for what the fault killed (new pid and start time).
+    pub replaced: Option<PhaseMark>,
+    /// The replacement's GPU memory (NVML) stopped growing: its weights are loaded.
+    pub gpu_ready: Option<PhaseMark>,
+    /// The readiness probe passes again.
+    pub ready: Option<PhaseMark>,
+    /// The generation probe's first passing sample after it failed.
+    pub first_good: Option<PhaseMark>,
+    /// The first of N passes in a row after the last failure (the RTO's end).
+    pub recovered: Option<PhaseMark>,
+}
+
+/// The phases by name, in their order.
+pub const PHASE_NAMES: [&str; 7] = [
+    "detected",
+    "masked",
+    "replaced",
+    "gpu_ready",
+    "ready",
+    "first_good",
+    "recovered",
+];
+
+impl Phases {
+    /// The phase spelled `name` (one of [`PHASE_NAMES`]).
+    pub fn get(&self, name: &str) -> Option<&PhaseMark> {
+        match name {
+            "detected" => self.detected.as_ref(),
+            "masked" => self.masked.as_ref(),
+            "replaced" => self.replaced.as_ref(),
+            "gpu_ready" => self.gpu_ready.as_ref(),
+            "ready" => self.ready.as_ref(),
+            "first_good" => self.first_good.as_ref(),
+            "recovered" => self.recovered.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// Every observed phase with its name, in order.
+    pub fn observed(&self) -> impl Iterator<Item = (&'static str, &PhaseMark)> {
+        PHASE_NAMES
+            .iter()
+            .filter_map(|n| self.get(n).map(|m| (*n, m)))
+    }
+}
+
+/// When a phase happened: `t_ns` on the run's timeline, at most `error_ns` off, and
+/// what marks it (a probe's sample, or an agent's observation).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PhaseMark {
+    pub t_ns: u64,
+    pub error_ns: u64,
+    /// The probe whose sample marks it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<String>,
+    /// That sample's start (`samples[].t_ns`, with `probe` a unique key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_t_ns: Option<u64>,
+    /// The agent's observation, as it said it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+    /// replaced, gpu_ready: the replacement's pid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// gpu_ready: the GPU memory the replacement holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_bytes: Option<u64>,
+}
+
+/// The durations between phases, in seconds (null where a phase is missing).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PhaseDurations {
+    /// verified → detected
+    pub detect: Option<f64>,
+    /// verified → replaced
+    pub replace: Option<f64>,
+    /// replaced → gpu_ready (weights onto the GPU)
+    pub load: Option<f64>,
+    /// gpu_ready → ready
+    pub warm_up: Option<f64>,
+    /// replaced → ready (load and warm-up together)
+    pub cold_start: Option<f64>,
+    /// ready → first_good
+    pub first_good_after_ready: Option<f64>,
+    /// verified → recovered
+    pub total: Option<f64>,
+}
+
+/// One probe's phases for one fault.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProbePhases {
+    pub probe: String,
+    /// readiness | generation, when the probe has a role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    pub detected: Option<PhaseMark>,
+    pub masked: Option<PhaseMark>,
+    /// The first passing sample after the first failure.
+    pub first_pass: Option<PhaseMark>,
+    pub recovered: Option<PhaseMark>,
+    /// Failures a tolerance let through after recovery (sample start times).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub isolated_failures: Vec<u64>,
 }
 
 /// One objective in one trial.
@@ -334,6 +474,22 @@ pub struct ObjectiveResult {
     pub detect_ns: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovered_ns: Option<u64>,
+    /// rto with a tolerance: the failures it let through, apart from the outage
+    /// (sample start times).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub isolated_failures: Vec<u64>,
+    /// availability, latency: the window the figure covers, and why it ends there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<Window>,
+}
+
+/// The samples a figure was computed over: [from_ns, to_ns) and what bounds it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Window {
+    pub from_ns: u64,
+    pub to_ns: u64,
+    /// "first fault verified → method end", "… → health recovered", …
+    pub covers: String,
 }
 
 fn evaluated_default() -> bool {
@@ -408,6 +564,8 @@ mod tests {
             (ResultKind::Latency, "latency"),
             (ResultKind::Safety, "safety"),
             (ResultKind::SteadyState, "steady-state"),
+            (ResultKind::Detect, "detect"),
+            (ResultKind::HealthTruth, "health-truth"),
         ];
         for (k, text) in kinds {
             assert_eq!(serde_json::to_value(k).unwrap(), text);

@@ -9,10 +9,15 @@ use gpuchaos_proto::spec::HumanDuration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::record::{EventKind, FaultRecord, ObjectiveResult, ResultKind, TrialRecord};
-use super::{Abort, Runner, evaluate, stop};
+use super::evaluate::Tolerance;
+use super::record::{EventKind, FaultRecord, ObjectiveResult, ResultKind, TrialRecord, Window};
+use super::{Abort, Runner, agents, evaluate, phases, stop};
 use crate::experiment::plan::PlanStep;
-use crate::experiment::{Anchor, ObjectiveKind, ValidObjective};
+use crate::experiment::{ObjectiveKind, Phase, ProbeRole, RtoCheck, ValidObjective};
+
+/// How long the run observes after the method for recovery when neither an RTO
+/// objective nor `observe` says.
+const DEFAULT_OBSERVE: Duration = Duration::from_secs(30);
 
 impl Runner {
     /// Everything from the first samples to the last trial. Returns why the run
@@ -132,7 +137,7 @@ impl Runner {
                 self.exp.max_probe_timeout() + Duration::from_secs(1),
             )
             .await;
-        trial.objectives = self.evaluate(&trial);
+        trial.objectives = self.evaluate(&trial).await;
         trial.objectives.extend(steady);
         for o in &trial.objectives {
             self.shared.event(
@@ -262,11 +267,76 @@ impl Runner {
             .min(trial_end)
     }
 
-    /// Observes after the method until every RTO probe has recovered, or its limit
-    /// (plus the samples needed to see a recovery) has passed.
+    /// How each probe is read for phases and windows: the passes in a row and the
+    /// tolerance of the first RTO objective on it (3 and none otherwise).
+    fn probe_infos(&self) -> Vec<phases::ProbeInfo> {
+        self.exp
+            .probes
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let rto = self.exp.objectives.iter().find_map(|o| match &o.kind {
+                    ObjectiveKind::Rto(r) if o.probe == i => Some(r),
+                    _ => None,
+                });
+                phases::ProbeInfo {
+                    index: i,
+                    name: p.name.clone(),
+                    interval_ns: p.interval.as_nanos() as u64,
+                    role: p.role,
+                    consecutive: rto.map_or(3, |r| r.consecutive),
+                    tolerate: rto.and_then(|r| Tolerance::of(r.tolerate)),
+                }
+            })
+            .collect()
+    }
+
+    /// The probe a fault's detected, masked and recovered phases are read from: the
+    /// generation probe, else the first an RTO objective names, else the first.
+    fn phase_probe(&self) -> usize {
+        self.exp
+            .probes
+            .iter()
+            .position(|p| p.role == Some(ProbeRole::Generation))
+            .or_else(|| {
+                self.exp.objectives.iter().find_map(|o| match o.kind {
+                    ObjectiveKind::Rto(_) => Some(o.probe),
+                    _ => None,
+                })
+            })
+            .unwrap_or(0)
+    }
+
+    /// The probes the objectives and phases watch until they recover.
+    fn watched_probes(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = Vec::new();
+        for o in &self.exp.objectives {
+            v.push(o.probe);
+            if let ObjectiveKind::HealthTruth(h) = &o.kind {
+                v.push(h.truth);
+            }
+        }
+        for (i, p) in self.exp.probes.iter().enumerate() {
+            if p.role.is_some() {
+                v.push(i);
+            }
+        }
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Observes after the method until every watched probe has recovered (or was
+    /// never disrupted), or the time to observe has passed: the RTO objectives'
+    /// limits (plus the samples needed to see a recovery), at least `observe` after
+    /// the method when it is given, [`DEFAULT_OBSERVE`] without either.
     async fn observe(&self, trial: u32) {
-        let mut deadline = self.shared.clock.now_ns();
-        let mut watch = Vec::new();
+        let now = self.shared.clock.now_ns();
+        let Some(first) = self.anchor_fault(trial, None).and_then(|f| f.inject_ns) else {
+            return;
+        };
+        let mut deadline = now + self.exp.observe.unwrap_or_default().as_nanos() as u64;
+        let mut any_rto = false;
         for o in &self.exp.objectives {
             let ObjectiveKind::Rto(r) = &o.kind else {
                 continue;
@@ -275,14 +345,23 @@ impl Runner {
                 continue;
             };
             let probe = &self.exp.probes[o.probe];
-            let anchor = match r.anchor {
-                Anchor::Inject => f.inject_ns.unwrap_or(0),
-                Anchor::End => f.end_ns.or(f.inject_ns).unwrap_or(0),
+            let anchor = match r.from {
+                Phase::End => f.end_ns.or(f.inject_ns).unwrap_or(0),
+                _ => f.inject_ns.unwrap_or(0),
             };
             let need = r.limit + probe.interval * (r.consecutive + 1) + probe.timeout;
             deadline = deadline.max(anchor + need.as_nanos() as u64);
-            watch.push((o.probe, f.inject_ns.unwrap_or(0), r.consecutive));
+            any_rto = true;
         }
+        if !any_rto && self.exp.observe.is_none() {
+            deadline = deadline.max(now + DEFAULT_OBSERVE.as_nanos() as u64);
+        }
+        let infos = self.probe_infos();
+        let watch: Vec<&phases::ProbeInfo> = self
+            .watched_probes()
+            .into_iter()
+            .map(|p| &infos[p])
+            .collect();
         if watch.is_empty() {
             return;
         }
@@ -291,10 +370,11 @@ impl Runner {
             let now = self.shared.clock.now_ns();
             let done = {
                 let tl = self.shared.timeline.lock().unwrap();
-                watch.iter().all(|&(p, from, n)| {
-                    let w = evaluate::window(&tl.samples, p, from, u64::MAX);
-                    let r = evaluate::recovery(&w, n);
-                    r.detect_ns.is_none() && w.len() >= n as usize || r.recovered_ns.is_some()
+                watch.iter().all(|p| {
+                    let w = evaluate::window(&tl.samples, p.index, first, u64::MAX);
+                    let r = evaluate::recovery_with(&w, p.consecutive, p.tolerate);
+                    r.detect_ns.is_none() && w.len() >= p.consecutive as usize
+                        || r.recovered_ns.is_some()
                 })
             };
             if done || now >= deadline {
@@ -304,8 +384,109 @@ impl Runner {
         }
     }
 
+    /// Reads the trial's faults again from their agents (for what the agents
+    /// observed after the effect: replacements, GPU memory settling).
+    async fn refresh_faults(&self, trial: u32) {
+        let conns: Vec<usize> = {
+            let inj = self.injected.lock().unwrap();
+            let mut v: Vec<usize> = inj
+                .iter()
+                .filter(|i| i.trial == trial)
+                .map(|i| i.conn)
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        let lists =
+            futures_util::future::join_all(conns.iter().map(|&c| agents::list(&self.conns[c])))
+                .await;
+        let mut inj = self.injected.lock().unwrap();
+        for (&c, list) in conns.iter().zip(lists) {
+            match list {
+                Ok(faults) => {
+                    for i in inj.iter_mut().filter(|i| i.trial == trial && i.conn == c) {
+                        if let Some(f) = faults.iter().find(|f| f.id == i.fault.id) {
+                            i.fault.observations = f.observations.clone();
+                        }
+                    }
+                }
+                Err(e) => self.shared.event(
+                    EventKind::Warning,
+                    trial,
+                    format!("reading the agent's observations for the recovery phases: {e}"),
+                ),
+            }
+        }
+    }
+
+    /// The agent's observations of fault `k`, on the run's timeline.
+    fn observed(&self, k: usize) -> Vec<phases::Observed> {
+        let inj = self.injected.lock().unwrap();
+        let c = &self.conns[inj[k].conn];
+        inj[k]
+            .fault
+            .observations
+            .iter()
+            .filter_map(|o| {
+                Some(phases::Observed {
+                    kind: o.kind.clone(),
+                    t_ns: c.map(&self.shared.clock, o.mono_ns)?,
+                    error_ns: o.error_ns,
+                    pid: o.pid,
+                    gpu_bytes: o.gpu_bytes,
+                    detail: o.detail.clone(),
+                })
+            })
+            .collect()
+    }
+
+    fn fault_times(&self, trial: &TrialRecord, f: &FaultRecord) -> Option<phases::FaultTimes> {
+        Some(phases::FaultTimes {
+            verified_ns: f.inject_ns?,
+            end_ns: f.end_ns,
+            window_end: self.rto_window_end(trial.index, f, trial.end_ns),
+            clock_error_ns: self.conns[f.agent].offset_error_ns,
+        })
+    }
+
+    /// Fills in the phases of every fault of the trial.
+    fn record_phases(&self, trial: &TrialRecord) {
+        let infos = self.probe_infos();
+        if infos.is_empty() {
+            return;
+        }
+        let primary = self.phase_probe();
+        let ks: Vec<usize> = {
+            let inj = self.injected.lock().unwrap();
+            (0..inj.len())
+                .filter(|&k| inj[k].trial == trial.index)
+                .collect()
+        };
+        for k in ks {
+            let rec = self.injected.lock().unwrap()[k].rec.clone();
+            let Some(times) = self.fault_times(trial, &rec) else {
+                continue;
+            };
+            let observed = self.observed(k);
+            let (p, per, notes) = {
+                let tl = self.shared.timeline.lock().unwrap();
+                phases::fault_phases(&tl.samples, &infos, primary, &times, &observed)
+            };
+            let mut inj = self.injected.lock().unwrap();
+            let r = &mut inj[k].rec;
+            r.phase_durations = phases::durations(times.verified_ns, &p);
+            r.phases = p;
+            r.probe_phases = per;
+            r.phase_notes = notes;
+            r.phase_probe = infos[primary].name.clone();
+        }
+    }
+
     /// Evaluates every objective for one trial.
-    fn evaluate(&self, trial: &TrialRecord) -> Vec<ObjectiveResult> {
+    async fn evaluate(&self, trial: &TrialRecord) -> Vec<ObjectiveResult> {
+        self.refresh_faults(trial.index).await;
+        self.record_phases(trial);
         self.exp
             .objectives
             .iter()
@@ -313,64 +494,211 @@ impl Runner {
             .collect()
     }
 
+    /// The window availability and latency are measured over: from the first
+    /// fault's verification until the method ended or, when later, until the probe
+    /// recovered (a kill's outage outlasts the fault), or the end of the observation.
+    fn fault_window(&self, p: usize, trial: &TrialRecord) -> Window {
+        let from = trial.first_inject_ns.unwrap_or(trial.start_ns);
+        let method_end = trial.method_end_ns.unwrap_or(trial.end_ns).max(from + 1);
+        let info = &self.probe_infos()[p];
+        let name = &info.name;
+        let tl = self.shared.timeline.lock().unwrap();
+        let w = evaluate::window(&tl.samples, p, from, trial.end_ns.max(from + 1));
+        let r = evaluate::recovery_with(&w, info.consecutive, info.tolerate);
+        let start = if trial.first_inject_ns.is_some() {
+            "first fault verified"
+        } else {
+            "trial start"
+        };
+        let (to, covers) = match (r.detect_ns, r.recovered_ns) {
+            (Some(_), Some(rec)) if rec > method_end => (
+                rec,
+                format!("{start} → {name} recovered (after the method ended)"),
+            ),
+            (Some(_), None) => (
+                trial.end_ns.max(method_end),
+                format!("{start} → end of observation ({name} had not recovered)"),
+            ),
+            _ => (method_end, format!("{start} → method end")),
+        };
+        Window {
+            from_ns: from,
+            to_ns: to,
+            covers,
+        }
+    }
+
     fn evaluate_one(&self, o: &ValidObjective, trial: &TrialRecord) -> ObjectiveResult {
-        let window_from = trial.first_inject_ns.unwrap_or(trial.start_ns);
-        let window_to = trial
-            .method_end_ns
-            .unwrap_or(trial.end_ns)
-            .max(window_from + 1);
         let p = o.probe;
         let interval = self.exp.probes[p].interval;
         let pname = self.exp.probes[p].name.as_str();
         let name = o.name.clone();
-        // The fault an RTO is measured from, looked up before the timeline is locked.
-        let anchor = match &o.kind {
-            ObjectiveKind::Rto(r) => self.anchor_fault(trial.index, r.fault.as_deref()).map(|f| {
+        let fault_of = |step: Option<&str>| {
+            self.anchor_fault(trial.index, step).map(|f| {
                 let end = self.rto_window_end(trial.index, &f, trial.end_ns);
                 (f, end)
-            }),
-            _ => None,
+            })
         };
-        let tl = self.shared.timeline.lock().unwrap();
+        let nothing = |kind: ResultKind, limit: f64| ObjectiveResult {
+            name: name.clone(),
+            kind,
+            probe: pname.to_string(),
+            limit,
+            detail: "no fault was verified in this trial: nothing to measure from".into(),
+            ..Default::default()
+        };
         match &o.kind {
+            ObjectiveKind::Rto(r) if !r.is_plain() => {
+                let Some((f, _)) = fault_of(r.fault.as_deref()) else {
+                    return nothing(ResultKind::Rto, r.limit.as_secs_f64());
+                };
+                self.phase_rto(name, o, r, trial, &f)
+            }
             ObjectiveKind::Rto(r) => {
-                let Some((f, window_end)) = anchor else {
-                    return ObjectiveResult {
-                        name,
-                        kind: ResultKind::Rto,
-                        probe: pname.to_string(),
-                        limit: r.limit.as_secs_f64(),
-                        detail: "no fault was verified in this trial: nothing to measure from"
-                            .into(),
-                        ..Default::default()
-                    };
+                let Some((f, window_end)) = fault_of(r.fault.as_deref()) else {
+                    return nothing(ResultKind::Rto, r.limit.as_secs_f64());
                 };
                 let inject = f.inject_ns.unwrap_or(0);
                 let agent_err = self.conns[f.agent].offset_error_ns;
+                let tl = self.shared.timeline.lock().unwrap();
                 evaluate::rto(evaluate::RtoInput {
                     name,
                     probe_name: pname,
                     samples: evaluate::window(&tl.samples, p, inject, window_end),
                     inject_ns: inject,
                     end_ns: f.end_ns,
-                    anchor_end: r.anchor == Anchor::End,
+                    anchor_end: r.from == Phase::End,
                     consecutive: r.consecutive,
+                    tolerate: Tolerance::of(r.tolerate),
                     limit_ns: r.limit.as_nanos() as u64,
                     error_ns: interval.as_nanos() as u64 + agent_err,
                 })
             }
+            ObjectiveKind::Detect { fault, limit } => {
+                let Some((f, window_end)) = fault_of(fault.as_deref()) else {
+                    return nothing(ResultKind::Detect, limit.as_secs_f64());
+                };
+                let inject = f.inject_ns.unwrap_or(0);
+                let tl = self.shared.timeline.lock().unwrap();
+                let w = evaluate::window(&tl.samples, p, inject, window_end);
+                evaluate::detect(
+                    name,
+                    pname,
+                    &w,
+                    inject,
+                    limit.as_nanos() as u64,
+                    interval.as_nanos() as u64 + self.conns[f.agent].offset_error_ns,
+                )
+            }
             ObjectiveKind::Availability { min } => {
-                let w = evaluate::window(&tl.samples, p, window_from, window_to);
-                evaluate::availability(name, pname, &w, *min)
+                let win = self.fault_window(p, trial);
+                let tl = self.shared.timeline.lock().unwrap();
+                let w = evaluate::window(&tl.samples, p, win.from_ns, win.to_ns);
+                evaluate::availability(name, pname, &w, *min, win)
             }
             ObjectiveKind::Latency { percentile, limit } => {
-                let w = evaluate::window(&tl.samples, p, window_from, window_to);
-                evaluate::latency(name, pname, &w, *percentile, limit.as_nanos() as u64)
+                let win = self.fault_window(p, trial);
+                let tl = self.shared.timeline.lock().unwrap();
+                let w = evaluate::window(&tl.samples, p, win.from_ns, win.to_ns);
+                evaluate::latency(name, pname, &w, *percentile, limit.as_nanos() as u64, win)
             }
             ObjectiveKind::Safety { max_unsafe } => {
+                let tl = self.shared.timeline.lock().unwrap();
                 let w = evaluate::window(&tl.samples, p, trial.start_ns, trial.end_ns);
                 evaluate::safety(name, pname, &w, *max_unsafe)
             }
+            ObjectiveKind::HealthTruth(h) => {
+                let truth = &self.exp.probes[h.truth];
+                let tl = self.shared.timeline.lock().unwrap();
+                let (lying, alarm, periods) =
+                    phases::health_truth(&tl.samples, p, h.truth, trial.start_ns, trial.end_ns);
+                evaluate::health_truth(evaluate::HealthTruthInput {
+                    name,
+                    health: pname,
+                    truth: &truth.name,
+                    lying_ns: lying,
+                    false_alarm_ns: alarm,
+                    lying_periods: periods,
+                    error_ns: (interval + truth.interval).as_nanos() as u64,
+                    max_lying: h.max_lying,
+                    max_false_alarm: h.max_false_alarm,
+                    window: Window {
+                        from_ns: trial.start_ns,
+                        to_ns: trial.end_ns,
+                        covers: "the whole trial".into(),
+                    },
+                })
+            }
         }
+    }
+
+    /// An RTO between two phases, read through the objective's probe.
+    fn phase_rto(
+        &self,
+        name: String,
+        o: &ValidObjective,
+        r: &RtoCheck,
+        trial: &TrialRecord,
+        f: &FaultRecord,
+    ) -> ObjectiveResult {
+        let pname = self.exp.probes[o.probe].name.clone();
+        let mut res = ObjectiveResult {
+            name,
+            kind: ResultKind::Rto,
+            probe: pname,
+            limit: r.limit.as_secs_f64(),
+            ..Default::default()
+        };
+        let Some(times) = self.fault_times(trial, f) else {
+            res.detail = "the fault was not verified: nothing to measure from".into();
+            return res;
+        };
+        let k = {
+            let inj = self.injected.lock().unwrap();
+            inj.iter()
+                .position(|i| i.trial == trial.index && i.rec.id == f.id && i.conn == f.agent)
+        };
+        let observed = k.map(|k| self.observed(k)).unwrap_or_default();
+        let infos = self.probe_infos();
+        let (p, _, notes) = {
+            let tl = self.shared.timeline.lock().unwrap();
+            phases::fault_phases(&tl.samples, &infos, o.probe, &times, &observed)
+        };
+        let span = format!("{} → {}", r.from.as_str(), r.to.as_str());
+        let from = phases::phase_mark(r.from, &times, &p, &notes);
+        let to = phases::phase_mark(r.to, &times, &p, &notes);
+        match (from, to) {
+            (Err(e), _) => {
+                res.detail = format!("{span}: `{}` was not observed: {e}", r.from.as_str());
+            }
+            (_, Err(e)) => {
+                res.detail = format!("{span}: `{}` was not observed: {e}", r.to.as_str());
+            }
+            (Ok(a), Ok(b)) => {
+                let v = (b.t_ns as f64 - a.t_ns as f64) / 1e9;
+                res.value = Some(v);
+                res.error_bar = Some((a.error_ns + b.error_ns) as f64 / 1e9);
+                res.anchor_ns = Some(a.t_ns);
+                res.recovered_ns = Some(b.t_ns);
+                res.passed = v >= 0.0 && v <= r.limit.as_secs_f64();
+                res.detail = if v < 0.0 {
+                    format!(
+                        "{span}: `{}` came {:.3}s before `{}`",
+                        r.to.as_str(),
+                        -v,
+                        r.from.as_str()
+                    )
+                } else if res.passed {
+                    format!("{span} took {v:.3}s")
+                } else {
+                    format!(
+                        "{span} took {v:.3}s, over the limit of {}: the `{}` phase overran",
+                        HumanDuration(r.limit),
+                        r.to.as_str()
+                    )
+                };
+            }
+        }
+        res
     }
 }

@@ -85,4 +85,12 @@ pub(super) fn check(e: &Experiment, cx: &mut Cx) {
     if !(1..=1000).contains(&e.trials) {
         cx.error(&root.key("trials"), "must be between 1 and 1000");
     }
+    if let Some(o) = e.observe
+        && o.0 > std::time::Duration::from_secs(24 * 3600)
+    {
+        cx.error(
+            &root.key("observe"),
+            format!("{o} is longer than a day: observe for at most 24h"),
+        );
+    }
 }

@@ -78,6 +78,7 @@ pub const SECTIONS: &[&str] = &[
     "objectives",
     "stop_conditions",
     "trials",
+    "observe",
 ];
 
 /// Loads and validates an experiment file.
@@ -282,6 +283,7 @@ impl<'a> Cx<'a> {
             objectives: self.list("objectives"),
             stop_conditions: self.list("stop_conditions"),
             trials: self.section("trials").unwrap_or(1),
+            observe: self.section("observe"),
         };
         if experiment.metadata.name.is_empty() {
             experiment.metadata.name = default_name.to_string();
@@ -476,6 +478,7 @@ fn check(e: &Experiment, agents: &[AgentRef], cx: &mut Cx) -> ValidExperiment {
         objectives,
         stop_conditions,
         trials: e.trials,
+        observe: e.observe.map(|d| d.0),
     }
 }
 

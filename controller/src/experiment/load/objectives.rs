@@ -4,40 +4,90 @@ use std::collections::BTreeSet;
 
 use super::probes::{ProbeNames, probe_kind};
 use super::{Cx, FieldPath};
+use crate::experiment::valid::HealthTruthCheck;
 use crate::experiment::{
-    Experiment, Objective, ObjectiveKind, ProbeKind, RtoCheck, ValidObjective,
+    Anchor, Experiment, Objective, ObjectiveKind, Phase, ProbeKind, ProbeRole, RtoCheck,
+    ValidObjective,
 };
 
-/// The one kind an objective sets, with the name of its probe.
-fn objective_kind(o: &Objective) -> Option<(&str, ObjectiveKind)> {
-    Some(match (&o.rto, &o.availability, &o.latency, &o.safety) {
-        (Some(r), None, None, None) => (
+/// The one kind an objective sets, with the name of its probe (and, for
+/// health_truth, of the truth probe, resolved by the caller).
+fn objective_kind(o: &Objective) -> Option<(&str, ObjectiveKind, Option<&str>)> {
+    let set = [
+        o.rto.is_some(),
+        o.availability.is_some(),
+        o.latency.is_some(),
+        o.safety.is_some(),
+        o.detect.is_some(),
+        o.health_truth.is_some(),
+    ];
+    if set.iter().filter(|s| **s).count() != 1 {
+        return None;
+    }
+    if let Some(r) = &o.rto {
+        let from = r.from.unwrap_or(match r.anchor.unwrap_or_default() {
+            Anchor::Inject => Phase::Inject,
+            Anchor::End => Phase::End,
+        });
+        return Some((
             r.probe.as_str(),
             ObjectiveKind::Rto(RtoCheck {
-                anchor: r.anchor,
+                from,
+                to: r.to.unwrap_or(Phase::Recovered),
                 fault: r.fault.clone(),
                 consecutive: r.consecutive(),
+                tolerate: r.tolerate.map(|t| (t.failures, t.within.0)),
                 limit: r.limit.0,
             }),
-        ),
-        (None, Some(a), None, None) => {
-            (a.probe.as_str(), ObjectiveKind::Availability { min: a.min })
-        }
-        (None, None, Some(l), None) => (
+            None,
+        ));
+    }
+    if let Some(a) = &o.availability {
+        return Some((
+            a.probe.as_str(),
+            ObjectiveKind::Availability { min: a.min },
+            None,
+        ));
+    }
+    if let Some(l) = &o.latency {
+        return Some((
             l.probe.as_str(),
             ObjectiveKind::Latency {
                 percentile: l.percentile,
                 limit: l.limit.0,
             },
-        ),
-        (None, None, None, Some(s)) => (
+            None,
+        ));
+    }
+    if let Some(s) = &o.safety {
+        return Some((
             s.probe.as_str(),
             ObjectiveKind::Safety {
                 max_unsafe: s.max_unsafe,
             },
-        ),
-        _ => return None,
-    })
+            None,
+        ));
+    }
+    if let Some(d) = &o.detect {
+        return Some((
+            d.probe.as_str(),
+            ObjectiveKind::Detect {
+                fault: d.fault.clone(),
+                limit: d.limit.0,
+            },
+            None,
+        ));
+    }
+    let h = o.health_truth.as_ref()?;
+    Some((
+        h.health.as_str(),
+        ObjectiveKind::HealthTruth(HealthTruthCheck {
+            truth: usize::MAX,
+            max_lying: h.max_lying.0,
+            max_false_alarm: h.max_false_alarm.map(|d| d.0),
+        }),
+        Some(h.truth.as_str()),
+    ))
 }
 
 pub(super) fn check(
@@ -50,17 +100,19 @@ pub(super) fn check(
     let mut valid = Vec::new();
     for (i, o) in e.objectives.iter().enumerate() {
         let at = cx.at("objectives", i);
-        let Some((probe, kind)) = objective_kind(o) else {
+        let Some((probe, mut kind, truth)) = objective_kind(o) else {
             cx.error(
                 &at,
-                "give exactly one of rto, availability, latency or safety per objective",
+                "give exactly one of rto, detect, availability, latency, safety or health_truth per objective",
             );
             continue;
         };
-        let name = o
-            .name
-            .clone()
-            .unwrap_or_else(|| format!("{} {probe}", kind.name()));
+        let name = o.name.clone().unwrap_or_else(|| match &kind {
+            ObjectiveKind::Rto(r) if !r.is_plain() => {
+                format!("rto {probe} {} → {}", r.from.as_str(), r.to.as_str())
+            }
+            _ => format!("{} {probe}", kind.name()),
+        });
         if !objective_names.insert(name.clone()) {
             cx.error(
                 &at,
@@ -68,12 +120,38 @@ pub(super) fn check(
             );
         }
         let kp = at.key(kind.name());
-        let index = names.resolve(cx, kp.key("probe"), probe);
+        let probe_key = if truth.is_some() { "health" } else { "probe" };
+        let index = names.resolve(cx, kp.key(probe_key), probe);
+        let mut resolved = true;
+        if let (Some(t), ObjectiveKind::HealthTruth(h)) = (truth, &mut kind) {
+            match names.resolve(cx, kp.key("truth"), t) {
+                Some(i) => h.truth = i,
+                None => resolved = false,
+            }
+            if t == probe {
+                cx.error(
+                    &kp.key("truth"),
+                    "health and truth name the same probe: the truth is a real generation (an openai probe), the health a health endpoint",
+                );
+            }
+        }
+        if let Some(r) = &o.rto
+            && r.anchor.is_some()
+            && r.from.is_some()
+        {
+            cx.error(
+                &kp.key("from"),
+                "give `from` or `anchor`, not both (`anchor: end` is `from: end`)",
+            );
+        }
         check_kind(cx, &kp, &kind, names, step_names);
+        check_phase_roles(cx, &kp, &kind, e);
         if let ObjectiveKind::Safety { .. } = kind {
             check_safety_probe(cx, &kp, e, probe);
         }
-        if let Some(probe) = index {
+        if let Some(probe) = index
+            && resolved
+        {
             valid.push(ValidObjective { name, probe, kind });
         }
     }
@@ -95,13 +173,54 @@ fn check_kind(
             if r.consecutive == 0 {
                 cx.error(&kp.key("consecutive"), "must be at least 1");
             }
-            if let Some(f) = &r.fault
-                && !step_names.contains(f)
-                && !names.is_broken(f)
-            {
+            check_fault_name(cx, kp, &r.fault, names, step_names);
+            if r.from == Phase::Recovered {
                 cx.error(
-                    &kp.key("fault"),
-                    format!("no fault step is named {f:?}: name the step with `name:`"),
+                    &kp.key("from"),
+                    "an RTO cannot start at `recovered`: from one of inject, end, detected, masked, replaced, gpu_ready, ready, first_good",
+                );
+            }
+            if matches!(r.to, Phase::Inject | Phase::End) {
+                cx.error(
+                    &kp.key("to"),
+                    format!(
+                        "an RTO cannot end at `{}`: to one of detected, masked, replaced, gpu_ready, ready, first_good, recovered",
+                        r.to.as_str()
+                    ),
+                );
+            }
+            if r.from == r.to {
+                cx.error(
+                    &kp.key("to"),
+                    format!(
+                        "from and to are both `{}`: nothing to measure",
+                        r.to.as_str()
+                    ),
+                );
+            }
+            if let Some((failures, within)) = r.tolerate {
+                if failures == 0 {
+                    cx.error(
+                        &kp.key("tolerate").key("failures"),
+                        "must be at least 1 (without a tolerance, every failure counts)",
+                    );
+                }
+                if within.is_zero() {
+                    cx.error(&kp.key("tolerate").key("within"), "must be above zero");
+                }
+            }
+        }
+        ObjectiveKind::Detect { fault, limit } => {
+            if limit.is_zero() {
+                cx.error(&kp.key("limit"), "must be above zero");
+            }
+            check_fault_name(cx, kp, fault, names, step_names);
+        }
+        ObjectiveKind::HealthTruth(h) => {
+            if h.max_false_alarm.is_some_and(|d| d.is_zero()) {
+                cx.error(
+                    &kp.key("max_false_alarm"),
+                    "0s can never hold: two probes sampled apart disagree for up to an interval at every change; leave at least one interval",
                 );
             }
         }
@@ -125,6 +244,54 @@ fn check_kind(
             }
         }
         ObjectiveKind::Safety { .. } => {}
+    }
+}
+
+fn check_fault_name(
+    cx: &mut Cx,
+    kp: &FieldPath,
+    fault: &Option<String>,
+    names: &ProbeNames,
+    step_names: &BTreeSet<String>,
+) {
+    if let Some(f) = fault
+        && !step_names.contains(f)
+        && !names.is_broken(f)
+    {
+        cx.error(
+            &kp.key("fault"),
+            format!("no fault step is named {f:?}: name the step with `name:`"),
+        );
+    }
+}
+
+/// `ready` and `first_good` are read from probes with a role: one must exist.
+fn check_phase_roles(cx: &mut Cx, kp: &FieldPath, kind: &ObjectiveKind, e: &Experiment) {
+    let ObjectiveKind::Rto(r) = kind else {
+        return;
+    };
+    for (key, phase) in [("from", r.from), ("to", r.to)] {
+        let (role, example) = match phase {
+            Phase::Ready => (ProbeRole::Readiness, "an http probe of /health"),
+            Phase::FirstGood => (ProbeRole::Generation, "an openai probe"),
+            _ => continue,
+        };
+        let has = e.probes.iter().any(|p| {
+            p.role.or(match probe_kind(p) {
+                Ok(ProbeKind::OpenAi(_)) => Some(ProbeRole::Generation),
+                _ => None,
+            }) == Some(role)
+        });
+        if !has {
+            cx.error(
+                &kp.key(key),
+                format!(
+                    "`{}` is read from a probe with `role: {}` and there is none: give one ({example}) that role",
+                    phase.as_str(),
+                    role.as_str()
+                ),
+            );
+        }
     }
 }
 

@@ -4,7 +4,9 @@
 use std::collections::{BTreeSet, HashMap};
 
 use super::{Cx, FieldPath, check_prom, check_regex, check_url, suggest, valid_name};
-use crate::experiment::{Experiment, HttpProbe, PROBE_KINDS, Probe, ProbeKind, ValidProbe};
+use crate::experiment::{
+    Experiment, HttpProbe, PROBE_KINDS, Probe, ProbeKind, ProbeRole, ValidProbe,
+};
 
 /// The kind a probe sets, when it sets exactly one; otherwise the names of the kinds
 /// it sets (none, or several), in the order of [`PROBE_KINDS`].
@@ -129,10 +131,15 @@ pub(super) fn check(e: &Experiment, cx: &mut Cx) -> (Vec<ValidProbe>, ProbeNames
         }
         check_other_kinds(cx, &at, p);
         if let Ok(kind) = kind {
+            let role = p.role.or(match kind {
+                ProbeKind::OpenAi(_) => Some(ProbeRole::Generation),
+                _ => None,
+            });
             valid.push(ValidProbe {
                 name: p.name.clone(),
                 interval: p.interval(),
                 timeout: p.timeout(),
+                role,
                 kind,
             });
         }

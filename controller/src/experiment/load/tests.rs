@@ -246,3 +246,68 @@ fn references_are_resolved_once_into_indexes_and_kinds() {
     .unwrap();
     assert_eq!(later.experiment.objectives[1].probe, 1);
 }
+
+#[test]
+fn phase_objectives_detect_health_truth_and_tolerance_load_and_are_checked() {
+    let with = |objectives: &str| {
+        GOOD.replace(
+            "objectives:\n  - rto: {probe: health, limit: 5s, fault: pause}\n  - availability: {probe: health, min: 0.5}\n",
+            &format!("objectives:\n{objectives}"),
+        )
+        .replace("  - name: port\n", "  - name: port\n    role: readiness\n")
+    };
+    let good = with(
+        "  - rto: {probe: health, fault: pause, from: replaced, to: ready, limit: 5m}\n  - detect: {probe: health, limit: 10s}\n  - health_truth: {health: port, truth: health, max_lying: 2s}\n  - rto: {probe: health, limit: 30s, tolerate: {failures: 1, within: 10s}}\n",
+    );
+    let l = load(&good).unwrap();
+    let o = &l.experiment.objectives;
+    let ObjectiveKind::Rto(r) = &o[0].kind else {
+        panic!("{o:?}")
+    };
+    assert_eq!((r.from, r.to), (Phase::Replaced, Phase::Ready));
+    assert!(!r.is_plain());
+    assert!(matches!(o[1].kind, ObjectiveKind::Detect { .. }));
+    let ObjectiveKind::HealthTruth(h) = &o[2].kind else {
+        panic!("{o:?}")
+    };
+    assert_eq!((o[2].probe, h.truth), (1, 0));
+    let ObjectiveKind::Rto(r) = &o[3].kind else {
+        panic!("{o:?}")
+    };
+    assert_eq!(r.tolerate, Some((1, std::time::Duration::from_secs(10))));
+    assert_eq!(l.experiment.probes[1].role, Some(ProbeRole::Readiness));
+
+    // Every mistake at once, each at its field.
+    let bad = with(
+        "  - rto: {probe: health, from: recovered, to: end, limit: 5s}\n  - rto: {probe: health, anchor: end, from: inject, to: first_good, limit: 5s}\n  - rto: {probe: health, limit: 5s, tolerate: {failures: 0, within: 0s}}\n  - detect: {probe: health, fault: nope, limit: 0s}\n  - health_truth: {health: port, truth: port, max_lying: 1s, max_false_alarm: 0s}\n",
+    );
+    let e = errors(&bad);
+    let paths: Vec<&str> = e.iter().map(|e| e.path.as_str()).collect();
+    for want in [
+        "objectives[0].rto.from",
+        "objectives[0].rto.to",
+        "objectives[1].rto.from",
+        "objectives[2].rto.tolerate.failures",
+        "objectives[2].rto.tolerate.within",
+        "objectives[3].detect.limit",
+        "objectives[3].detect.fault",
+        "objectives[4].health_truth.truth",
+        "objectives[4].health_truth.max_false_alarm",
+    ] {
+        assert!(paths.contains(&want), "{want} missing in {e:#?}");
+    }
+    let first_good = e
+        .iter()
+        .find(|e| e.path == "objectives[1].rto.to")
+        .expect("first_good needs a generation probe");
+    assert!(
+        first_good.message.contains("role: generation"),
+        "{}",
+        first_good.message
+    );
+    let both = e
+        .iter()
+        .find(|e| e.path == "objectives[1].rto.from")
+        .unwrap();
+    assert!(both.message.contains("not both"), "{}", both.message);
+}

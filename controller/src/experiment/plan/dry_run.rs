@@ -6,7 +6,7 @@ use gpuchaos_proto::spec::HumanDuration as H;
 use super::{describe, expected_duration, plan_method};
 use crate::exit::CliError;
 use crate::experiment::load::Loaded;
-use crate::experiment::{Anchor, ObjectiveKind, ValidObjective};
+use crate::experiment::{ObjectiveKind, Phase, ValidObjective, ValidProbe};
 use crate::fleet::Fleet;
 
 /// Prints the plan of a run and touches nothing (`--dry-run`).
@@ -69,7 +69,7 @@ pub fn dry_run(loaded: &Loaded, fleet: &Fleet, run_seed: u64) -> Result<Vec<Stri
     out.push("objectives:".into());
     for o in &e.objectives {
         let probe = &e.probes[o.probe].name;
-        out.push(format!("  {}: {}", o.name, limit_text(o, probe)));
+        out.push(format!("  {}: {}", o.name, limit_text(o, probe, &e.probes)));
     }
     for s in &e.stop_conditions {
         out.push(format!("stop if: {}", s.name));
@@ -78,19 +78,41 @@ pub fn dry_run(loaded: &Loaded, fleet: &Fleet, run_seed: u64) -> Result<Vec<Stri
 }
 
 /// An objective's limit in full: `health recovers within 30s of the injection…`.
-pub fn limit_text(o: &ValidObjective, probe: &str) -> String {
+pub fn limit_text(o: &ValidObjective, probe: &str, probes: &[ValidProbe]) -> String {
     match &o.kind {
-        ObjectiveKind::Rto(r) => format!(
-            "{probe} recovers within {} of the {} ({} passing in a row)",
-            H(r.limit),
-            match r.anchor {
-                Anchor::Inject => "injection",
-                Anchor::End => "fault's end",
-            },
-            r.consecutive
-        ),
+        ObjectiveKind::Rto(r) => {
+            let tolerance = r
+                .tolerate
+                .map(|(n, w)| {
+                    format!(
+                        ", tolerating {n} isolated failure{} within {}",
+                        if n == 1 { "" } else { "s" },
+                        H(w)
+                    )
+                })
+                .unwrap_or_default();
+            if r.is_plain() {
+                format!(
+                    "{probe} recovers within {} of the {} ({} passing in a row{tolerance})",
+                    H(r.limit),
+                    if r.from == Phase::End {
+                        "fault's end"
+                    } else {
+                        "injection"
+                    },
+                    r.consecutive
+                )
+            } else {
+                format!(
+                    "{} → {} within {} (phases of {probe}{tolerance})",
+                    r.from.as_str(),
+                    r.to.as_str(),
+                    H(r.limit)
+                )
+            }
+        }
         ObjectiveKind::Availability { min } => format!(
-            "{probe} passes ≥ {:.2}% of samples in the fault window",
+            "{probe} passes ≥ {:.2}% of samples from the first fault until it recovered",
             min * 100.0
         ),
         ObjectiveKind::Latency { percentile, limit } => {
@@ -99,6 +121,17 @@ pub fn limit_text(o: &ValidObjective, probe: &str) -> String {
         ObjectiveKind::Safety { max_unsafe } => {
             format!("{probe} lets through ≤ {max_unsafe} unsafe outputs")
         }
+        ObjectiveKind::Detect { limit, .. } => {
+            format!("{probe} fails within {} of the injection", H(*limit))
+        }
+        ObjectiveKind::HealthTruth(h) => format!(
+            "{probe} passes while {} fails for at most {} per trial{}",
+            probes[h.truth].name,
+            H(h.max_lying),
+            h.max_false_alarm
+                .map(|d| format!(", fails while it passes for at most {}", H(d)))
+                .unwrap_or_default()
+        ),
     }
 }
 
@@ -111,5 +144,7 @@ pub fn short_limit(kind: &ObjectiveKind) -> (String, &'static str) {
             (format!("p{percentile} ≤ {}", H(*limit)), "s")
         }
         ObjectiveKind::Safety { max_unsafe } => (format!("≤ {max_unsafe} unsafe"), "count"),
+        ObjectiveKind::Detect { limit, .. } => (format!("≤ {}", H(*limit)), "s"),
+        ObjectiveKind::HealthTruth(h) => (format!("lying ≤ {}", H(h.max_lying)), "s"),
     }
 }
