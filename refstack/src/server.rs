@@ -210,7 +210,11 @@ async fn supervise(s: Arc<State>, i: u32) {
             }
             status = child.wait() => {
                 // It exited before it was ready: no GPU memory, no GPU.
-                eprintln!("supervisor: worker {i} failed to start ({status:?}); retrying in {backoff:?}");
+                eprintln!(
+                    "supervisor: {} worker {i} (pid {}) failed to start ({status:?}); retrying in {backoff:?}",
+                    now(),
+                    pid.unwrap_or(0)
+                );
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }

@@ -504,11 +504,12 @@ fn the_agent_observes_the_replacement_and_its_gpu_memory() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let mut c = agent.client().await;
-        let f = inject(
-            &mut c,
-            "kind: process\nduration: 1s\ntarget: {cmdline: 'gpuchaos-refstack worker --id 0 '}\naction: kill\nwatch: {settle: 500ms, timeout: 30s}\n",
-            "",
-        )
+        // This stack's worker only (tests run in parallel, each with its stack).
+        let spec = format!(
+            "kind: process\nduration: 1s\ntarget: {{cmdline: 'gpuchaos-refstack worker --id 0 --parent {} '}}\naction: kill\nwatch: {{settle: 500ms, timeout: 30s}}\n",
+            s.server.child.id()
+        );
+        let f = inject(&mut c, &spec, "")
         .await
         .expect("inject");
         let mut obs = Vec::new();

@@ -833,6 +833,51 @@ pub mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_replacement_that_dies_again_ends_the_watch_without_gpu_ready() {
+        let p = workers();
+        let gpus = Arc::new(FakeGpus::new(1));
+        let sel = Arc::new(Selector::new(
+            p.clone(),
+            gpus.clone(),
+            Arc::new(Policy::new(PolicyFile::default()).unwrap()),
+        ));
+        let d = crate::faults::typed(Arc::new(ProcessDriver::new(sel)));
+        let s = spec(
+            "kind: process\nduration: 1s\ntarget: {cmdline: 'rank 0$'}\naction: kill\nwatch: {settle: 1s, timeout: 1m}\n",
+        );
+        let plan = d.plan(&s).unwrap();
+        let t0 = Instant::now();
+        let a = d
+            .clone()
+            .apply(ApplyCtx {
+                id: "f".into(),
+                spec: s,
+                plan: plan.revert,
+                cancel: Default::default(),
+            })
+            .await
+            .unwrap();
+        let (p2, g2) = (p.clone(), gpus.clone());
+        tokio::spawn(async move {
+            sleep_until(t0 + Duration::from_millis(200)).await;
+            p2.add(300, "vllm-worker", "python -m vllm.worker --rank 0");
+            sleep_until(t0 + Duration::from_millis(300)).await;
+            g2.set(0, 300, GIB);
+            // Dies (out of memory, say) before its memory settled.
+            sleep_until(t0 + Duration::from_millis(600)).await;
+            p2.table.lock().unwrap().remove(&300);
+        });
+        let obs = observations(a.observations).await;
+        let kinds: Vec<(&str, u32)> = obs.iter().map(|o| (o.kind.as_str(), o.pid)).collect();
+        assert_eq!(kinds, [("replaced", 300)]);
+        let ended = t0.elapsed();
+        assert!(
+            ended < Duration::from_millis(800),
+            "the watch ends when the replacement dies, not at its timeout: {ended:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn crash_loop_watches_only_after_its_end() {
         let p = workers();
         let d = driver(p.clone());
