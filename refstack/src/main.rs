@@ -75,6 +75,14 @@ enum Cmd {
         /// replacement (a slow supervisor, a pod being rescheduled).
         #[arg(long, default_value = "0s", value_parser = duration)]
         restart_delay: Duration,
+        /// How long the server waits for a worker's answer before it fails the
+        /// request with 502.
+        #[arg(long, default_value = "30s", value_parser = duration)]
+        worker_timeout: Duration,
+        /// After a worker failed or timed out, leave it out of the rotation this long
+        /// (outlier ejection, as load balancers do; 0s: never).
+        #[arg(long, default_value = "0s", value_parser = duration)]
+        eject_for: Duration,
         /// libcuda (the real one, or the project's fake driver).
         #[arg(long, env = "GPUCHAOS_CUDA_LIB")]
         cuda_lib: Option<PathBuf>,
@@ -88,6 +96,9 @@ enum Cmd {
     Worker {
         #[arg(long)]
         id: u32,
+        /// The server it works for (names it on the command line, for selectors).
+        #[arg(long)]
+        server: Option<String>,
         /// The server's pid: the worker dies with it.
         #[arg(long)]
         parent: Option<i32>,
@@ -146,6 +157,7 @@ fn main() -> ExitCode {
             },
             Cmd::Worker {
                 id,
+                server: _,
                 parent,
                 listen,
                 cuda_lib,
@@ -177,6 +189,8 @@ fn main() -> ExitCode {
                 kv_cache,
                 weights,
                 restart_delay,
+                worker_timeout,
+                eject_for,
                 cuda_lib,
                 gpu,
                 model,
@@ -193,6 +207,8 @@ fn main() -> ExitCode {
                             kv_bytes: kv_cache,
                             weights_bytes: weights,
                             restart_delay,
+                            worker_timeout,
+                            eject_for,
                             cuda_lib,
                             gpu,
                             model,

@@ -39,6 +39,10 @@ pub struct ServerArgs {
     pub kv_bytes: u64,
     pub weights_bytes: u64,
     pub restart_delay: Duration,
+    /// A worker's answer is waited for this long.
+    pub worker_timeout: Duration,
+    /// A worker that failed or timed out is left out of the rotation this long.
+    pub eject_for: Duration,
     pub cuda_lib: Option<std::path::PathBuf>,
     pub gpu: i32,
     pub model: String,
@@ -57,10 +61,15 @@ struct Slot {
     port: u16,
     pid: Option<u32>,
     ready: bool,
+    /// Left out of the rotation until then (it failed or timed out).
+    ejected_until: Option<tokio::time::Instant>,
 }
 
 struct State {
     args: ServerArgs,
+    /// Where this server listens: each worker's command line names it (`--server`),
+    /// so that a fault can select the workers of one server among several.
+    addr: String,
     slots: Mutex<Vec<Slot>>,
     next: AtomicU64,
     c: Counters,
@@ -72,10 +81,16 @@ pub async fn run(args: ServerArgs, listener: TcpListener) {
             port: 0,
             pid: None,
             ready: false,
+            ejected_until: None,
         })
         .collect();
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let state = Arc::new(State {
         args,
+        addr,
         slots: Mutex::new(slots),
         next: AtomicU64::new(0),
         c: Counters::default(),
@@ -123,7 +138,7 @@ async fn supervise(s: Arc<State>, i: u32) {
         }
         first = false;
         let mut cmd = tokio::process::Command::new(&exe);
-        cmd.args(["worker", "--id", &i.to_string()])
+        cmd.args(["worker", "--id", &i.to_string(), "--server", &s.addr])
             .args(["--parent", &std::process::id().to_string()])
             // A port of its own, told on stdout once it serves: no collisions.
             .args(["--listen", "127.0.0.1:0"])
@@ -196,6 +211,7 @@ async fn supervise(s: Arc<State>, i: u32) {
                     let mut slots = s.slots.lock().await;
                     slots[i as usize].port = port;
                     slots[i as usize].ready = true;
+                    slots[i as usize].ejected_until = None;
                 }
                 backoff = Duration::from_millis(200);
                 eprintln!(
@@ -241,6 +257,40 @@ async fn live_workers(s: &State) -> Vec<u16> {
         .filter(|w| w.ready)
         .map(|w| w.port)
         .collect()
+}
+
+/// The ready workers a request may go to: those not ejected, or every ready one
+/// when all are ejected (a load balancer routes somewhere rather than nowhere).
+async fn routable_workers(s: &State) -> Vec<u16> {
+    let now = tokio::time::Instant::now();
+    let slots = s.slots.lock().await;
+    let ready: Vec<&Slot> = slots.iter().filter(|w| w.ready).collect();
+    let in_rotation: Vec<u16> = ready
+        .iter()
+        .filter(|w| w.ejected_until.is_none_or(|t| t <= now))
+        .map(|w| w.port)
+        .collect();
+    if in_rotation.is_empty() {
+        ready.iter().map(|w| w.port).collect()
+    } else {
+        in_rotation
+    }
+}
+
+/// Leaves the worker on `port` out of the rotation for `--eject-for`.
+async fn eject(s: &State, port: u16) {
+    if s.args.eject_for.is_zero() {
+        return;
+    }
+    let until = tokio::time::Instant::now() + s.args.eject_for;
+    if let Some(w) = s.slots.lock().await.iter_mut().find(|w| w.port == port) {
+        w.ejected_until = Some(until);
+        eprintln!(
+            "server: {} worker on port {port} failed: out of the rotation for {}",
+            humantime::format_rfc3339_millis(std::time::SystemTime::now()),
+            humantime::format_duration(s.args.eject_for)
+        );
+    }
 }
 
 fn prompt_of(v: &serde_json::Value) -> String {
@@ -393,7 +443,7 @@ async fn handle(s: Arc<State>, req: Req) -> hyper::Response<http::Body> {
                     stream,
                 );
             }
-            let live = live_workers(&s).await;
+            let live = routable_workers(&s).await;
             if live.is_empty() {
                 s.c.no_worker.fetch_add(1, Ordering::Relaxed);
                 return http::json(
@@ -409,7 +459,7 @@ async fn handle(s: Arc<State>, req: Req) -> hyper::Response<http::Body> {
                 hyper::Method::POST,
                 "/generate",
                 Some(body),
-                Duration::from_secs(30),
+                s.args.worker_timeout,
             )
             .await
             {
@@ -417,14 +467,20 @@ async fn handle(s: Arc<State>, req: Req) -> hyper::Response<http::Body> {
                     let w: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
                     completion(&s, chat, w["text"].as_str().unwrap_or(""), "stop", stream)
                 }
-                Ok((st, _)) => http::json(
-                    StatusCode::BAD_GATEWAY,
-                    &serde_json::json!({"error": {"message": format!("worker answered {st}")}}),
-                ),
-                Err(e) => http::json(
-                    StatusCode::BAD_GATEWAY,
-                    &serde_json::json!({"error": {"message": format!("worker failed: {e}")}}),
-                ),
+                Ok((st, _)) => {
+                    eject(&s, port).await;
+                    http::json(
+                        StatusCode::BAD_GATEWAY,
+                        &serde_json::json!({"error": {"message": format!("worker answered {st}")}}),
+                    )
+                }
+                Err(e) => {
+                    eject(&s, port).await;
+                    http::json(
+                        StatusCode::BAD_GATEWAY,
+                        &serde_json::json!({"error": {"message": format!("worker failed: {e}")}}),
+                    )
+                }
             }
         }
         _ => http::json(

@@ -506,8 +506,8 @@ fn the_agent_observes_the_replacement_and_its_gpu_memory() {
         let mut c = agent.client().await;
         // This stack's worker only (tests run in parallel, each with its stack).
         let spec = format!(
-            "kind: process\nduration: 1s\ntarget: {{cmdline: 'gpuchaos-refstack worker --id 0 --parent {} '}}\naction: kill\nwatch: {{settle: 500ms, timeout: 30s}}\n",
-            s.server.child.id()
+            "kind: process\nduration: 1s\ntarget: {{cmdline: 'gpuchaos-refstack worker --id 0 --server {} '}}\naction: kill\nwatch: {{settle: 500ms, timeout: 30s}}\n",
+            s.server.addr
         );
         let f = inject(&mut c, &spec, "")
         .await

@@ -303,7 +303,7 @@ probes:
 steady_state: {{probes: [chat, health, canary], duration: 2s, timeout: 60s}}
 method:
   - name: worker-crash
-    fault: {{kind: process, duration: 3s, action: kill, target: {{cmdline: "gpuchaos-refstack worker --id 0"}}}}
+    fault: {{kind: process, duration: 3s, action: kill, target: {{cmdline: "gpuchaos-refstack worker --id 0 --server {server} "}}}}
   - wait: 2s
   - name: gpu-pressure
     fault: {{kind: gpu_memory, duration: 4s, target: {{gpus: [0]}}, fill: {{percent: 90}}}}
