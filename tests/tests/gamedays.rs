@@ -170,6 +170,14 @@ fn each_game_day_passes_a_good_stack_and_fails_a_bad_one() {
             vec!["--workers", "1", "--no-restart", "--health-lies"],
             "generations recover within 10s",
         ),
+        // The same stack with a lying /health: it recovers in time, but /health said
+        // ok through the whole outage.
+        (
+            "experiments/refstack/worker-crash.yaml",
+            vec!["--workers", "1"],
+            vec!["--workers", "1", "--health-lies"],
+            "/health does not lie",
+        ),
         (
             "experiments/refstack/gpu-pressure.yaml",
             vec!["--workers", "2", "--cold-start", "5s"],
@@ -204,13 +212,23 @@ fn each_game_day_passes_a_good_stack_and_fails_a_bad_one() {
     for (file, good, bad, objective) in cases {
         let file = repo.join(file).display().to_string();
         let stack = Stack::start(ns.as_ref(), &good);
-        let (code, verdicts, secs, _) = run(ns.as_ref(), &file);
+        let (code, verdicts, secs, journal) = run(ns.as_ref(), &file);
         drop(stack);
         eprintln!("{file} against {good:?}: exit {code} in {secs:.1}s {verdicts:?}");
         assert_eq!(
             code, 0,
             "{file} must pass a well-configured stack: {verdicts:?}"
         );
+        if file.ends_with("worker-crash.yaml") {
+            print_and_check_phases(&journal);
+            let honest = journal["trials"][0]["objectives"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|o| o["name"] == "/health does not lie")
+                .unwrap();
+            eprintln!("honest /health: {}", honest["detail"]);
+        }
 
         let stack = Stack::start(ns.as_ref(), &bad);
         let (code, verdicts, secs, journal) = run(ns.as_ref(), &file);
@@ -241,6 +259,26 @@ fn each_game_day_passes_a_good_stack_and_fails_a_bad_one() {
                 "the pressure must be verified within the replacement's cold start: crash at {crash} ns, pressure at {pressure} ns"
             );
         }
+        if bad.contains(&"--health-lies") && !bad.contains(&"--no-restart") {
+            let o = journal["trials"][0]["objectives"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|o| o["name"] == "/health does not lie")
+                .unwrap();
+            let lying = o["value"].as_f64().unwrap();
+            eprintln!("lying /health: {}", o["detail"]);
+            // /health lied through the whole outage: from chat's first failure to its
+            // recovery, less the one interval the sampling cannot see.
+            let fault = &journal["trials"][0]["faults"][0];
+            let at = |p: &str| fault["phases"][p]["t_ns"].as_u64().unwrap() as f64 / 1e9;
+            let outage = at("recovered") - at("detected");
+            eprintln!("outage {outage:.3}s, lying {lying:.3}s");
+            assert!(
+                lying >= outage - 0.25 - 0.01 && lying <= outage + 0.01,
+                "the lying time is the outage: {o}"
+            );
+        }
         if bad.contains(&"--health-lies") {
             // The lying /health said ok the whole time; only the generation probe saw.
             let probes: Vec<String> = journal["probes"]
@@ -259,7 +297,70 @@ fn each_game_day_passes_a_good_stack_and_fails_a_bad_one() {
                     .count()
             };
             assert_eq!(failed(health), 0, "the lying /health never failed");
-            assert!(failed(chat) > 10, "the generation probe caught the outage");
+            // Without restarts the outage lasts the rest of the run; with them, the
+            // 1s cold start at 250ms.
+            let least = if bad.contains(&"--no-restart") { 10 } else { 3 };
+            assert!(
+                failed(chat) >= least,
+                "the generation probe caught the outage"
+            );
         }
     }
+}
+
+/// The worker-crash game day's phases, printed as its table reads and checked for
+/// order and plausibility (the cold start is the stack's 1s).
+fn print_and_check_phases(journal: &serde_json::Value) {
+    let fault = &journal["trials"][0]["faults"][0];
+    let phases = &fault["phases"];
+    let verified = fault["inject_ns"].as_u64().unwrap();
+    eprintln!("worker-crash phases (after verification):");
+    let mut at = std::collections::BTreeMap::new();
+    for name in [
+        "detected",
+        "masked",
+        "replaced",
+        "gpu_ready",
+        "ready",
+        "first_good",
+        "recovered",
+    ] {
+        let p = &phases[name];
+        assert!(
+            phases.get(name).is_some(),
+            "every phase key is present: {phases}"
+        );
+        if p.is_null() {
+            eprintln!("  {name:<11} -          {}", fault["phase_notes"][name]);
+            continue;
+        }
+        let t = p["t_ns"].as_u64().unwrap();
+        at.insert(name, t as f64 / 1e9 - verified as f64 / 1e9);
+        eprintln!(
+            "  {name:<11} +{:.3}s ±{:.3}s {}",
+            t as f64 / 1e9 - verified as f64 / 1e9,
+            p["error_ns"].as_u64().unwrap() as f64 / 1e9,
+            p["event"].as_str().or(p["probe"].as_str()).unwrap_or("")
+        );
+    }
+    eprintln!("  durations: {}", fault["phase_durations"]);
+    for name in [
+        "detected",
+        "replaced",
+        "gpu_ready",
+        "ready",
+        "first_good",
+        "recovered",
+    ] {
+        assert!(at.contains_key(name), "{name} observed: {phases}");
+    }
+    assert!(at["detected"] < at["replaced"] + 0.3, "{at:?}");
+    assert!(at["replaced"] < at["gpu_ready"], "{at:?}");
+    let load = at["gpu_ready"] - at["replaced"];
+    assert!(
+        (0.7..1.6).contains(&load),
+        "the weights load over the 1s cold start: {load:.3}s"
+    );
+    assert!(at["gpu_ready"] <= at["ready"] + 0.3, "{at:?}");
+    assert!(at["ready"] <= at["recovered"] + 0.3, "{at:?}");
 }

@@ -500,7 +500,7 @@ impl RtoObjective {
 }
 
 /// The share of passing samples over the fault window (first fault verified to the
-/// end of the method).
+/// end of the method, or until the probe recovered when that is later).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AvailabilityObjective {

@@ -121,6 +121,12 @@ struct Injected {
     conn: usize,
     fault: pb::Fault,
     rec: FaultRecord,
+    /// How long the agent lets a replacement's GPU memory settle before it reports
+    /// `gpu_ready` (process faults that watch; zero otherwise).
+    settle: Duration,
+    /// The effect is instant (a kill, a terminate): it cannot be masked while it
+    /// lasts, since nothing of it lasts.
+    instant: bool,
 }
 
 /// A run past its preflight: the agents with their sessions, and what it did so far.

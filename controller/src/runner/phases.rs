@@ -45,6 +45,10 @@ pub struct FaultTimes {
     pub window_end: u64,
     /// The agent clock mapping's error bar.
     pub clock_error_ns: u64,
+    /// The effect lasts while the fault is active (a pause, a partition, memory
+    /// held), so the service can route around it: `masked` applies. A kill's
+    /// effect is instant.
+    pub sustained: bool,
 }
 
 /// An agent observation, mapped onto the run's timeline.
@@ -93,7 +97,7 @@ pub fn probe_phases(samples: &[Sample], p: &ProbeInfo, f: &FaultTimes) -> ProbeP
             .map(|s| sample_mark(p, s, true, f))
     });
     // Masked: N passes in a row after the detection, all answered before the end.
-    if let Some(end) = f.end_ns {
+    if let Some(end) = f.end_ns.filter(|_| f.sustained) {
         let n = p.consecutive.max(1) as usize;
         let after = &w[first..];
         let mut run = 0;
@@ -138,7 +142,13 @@ pub fn fault_phases(
             format!("{} never failed after the fault was verified", main.name),
         );
     } else {
-        if pp.masked.is_none() {
+        if !f.sustained {
+            notes.insert(
+                "masked".into(),
+                "a kill or terminate takes effect at once: nothing of it lasts to route around"
+                    .into(),
+            );
+        } else if pp.masked.is_none() {
             notes.insert(
                 "masked".into(),
                 format!(
@@ -395,6 +405,7 @@ mod tests {
             end_ns: end.map(|e| e * MS),
             window_end: u64::MAX,
             clock_error_ns: MS,
+            sustained: true,
         }
     }
 
@@ -456,6 +467,14 @@ mod tests {
         assert!(notes.contains_key("ready"));
         // Recovered while still masked: the same point.
         assert_eq!(p.recovered.as_ref().map(|m| m.t_ns / MS), Some(1_505));
+        // A kill recovered within its (bookkeeping) duration was not masked.
+        let kill = FaultTimes {
+            sustained: false,
+            ..times(1_000, Some(5_000))
+        };
+        let (p, _, notes) = fault_phases(&s, &probes, 0, &kill, &[]);
+        assert_eq!(p.masked, None);
+        assert!(notes["masked"].contains("at once"), "{notes:?}");
     }
 
     #[test]

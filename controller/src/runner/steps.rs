@@ -2,7 +2,7 @@
 //! (all at once) and waited for until they end.
 
 use gpuchaos_proto::pb;
-use gpuchaos_proto::spec::HumanDuration;
+use gpuchaos_proto::spec::{HumanDuration, ProcessAction};
 use tracing::Instrument;
 
 use super::record::{EventKind, FaultRecord};
@@ -111,11 +111,22 @@ impl Runner {
             ),
         );
         let mut inj = self.injected.lock().unwrap();
+        let settle = match &f.spec {
+            gpuchaos_proto::spec::FaultSpec::Process(p) if p.watches() => p.watch_settle(),
+            _ => std::time::Duration::ZERO,
+        };
+        let instant = matches!(
+            &f.spec,
+            gpuchaos_proto::spec::FaultSpec::Process(p)
+                if matches!(p.action, ProcessAction::Kill | ProcessAction::Terminate)
+        );
         inj.push(Injected {
             trial,
             conn: i,
             fault,
             rec,
+            settle,
+            instant,
         });
         inj.len() - 1
     }

@@ -385,8 +385,45 @@ impl Runner {
     }
 
     /// Reads the trial's faults again from their agents (for what the agents
-    /// observed after the effect: replacements, GPU memory settling).
+    /// observed after the effect: replacements, GPU memory settling). A replacement
+    /// whose GPU memory is still settling on an agent with NVML is waited for, at
+    /// most its settle time and two watch intervals.
     async fn refresh_faults(&self, trial: u32) {
+        let wait = {
+            let inj = self.injected.lock().unwrap();
+            inj.iter()
+                .filter(|i| i.trial == trial)
+                .map(|i| i.settle)
+                .max()
+                .unwrap_or_default()
+        };
+        let deadline = tokio::time::Instant::now() + wait + Duration::from_millis(200);
+        loop {
+            self.refresh_once(trial).await;
+            let settling = {
+                let inj = self.injected.lock().unwrap();
+                inj.iter().filter(|i| i.trial == trial).any(|i| {
+                    let has_gpus = self.conns[i.conn].info.gpu_error.is_empty()
+                        && !self.conns[i.conn].info.gpus.is_empty();
+                    let obs = &i.fault.observations;
+                    has_gpus
+                        && obs.iter().any(|o| {
+                            o.kind == "replaced"
+                                && !obs.iter().any(|g| g.kind == "gpu_ready" && g.pid == o.pid)
+                        })
+                })
+            };
+            tracing::debug!(settling, ?wait, "observations read");
+            if !settling || tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            self.shared
+                .set_step("waiting for the replacement's GPU memory to settle".to_string());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn refresh_once(&self, trial: u32) {
         let conns: Vec<usize> = {
             let inj = self.injected.lock().unwrap();
             let mut v: Vec<usize> = inj
@@ -442,11 +479,18 @@ impl Runner {
     }
 
     fn fault_times(&self, trial: &TrialRecord, f: &FaultRecord) -> Option<phases::FaultTimes> {
+        let instant = self
+            .injected
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|i| i.trial == trial.index && i.rec.id == f.id && i.instant);
         Some(phases::FaultTimes {
             verified_ns: f.inject_ns?,
             end_ns: f.end_ns,
             window_end: self.rto_window_end(trial.index, f, trial.end_ns),
             clock_error_ns: self.conns[f.agent].offset_error_ns,
+            sustained: !instant,
         })
     }
 
