@@ -328,7 +328,11 @@ impl ProcessDriver {
             // normal while the supervisor restarts the worker.
             let targets = match self.selector.select(&spec.target) {
                 Ok(t) => {
-                    seen.extend(t.iter().map(|t| (t.pid, t.start_time)));
+                    for key in t.iter().map(|t| (t.pid, t.start_time)) {
+                        if !seen.contains(&key) {
+                            seen.push(key);
+                        }
+                    }
                     Selector::pick(t, spec.target.pick, seed.wrapping_add(round))
                 }
                 Err(AgentError::NoTargets(_)) => Vec::new(),

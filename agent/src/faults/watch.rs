@@ -21,6 +21,9 @@ use crate::sys::clock::{mono_ns, unix_ms};
 
 /// How often the watch reads /proc and NVML; also the error bar of its observations.
 pub const WATCH_INTERVAL: Duration = Duration::from_millis(100);
+/// After this long the watch polls every [`SLOW_INTERVAL`] instead.
+const SLOW_AFTER: Duration = Duration::from_secs(60);
+const SLOW_INTERVAL: Duration = Duration::from_millis(500);
 
 pub type ObservationTx = mpsc::UnboundedSender<pb::Observation>;
 pub type ObservationRx = mpsc::UnboundedReceiver<pb::Observation>;
@@ -88,19 +91,23 @@ impl Watch {
             .ok()
             .map(|l| l.into_iter().map(|g| g.index).collect());
         let procs = Arc::clone(self.selector.procs());
+        let known: std::collections::HashSet<(u32, u64)> = self.known.iter().copied().collect();
         let mut found: Vec<Replacement> = Vec::new();
         let mut tick = tokio::time::interval(WATCH_INTERVAL);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut period = WATCH_INTERVAL;
         let observation =
-            |kind: &str, at: Instant, t: &Target, bytes: u64, detail: String| pb::Observation {
-                kind: kind.into(),
-                mono_ns: clock.mono(at),
-                unix_ms: clock.unix(at),
-                pid: t.pid,
-                start_time: t.start_time,
-                gpu_bytes: bytes,
-                detail,
-                error_ns: WATCH_INTERVAL.as_nanos() as u64,
+            |kind: &str, at: Instant, t: &Target, bytes: u64, detail: String, period: Duration| {
+                pb::Observation {
+                    kind: kind.into(),
+                    mono_ns: clock.mono(at),
+                    unix_ms: clock.unix(at),
+                    pid: t.pid,
+                    start_time: t.start_time,
+                    gpu_bytes: bytes,
+                    detail,
+                    error_ns: period.as_nanos() as u64,
+                }
             };
         loop {
             tokio::select! {
@@ -108,6 +115,15 @@ impl Watch {
                 _ = tx.closed() => return,
             }
             let now = Instant::now();
+            // Reading /proc and NVML ten times a second is cheap, but not for ten
+            // minutes: after the first minute the watch polls every 500 ms (and says
+            // so in its error bars).
+            if period == WATCH_INTERVAL && now.duration_since(clock.at) >= SLOW_AFTER {
+                period = SLOW_INTERVAL;
+                tick = tokio::time::interval(SLOW_INTERVAL);
+                tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                tick.reset();
+            }
             if now >= deadline {
                 tracing::info!(
                     replaced = found.len(),
@@ -124,7 +140,7 @@ impl Watch {
                         break;
                     }
                     let key = (t.pid, t.start_time);
-                    if self.known.contains(&key)
+                    if known.contains(&key)
                         || found
                             .iter()
                             .any(|r| (r.target.pid, r.target.start_time) == key)
@@ -135,7 +151,7 @@ impl Watch {
                     let detail = format!("{t} replaced {old}");
                     tracing::info!(%detail, "replacement seen");
                     if tx
-                        .send(observation("replaced", now, &t, 0, detail))
+                        .send(observation("replaced", now, &t, 0, detail, period))
                         .is_err()
                     {
                         return;
@@ -175,7 +191,14 @@ impl Watch {
                         );
                         tracing::info!(%detail, "replacement GPU-ready");
                         if tx
-                            .send(observation("gpu_ready", r.since, &r.target, bytes, detail))
+                            .send(observation(
+                                "gpu_ready",
+                                r.since,
+                                &r.target,
+                                bytes,
+                                detail,
+                                period,
+                            ))
                             .is_err()
                         {
                             return;

@@ -272,6 +272,12 @@ fn compile_one(c: &JsonCheck, at: &FieldPath, errors: &mut Vec<CheckError>) -> O
 
 /// A JSON value for a one-line message, cut to a readable length.
 fn short(v: &Value) -> String {
+    // A big array or object is described, not serialised (a body may be 4 MiB).
+    match v {
+        Value::Array(a) if a.len() > 8 => return format!("an array of {} elements", a.len()),
+        Value::Object(o) if o.len() > 8 => return format!("an object of {} keys", o.len()),
+        _ => {}
+    }
     let s = v.to_string();
     if s.chars().count() <= 80 {
         s

@@ -23,6 +23,8 @@ pub struct Recovery {
     pub recovered_ns: Option<u64>,
     /// Failures a tolerance let through (sample starts), not part of the outage.
     pub isolated: Vec<u64>,
+    /// The start of the outage's last failing sample.
+    pub last_outage_ns: Option<u64>,
 }
 
 /// At most `failures` failing samples within any `within_ns` are isolated.
@@ -112,6 +114,7 @@ pub fn recovery_with(
         detect_ns: Some(samples[first].t_ns),
         recovered_ns: recovered,
         isolated,
+        last_outage_ns: Some(samples[last].t_ns),
     }
 }
 
@@ -166,7 +169,16 @@ fn isolated_text(isolated: &[u64], inject_ns: u64) -> String {
 
 pub fn rto(i: RtoInput) -> ObjectiveResult {
     let r = recovery_with(&i.samples, i.consecutive, i.tolerate);
-    let isolated = isolated_text(&r.isolated, i.inject_ns);
+    let mut isolated = isolated_text(&r.isolated, i.inject_ns);
+    // Isolated failures are the exception; many of them are an outage the
+    // tolerance is too wide to see as one: say so.
+    if !r.isolated.is_empty() && r.isolated.len() * 10 > i.samples.len() {
+        isolated.push_str(&format!(
+            " — {} of {} samples failed: a tolerance this wide may hide an outage",
+            r.isolated.len(),
+            i.samples.len()
+        ));
+    }
     let anchor = if i.anchor_end {
         i.end_ns.unwrap_or(i.inject_ns)
     } else {

@@ -127,6 +127,8 @@ struct Injected {
     /// The effect is instant (a kill, a terminate): it cannot be masked while it
     /// lasts, since nothing of it lasts.
     instant: bool,
+    /// The agent watches for a replacement from the fault's end (crash-loop).
+    watch_from_end: bool,
 }
 
 /// A run past its preflight: the agents with their sessions, and what it did so far.

@@ -5,10 +5,11 @@
 //! Probe phases (per probe): `detected` (first failing sample after the fault was
 //! verified), `masked` (the first of N passes in a row, after the detection, that
 //! all ended while the fault was still active), `first_pass` (the first pass after
-//! the first failure), `recovered` (the first of N passes in a row after the last
-//! failure of the outage). Fault phases: those of the fault's phase probe, the
-//! agent's `replaced` and `gpu_ready`, `ready` (the readiness probe passing again
-//! after its last failure) and `first_good` (the generation probe's first pass).
+//! the outage's last failure), `recovered` (the first of N passes in a row after
+//! the last failure of the outage). Fault phases: those of the fault's phase probe,
+//! the agent's `replaced` and `gpu_ready`, `ready` (the readiness probe passing
+//! again after its last failure) and `first_good` (the generation probe's first
+//! pass after its outage).
 //!
 //! Error bars: a sample-marked phase happened at most one probe interval before
 //! its sample (the previous sample still saw the old state) plus the agent clock
@@ -49,6 +50,9 @@ pub struct FaultTimes {
     /// held), so the service can route around it: `masked` applies. A kill's
     /// effect is instant.
     pub sustained: bool,
+    /// The agent watches for a replacement only from the fault's end (crash-loop):
+    /// time to replace counts from there.
+    pub replaced_from_end: bool,
 }
 
 /// An agent observation, mapped onto the run's timeline.
@@ -62,10 +66,15 @@ pub struct Observed {
     pub detail: String,
 }
 
+/// A phase marked by a sample: at its start (a failure: the request sent then got
+/// no good answer) or at its end (a pass: an answer was seen then). The phase
+/// happened at most one interval before the mark, plus, for an answer, the time the
+/// answer took (the service may have come back any time while it was on its way).
 fn sample_mark(p: &ProbeInfo, s: &Sample, at_end: bool, f: &FaultTimes) -> PhaseMark {
+    let answer = if at_end { s.latency_ns() } else { 0 };
     PhaseMark {
         t_ns: if at_end { s.end_ns } else { s.t_ns },
-        error_ns: p.interval_ns + f.clock_error_ns,
+        error_ns: p.interval_ns + answer + f.clock_error_ns,
         probe: Some(p.name.clone()),
         sample_t_ns: Some(s.t_ns),
         ..Default::default()
@@ -87,9 +96,11 @@ pub fn probe_phases(samples: &[Sample], p: &ProbeInfo, f: &FaultTimes) -> ProbeP
     };
     let first = w.iter().position(|s| s.t_ns == detect_ns).unwrap_or(0);
     out.detected = Some(sample_mark(p, w[first], false, f));
-    out.first_pass = w[first..]
-        .iter()
-        .find(|s| s.ok)
+    // The first good answer after the outage: a lucky answer in the middle of it (a
+    // retry, another replica) is not the service being back.
+    out.first_pass = r
+        .last_outage_ns
+        .and_then(|last| w.iter().find(|s| s.ok && s.t_ns > last))
         .map(|s| sample_mark(p, s, true, f));
     out.recovered = r.recovered_ns.and_then(|t| {
         w.iter()
@@ -147,6 +158,11 @@ pub fn fault_phases(
                 "masked".into(),
                 "a kill or terminate takes effect at once: nothing of it lasts to route around"
                     .into(),
+            );
+        } else if pp.masked.is_none() && f.end_ns.is_none() {
+            notes.insert(
+                "masked".into(),
+                "the fault had not ended when the phases were read".into(),
             );
         } else if pp.masked.is_none() {
             notes.insert(
@@ -269,14 +285,20 @@ fn role_probe(probes: &[ProbeInfo], role: ProbeRole) -> Option<usize> {
 }
 
 /// The durations between phases, in seconds.
-pub fn durations(verified_ns: u64, p: &Phases) -> PhaseDurations {
+pub fn durations(f: &FaultTimes, p: &Phases) -> PhaseDurations {
+    let verified_ns = f.verified_ns;
+    let replace_from = if f.replaced_from_end {
+        f.end_ns.unwrap_or(verified_ns)
+    } else {
+        verified_ns
+    };
     let between = |a: Option<u64>, b: Option<&PhaseMark>| -> Option<f64> {
         Some((b?.t_ns as f64 - a? as f64) / NS)
     };
     let t = |m: &Option<PhaseMark>| m.as_ref().map(|m| m.t_ns);
     PhaseDurations {
         detect: between(Some(verified_ns), p.detected.as_ref()),
-        replace: between(Some(verified_ns), p.replaced.as_ref()),
+        replace: between(Some(replace_from), p.replaced.as_ref()),
         load: between(t(&p.replaced), p.gpu_ready.as_ref()),
         warm_up: between(t(&p.gpu_ready), p.ready.as_ref()),
         cold_start: between(t(&p.replaced), p.ready.as_ref()),
@@ -322,11 +344,11 @@ pub fn health_truth(
     truth: usize,
     from: u64,
     to: u64,
-) -> (u64, u64, usize) {
+) -> Option<(u64, u64, usize)> {
     let h = evaluate::window(samples, health, from, to);
     let t = evaluate::window(samples, truth, from, to);
     if h.is_empty() || t.is_empty() {
-        return (0, 0, 0);
+        return None;
     }
     // The states as steps: (start, ok), each until the next one (the last until `to`).
     let steps = |v: &[&Sample]| -> Vec<(u64, bool)> { v.iter().map(|s| (s.t_ns, s.ok)).collect() };
@@ -362,7 +384,7 @@ pub fn health_truth(
         }
         was_lying = lie;
     }
-    (lying, alarm, periods)
+    Some((lying, alarm, periods))
 }
 
 #[cfg(test)]
@@ -406,6 +428,7 @@ mod tests {
             window_end: u64::MAX,
             clock_error_ns: MS,
             sustained: true,
+            replaced_from_end: false,
         }
     }
 
@@ -447,13 +470,24 @@ mod tests {
         assert_eq!(p.detected.as_ref().unwrap().error_ns, 101 * MS);
         assert!(notes.contains_key("masked"), "{notes:?}");
         assert_eq!(per.len(), 2);
-        let d = durations(f.verified_ns, &p);
+        let d = durations(&f, &p);
         assert_eq!(d.detect, Some(0.0));
         assert!((d.cold_start.unwrap() - 3.505).abs() < 1e-9);
         assert!((d.load.unwrap() - 3.0).abs() < 1e-9);
         assert!((d.warm_up.unwrap() - 0.505).abs() < 1e-9);
         assert!((d.first_good_after_ready.unwrap() - 0.5).abs() < 1e-9);
         assert!((d.total.unwrap() - 5.005).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_lucky_answer_in_the_middle_of_the_outage_is_not_the_first_good_one() {
+        let mut s = series(0, 100, 1_000, 4_000, 8_000);
+        s[25].ok = true; // one retry that got through at 2.5 s
+        let probes = [info(0, "chat", Some(ProbeRole::Generation))];
+        let (p, _, _) = fault_phases(&s, &probes, 0, &times(1_000, Some(1_001)), &[]);
+        assert_eq!(p.first_good.as_ref().map(|m| m.t_ns / MS), Some(4_005));
+        // Its error bar counts the answer's time too.
+        assert_eq!(p.first_good.as_ref().unwrap().error_ns, 106 * MS);
     }
 
     #[test]
@@ -496,14 +530,15 @@ mod tests {
         // then fails 8000..9000 while generations pass (a false alarm of 1 s).
         let mut s = series(0, 100, 2_000, 7_000, 10_000);
         s.extend(series(1, 100, 8_000, 9_000, 10_000));
-        let (lying, alarm, periods) = health_truth(&s, 1, 0, 0, 10_000 * MS);
+        let (lying, alarm, periods) = health_truth(&s, 1, 0, 0, 10_000 * MS).unwrap();
         assert_eq!(lying, 5_000 * MS);
         assert_eq!(alarm, 1_000 * MS);
         assert_eq!(periods, 1);
         // An honest health probe (fails with the generations) never lies.
         let mut s = series(0, 100, 2_000, 7_000, 10_000);
         s.extend(series(1, 100, 2_000, 7_000, 10_000));
-        assert_eq!(health_truth(&s, 1, 0, 0, 10_000 * MS), (0, 0, 0));
+        assert_eq!(health_truth(&s, 1, 0, 0, 10_000 * MS), Some((0, 0, 0)));
+        assert_eq!(health_truth(&s, 1, 5, 0, 10_000 * MS), None);
     }
 
     #[test]

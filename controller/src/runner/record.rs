@@ -352,7 +352,7 @@ pub struct Phases {
     pub gpu_ready: Option<PhaseMark>,
     /// The readiness probe passes again.
     pub ready: Option<PhaseMark>,
-    /// The generation probe's first passing sample after it failed.
+    /// The generation probe's first passing sample after its last outage failure.
     pub first_good: Option<PhaseMark>,
     /// The first of N passes in a row after the last failure (the RTO's end).
     pub recovered: Option<PhaseMark>,
@@ -443,10 +443,10 @@ pub struct ProbePhases {
     pub role: Option<String>,
     pub detected: Option<PhaseMark>,
     pub masked: Option<PhaseMark>,
-    /// The first passing sample after the first failure.
+    /// The first passing sample after the outage's last failure.
     pub first_pass: Option<PhaseMark>,
     pub recovered: Option<PhaseMark>,
-    /// Failures a tolerance let through after recovery (sample start times).
+    /// Failures a tolerance let through, not part of the outage (sample starts).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub isolated_failures: Vec<u64>,
 }

@@ -115,10 +115,17 @@ impl Runner {
             gpuchaos_proto::spec::FaultSpec::Process(p) if p.watches() => p.watch_settle(),
             _ => std::time::Duration::ZERO,
         };
+        // A kill with a signal that stops rather than ends (SIGSTOP, SIGTSTP…) lasts.
         let instant = matches!(
             &f.spec,
             gpuchaos_proto::spec::FaultSpec::Process(p)
-                if matches!(p.action, ProcessAction::Kill | ProcessAction::Terminate)
+                if p.action == ProcessAction::Terminate
+                    || p.action == ProcessAction::Kill
+                        && !matches!(p.signal_number(), 19..=22)
+        );
+        let watch_from_end = matches!(
+            &f.spec,
+            gpuchaos_proto::spec::FaultSpec::Process(p) if p.action == ProcessAction::CrashLoop
         );
         inj.push(Injected {
             trial,
@@ -127,6 +134,7 @@ impl Runner {
             rec,
             settle,
             instant,
+            watch_from_end,
         });
         inj.len() - 1
     }

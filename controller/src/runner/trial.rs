@@ -356,6 +356,23 @@ impl Runner {
         if !any_rto && self.exp.observe.is_none() {
             deadline = deadline.max(now + DEFAULT_OBSERVE.as_nanos() as u64);
         }
+        // RTOs from a phase after the injection (a cold start from `replaced`) need
+        // their limit from that phase on: extended once it is seen.
+        let from_phase: Vec<(&ValidObjective, &RtoCheck, u64)> = self
+            .exp
+            .objectives
+            .iter()
+            .filter_map(|o| match &o.kind {
+                ObjectiveKind::Rto(r) if !matches!(r.from, Phase::Inject | Phase::End) => {
+                    let probe = &self.exp.probes[o.probe];
+                    let need = r.limit + probe.interval * (r.consecutive + 1) + probe.timeout;
+                    Some((o, r, need.as_nanos() as u64))
+                }
+                _ => None,
+            })
+            .collect();
+        let mut extended = vec![false; from_phase.len()];
+        let mut last_refresh = 0u64;
         let infos = self.probe_infos();
         let watch: Vec<&phases::ProbeInfo> = self
             .watched_probes()
@@ -380,8 +397,49 @@ impl Runner {
             if done || now >= deadline {
                 return;
             }
+            if extended.iter().any(|e| !e) && now.saturating_sub(last_refresh) >= 1_000_000_000 {
+                last_refresh = now;
+                self.refresh_once(trial).await;
+                for (k, (o, r, need)) in from_phase.iter().enumerate() {
+                    if let Some(t) = self.phase_time(trial, o, r.from, r.fault.as_deref()) {
+                        deadline = deadline.max(t + need);
+                        extended[k] = true;
+                    }
+                }
+            }
             self.shared.wait_change(Duration::from_millis(100)).await;
         }
+    }
+
+    /// When `phase` of the objective's fault happened, as far as the run has seen.
+    fn phase_time(
+        &self,
+        trial: u32,
+        o: &ValidObjective,
+        phase: Phase,
+        step: Option<&str>,
+    ) -> Option<u64> {
+        let f = self.anchor_fault(trial, step)?;
+        let now = TrialRecord {
+            index: trial,
+            end_ns: self.shared.clock.now_ns(),
+            ..Default::default()
+        };
+        let times = self.fault_times(&now, &f)?;
+        let k = {
+            let inj = self.injected.lock().unwrap();
+            inj.iter()
+                .position(|i| i.trial == trial && i.rec.id == f.id && i.conn == f.agent)
+        }?;
+        let observed = self.observed(k);
+        let infos = self.probe_infos();
+        let (p, _, notes) = {
+            let tl = self.shared.timeline.lock().unwrap();
+            phases::fault_phases(&tl.samples, &infos, o.probe, &times, &observed)
+        };
+        phases::phase_mark(phase, &times, &p, &notes)
+            .ok()
+            .map(|m| m.t_ns)
     }
 
     /// Reads the trial's faults again from their agents (for what the agents
@@ -479,18 +537,20 @@ impl Runner {
     }
 
     fn fault_times(&self, trial: &TrialRecord, f: &FaultRecord) -> Option<phases::FaultTimes> {
-        let instant = self
+        let (instant, from_end) = self
             .injected
             .lock()
             .unwrap()
             .iter()
-            .any(|i| i.trial == trial.index && i.rec.id == f.id && i.instant);
+            .find(|i| i.trial == trial.index && i.rec.id == f.id && i.conn == f.agent)
+            .map_or((false, false), |i| (i.instant, i.watch_from_end));
         Some(phases::FaultTimes {
             verified_ns: f.inject_ns?,
             end_ns: f.end_ns,
             window_end: self.rto_window_end(trial.index, f, trial.end_ns),
             clock_error_ns: self.conns[f.agent].offset_error_ns,
             sustained: !instant,
+            replaced_from_end: from_end,
         })
     }
 
@@ -519,7 +579,7 @@ impl Runner {
             };
             let mut inj = self.injected.lock().unwrap();
             let r = &mut inj[k].rec;
-            r.phase_durations = phases::durations(times.verified_ns, &p);
+            r.phase_durations = phases::durations(&times, &p);
             r.phases = p;
             r.probe_phases = per;
             r.phase_notes = notes;
@@ -654,8 +714,21 @@ impl Runner {
             ObjectiveKind::HealthTruth(h) => {
                 let truth = &self.exp.probes[h.truth];
                 let tl = self.shared.timeline.lock().unwrap();
-                let (lying, alarm, periods) =
-                    phases::health_truth(&tl.samples, p, h.truth, trial.start_ns, trial.end_ns);
+                let Some((lying, alarm, periods)) =
+                    phases::health_truth(&tl.samples, p, h.truth, trial.start_ns, trial.end_ns)
+                else {
+                    return ObjectiveResult {
+                        name,
+                        kind: ResultKind::HealthTruth,
+                        probe: pname.to_string(),
+                        limit: h.max_lying.as_secs_f64(),
+                        detail: format!(
+                            "no samples of both {pname} and {} in the trial: nothing to compare",
+                            truth.name
+                        ),
+                        ..Default::default()
+                    };
+                };
                 evaluate::health_truth(evaluate::HealthTruthInput {
                     name,
                     health: pname,
@@ -703,7 +776,11 @@ impl Runner {
                 .position(|i| i.trial == trial.index && i.rec.id == f.id && i.conn == f.agent)
         };
         let observed = k.map(|k| self.observed(k)).unwrap_or_default();
-        let infos = self.probe_infos();
+        // The objective's probe is read with the objective's own passes in a row and
+        // tolerance, whatever another objective on that probe says.
+        let mut infos = self.probe_infos();
+        infos[o.probe].consecutive = r.consecutive;
+        infos[o.probe].tolerate = Tolerance::of(r.tolerate);
         let (p, _, notes) = {
             let tl = self.shared.timeline.lock().unwrap();
             phases::fault_phases(&tl.samples, &infos, o.probe, &times, &observed)

@@ -219,7 +219,11 @@ impl ProcessSpec {
 
     /// Whether the agent watches for a replacement (kill, terminate, crash-loop).
     pub fn watches(&self) -> bool {
-        self.action != ProcessAction::Pause && self.watch.and_then(|w| w.enabled).unwrap_or(true)
+        // A pid names one process: no replacement can match it (a reused pid would
+        // be taken for one).
+        self.action != ProcessAction::Pause
+            && self.target.pid.is_none()
+            && self.watch.and_then(|w| w.enabled).unwrap_or(true)
     }
 
     pub fn watch_timeout(&self) -> Duration {

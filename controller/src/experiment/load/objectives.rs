@@ -144,7 +144,12 @@ pub(super) fn check(
                 "give `from` or `anchor`, not both (`anchor: end` is `from: end`)",
             );
         }
-        check_kind(cx, &kp, &kind, names, step_names);
+        let probe_interval = e
+            .probes
+            .iter()
+            .find(|p| p.name == probe)
+            .map(|p| p.interval());
+        check_kind(cx, &kp, &kind, names, step_names, probe_interval);
         check_phase_roles(cx, &kp, &kind, e);
         if let ObjectiveKind::Safety { .. } = kind {
             check_safety_probe(cx, &kp, e, probe);
@@ -164,6 +169,7 @@ fn check_kind(
     kind: &ObjectiveKind,
     names: &ProbeNames,
     step_names: &BTreeSet<String>,
+    probe_interval: Option<std::time::Duration>,
 ) {
     match kind {
         ObjectiveKind::Rto(r) => {
@@ -207,6 +213,21 @@ fn check_kind(
                 }
                 if within.is_zero() {
                     cx.error(&kp.key("tolerate").key("within"), "must be above zero");
+                } else if let Some(interval) = probe_interval
+                    && within < interval * (failures + 1)
+                {
+                    // K+1 failures in a row span K intervals, and a window must hold them with room for jitter: a shorter one never
+                    // holds an outage, and every failure would pass as isolated.
+                    cx.error(
+                        &kp.key("tolerate").key("within"),
+                        format!(
+                            "{} can never hold {} failures of a probe sampled every {}: every failure would count as isolated, however long the outage; make it at least {}",
+                            gpuchaos_proto::spec::HumanDuration(within),
+                            failures + 1,
+                            gpuchaos_proto::spec::HumanDuration(interval),
+                            gpuchaos_proto::spec::HumanDuration(interval * (failures + 1))
+                        ),
+                    );
                 }
             }
         }

@@ -279,7 +279,7 @@ fn phase_objectives_detect_health_truth_and_tolerance_load_and_are_checked() {
 
     // Every mistake at once, each at its field.
     let bad = with(
-        "  - rto: {probe: health, from: recovered, to: end, limit: 5s}\n  - rto: {probe: health, anchor: end, from: inject, to: first_good, limit: 5s}\n  - rto: {probe: health, limit: 5s, tolerate: {failures: 0, within: 0s}}\n  - detect: {probe: health, fault: nope, limit: 0s}\n  - health_truth: {health: port, truth: port, max_lying: 1s, max_false_alarm: 0s}\n",
+        "  - rto: {probe: health, from: recovered, to: end, limit: 5s}\n  - rto: {probe: health, anchor: end, from: inject, to: first_good, limit: 5s}\n  - rto: {probe: health, limit: 5s, tolerate: {failures: 0, within: 0s}}\n  - detect: {probe: health, fault: nope, limit: 0s}\n  - health_truth: {health: port, truth: port, max_lying: 1s, max_false_alarm: 0s}\n  - name: too narrow\n    rto: {probe: health, limit: 5s, tolerate: {failures: 2, within: 250ms}}\n",
     );
     let e = errors(&bad);
     let paths: Vec<&str> = e.iter().map(|e| e.path.as_str()).collect();
@@ -293,6 +293,7 @@ fn phase_objectives_detect_health_truth_and_tolerance_load_and_are_checked() {
         "objectives[3].detect.fault",
         "objectives[4].health_truth.truth",
         "objectives[4].health_truth.max_false_alarm",
+        "objectives[5].rto.tolerate.within",
     ] {
         assert!(paths.contains(&want), "{want} missing in {e:#?}");
     }
