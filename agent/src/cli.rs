@@ -66,6 +66,14 @@ pub struct Args {
     /// How long SIGTERM/SIGINT may spend reverting faults before exiting.
     #[arg(long, default_value = "30s", value_parser = humantime_arg)]
     pub shutdown_grace: Duration,
+    /// The directory where gpu_xid faults arm the CUDA and NVML interposers (the
+    /// interposers read GPUCHAOS_XID_DIR, with the same default).
+    #[arg(long, default_value = "/run/gpuchaos/xid", env = "GPUCHAOS_XID_DIR")]
+    pub xid_dir: PathBuf,
+    /// Where gpu_xid faults write the NVIDIA driver's kernel-log line (a file
+    /// stands in for the kernel log in tests).
+    #[arg(long, default_value = "/dev/kmsg")]
+    pub xid_kmsg: PathBuf,
 }
 
 impl Args {
@@ -85,6 +93,8 @@ impl Args {
             cuda_lib: self.cuda_lib,
             guardrail_proxies: self.guardrail_proxy,
             shutdown_grace: self.shutdown_grace,
+            xid_dir: self.xid_dir,
+            xid_kmsg: self.xid_kmsg,
         }
     }
 }

@@ -5,7 +5,7 @@
 //! - [`journal`]: the append-only intent journal replayed at start-up.
 //! - [`policy`]: the blast radius (protected processes, limits, enabled kinds).
 //! - [`faults`]: one typed driver per fault kind (`process`, `gpu_memory`,
-//!   `network`, `guardrail`) behind one adapter; target selection
+//!   `gpu_xid`, `network`, `guardrail`) behind one adapter; target selection
 //!   ([`faults::select`]); [`gpu_helper`]: the child process that holds GPU memory.
 //! - [`sys`]: every system call, /proc read, NVML and CUDA call, and network tool
 //!   (nft, tc, ip through [`sys::tools`]), behind small interfaces with recording
@@ -47,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::faults::FaultDriver;
 use crate::faults::gpu_memory::GpuMemoryDriver;
+use crate::faults::gpu_xid::GpuXidDriver;
 use crate::faults::guardrail::GuardrailDriver;
 use crate::faults::network::{NetCaps, NetworkDriver};
 use crate::faults::process::ProcessDriver;
@@ -68,6 +69,10 @@ pub struct AgentConfig {
     pub guardrail_proxies: Vec<(SocketAddr, String)>,
     /// How long SIGTERM/SIGINT may spend reverting before the agent exits anyway.
     pub shutdown_grace: Duration,
+    /// Where gpu_xid faults arm the CUDA and NVML interposers.
+    pub xid_dir: PathBuf,
+    /// Where gpu_xid faults write the driver's kernel-log line.
+    pub xid_kmsg: PathBuf,
 }
 
 /// A configuration problem: the agent exits 64 without touching anything.
@@ -238,6 +243,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         Arc::clone(&policy),
     ));
     let process = Arc::new(ProcessDriver::new(Arc::clone(&selector)));
+    let gpu_xid = Arc::new(GpuXidDriver::new(
+        Arc::clone(&selector),
+        cfg.xid_dir.clone(),
+        cfg.xid_kmsg.clone(),
+    ));
     let tools: Arc<dyn sys::tools::Tools> = Arc::new(sys::tools::RealTools);
     let net_caps = NetCaps::detect(&*tools).await;
     let transparent_ok = if !net_caps.privileged {
@@ -279,6 +289,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         faults::typed(gpu_memory),
         faults::typed(network),
         faults::typed(guardrail),
+        faults::typed(gpu_xid),
     ];
     let inventory = Arc::new(inventory::Inventory::new(
         gpus,

@@ -914,3 +914,50 @@ pub unsafe extern "C" fn cuGetErrorName(error: c_int, out: *mut *const c_char) -
     unsafe { *out = s.as_ptr() };
     CUDA_SUCCESS
 }
+
+// ---------------------------------------------------------------- gpu_xid (PCI)
+// What the agent's gpu_xid faults read: each device's PCI bus id, for the kernel-log
+// line (`NVRM: Xid (PCI:0000:3b:00): 79, …`). Device i sits on bus 0x3b + i.
+
+#[repr(C)]
+pub struct NvmlPciInfo {
+    bus_id_legacy: [c_char; 16],
+    domain: c_uint,
+    bus: c_uint,
+    device: c_uint,
+    pci_device_id: c_uint,
+    pci_sub_system_id: c_uint,
+    bus_id: [c_char; 32],
+}
+
+/// # Safety
+/// `pci` must be a valid pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetPciInfo_v3(
+    device: *mut c_void,
+    pci: *mut NvmlPciInfo,
+) -> c_int {
+    if pci.is_null() {
+        return NVML_ERROR_INVALID_ARGUMENT;
+    }
+    match nvml_device(device, |_, i, _| i) {
+        Ok(i) => {
+            let bus = 0x3b + i;
+            let id = format!("00000000:{bus:02X}:00.0");
+            let legacy = format!("0000:{bus:02X}:00.0");
+            // SAFETY: checked for null; both strings fit their fields.
+            unsafe {
+                (*pci).domain = 0;
+                (*pci).bus = bus;
+                (*pci).device = 0;
+                // An H100 SXM's PCI device id, NVIDIA's vendor id in the low half.
+                (*pci).pci_device_id = 0x2330_10de;
+                (*pci).pci_sub_system_id = 0x16c1_10de;
+                write_str((*pci).bus_id.as_mut_ptr(), 32, &id);
+                write_str((*pci).bus_id_legacy.as_mut_ptr(), 16, &legacy);
+            }
+            NVML_SUCCESS
+        }
+        Err(e) => e,
+    }
+}

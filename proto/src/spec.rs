@@ -13,12 +13,14 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 mod duration;
 mod gpu;
+mod gpu_xid;
 mod guardrail;
 mod network;
 mod process;
 mod target;
 pub use duration::*;
 pub use gpu::*;
+pub use gpu_xid::*;
 pub use guardrail::*;
 pub use network::*;
 pub use process::*;
@@ -259,6 +261,7 @@ fault_kinds! {
     GpuMemory(GpuMemorySpec) = "gpu_memory",
     Network(NetworkSpec) = "network",
     Guardrail(GuardrailSpec) = "guardrail",
+    GpuXid(GpuXidSpec) = "gpu_xid",
 }
 
 /// Deserializes without buffering when `kind` comes first (the usual way to write a
@@ -693,7 +696,7 @@ mod tests {
         let e = FaultSpec::from_json(r#"{"duration":"5s","kind":"teleport"}"#).unwrap_err();
         assert!(
             e.to_string()
-                .contains("known kinds are process, gpu_memory, network, guardrail"),
+                .contains("known kinds are process, gpu_memory, network, guardrail, gpu_xid"),
             "{e}"
         );
     }

@@ -10,6 +10,7 @@
 //! (docs/architecture.md, "Adding a fault kind").
 
 pub mod gpu_memory;
+pub mod gpu_xid;
 pub mod guardrail;
 pub mod network;
 pub mod process;

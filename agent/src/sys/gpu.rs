@@ -38,6 +38,11 @@ pub trait GpuQuery: Send + Sync + 'static {
         let _ = gpu;
         Err("per-process memory is not available".into())
     }
+    /// The GPU's PCI bus id as NVML gives it (`00000000:3B:00.0`).
+    fn pci_bus_id(&self, uuid: &str) -> Result<String, String> {
+        let _ = uuid;
+        Err("PCI information is not available".into())
+    }
 }
 
 pub struct Gpus {
@@ -128,6 +133,12 @@ impl GpuQuery for Gpus {
         pids.sort_unstable();
         pids.dedup();
         Ok(pids)
+    }
+
+    fn pci_bus_id(&self, uuid: &str) -> Result<String, String> {
+        let nvml = self.nvml()?;
+        let d = nvml.device_by_uuid(uuid).map_err(|e| explain(&e))?;
+        d.pci_info().map(|p| p.bus_id).map_err(|e| explain(&e))
     }
 
     fn process_memory(&self, gpu: &GpuRef) -> Result<Vec<(u32, Option<u64>)>, String> {
