@@ -664,3 +664,29 @@ fn the_gpu_xid_game_day_passes_a_stack_on_two_gpus_and_fails_one_on_the_lost_gpu
         assert!(n.arm_files().is_empty(), "{:?}", n.arm_files());
     }
 }
+
+#[test]
+fn kill_takes_the_processes_on_the_gpu_and_spares_the_others() {
+    let n = Node::start();
+    let mut on0 = n.cuda(0);
+    assert_eq!(on0.line(), "context");
+    let mut on1 = n.cuda(1);
+    assert_eq!(on1.line(), "context");
+    let f = n.inject(
+        "kind: gpu_xid\nduration: 1m\ntarget: {gpus: [0]}\nxid: 95\nkill: true\nlayers: {cuda: off, nvml: off}\n",
+    );
+    let killed = &f["details"]["killed"];
+    eprintln!(
+        "Xid 95 with kill: killed {killed}, kmsg {}",
+        n.kmsg().trim()
+    );
+    assert_eq!(killed.as_array().map(|a| a.len()), Some(1), "{killed}");
+    assert_eq!(killed[0]["pid"], on0.pid());
+    assert!(is_gone(on0.pid()) || on0.child.try_wait().unwrap().is_some());
+    assert_eq!(on1.ask("alloc"), "ok", "GPU 1's process lives");
+    assert!(
+        n.arm_files().is_empty(),
+        "both interposer layers are off: no arm file"
+    );
+    assert!(n.kmsg().contains("): 95, pid="), "{}", n.kmsg());
+}

@@ -15,14 +15,14 @@
 //!   armed. The agent prunes the files of dead processes.
 //!
 //! Interposers read the directory through [`ArmCache`]: at most once every
-//! [`REFRESH`], never blocking (a refresh that would wait on another thread keeps
-//! the previous answer), and a malformed file counts as not armed (said once on
-//! stderr).
+//! [`REFRESH`], by one thread at a time (the others keep the previous answer, never
+//! waiting on the directory), and a malformed file counts as not armed (said once
+//! on stderr).
 
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -240,13 +240,15 @@ pub fn read_loaded(dir: &Path) -> Vec<Loaded> {
 #[derive(Debug)]
 pub struct ArmCache {
     dir: PathBuf,
-    inner: Mutex<Cached>,
+    /// Held by the one thread refreshing (try_lock: no one waits for it).
+    refresh: Mutex<Cached>,
+    /// The last answer, swapped in by the refresher (held only to clone or swap).
+    last: RwLock<Vec<Arm>>,
 }
 
 #[derive(Debug, Default)]
 struct Cached {
     at: Option<Instant>,
-    arms: Vec<Arm>,
     warned: HashSet<PathBuf>,
 }
 
@@ -254,7 +256,8 @@ impl ArmCache {
     pub fn new(dir: PathBuf) -> Self {
         ArmCache {
             dir,
-            inner: Mutex::new(Cached::default()),
+            refresh: Mutex::new(Cached::default()),
+            last: RwLock::new(Vec::new()),
         }
     }
 
@@ -262,14 +265,12 @@ impl ArmCache {
         &self.dir
     }
 
-    /// The arms now (cloned). Never blocks: when another thread holds the cache,
-    /// nothing is armed for this call.
+    /// The arms now (cloned). Never waits on the directory: while another thread
+    /// refreshes, the previous answer is used.
     pub fn arms(&self) -> Vec<Arm> {
-        let Ok(mut c) = self.inner.try_lock() else {
-            return Vec::new();
-        };
-        let stale = c.at.is_none_or(|t| t.elapsed() >= REFRESH);
-        if stale {
+        if let Ok(mut c) = self.refresh.try_lock()
+            && c.at.is_none_or(|t| t.elapsed() >= REFRESH)
+        {
             let (arms, bad) = read_arms(&self.dir);
             for (p, why) in bad {
                 if c.warned.insert(p.clone()) {
@@ -279,10 +280,12 @@ impl ArmCache {
                     );
                 }
             }
-            c.arms = arms;
+            if let Ok(mut last) = self.last.write() {
+                *last = arms;
+            }
             c.at = Some(Instant::now());
         }
-        c.arms.clone()
+        self.last.read().map(|a| a.clone()).unwrap_or_default()
     }
 
     /// The arm of one GPU, if any.

@@ -670,16 +670,35 @@ pub unsafe extern "C" fn cuGetErrorString(error: CuResult, out: *mut *const c_ch
     )
 }
 
-/// Replaces a real entry point by the interposer's wrapper of it.
+/// `cuGetProcAddress` flags: CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM.
+const PER_THREAD_DEFAULT_STREAM: u64 = 2;
+
+/// Replaces a real entry point by the interposer's wrapper of it: by address (the
+/// real symbol the driver returned), else by name for the legacy default stream
+/// (`NAME_v2` from CUDA 3.2 on, else `NAME`). Per-thread-stream variants are left to
+/// the real driver.
 ///
 /// # Safety
-/// `pfn` must be a valid pointer.
-unsafe fn substitute(pfn: *mut *mut c_void) {
+/// `pfn` must be a valid pointer, `symbol` NUL-terminated.
+unsafe fn substitute(pfn: *mut *mut c_void, symbol: *const c_char, version: c_int, flags: u64) {
+    let s = state();
     // SAFETY: the caller checked it.
     let p = unsafe { *pfn } as usize;
-    if let Some(ours) = state().ours_by_real.get(&p) {
+    let ours = s.ours_by_real.get(&p).copied().or_else(|| {
+        if flags & PER_THREAD_DEFAULT_STREAM != 0 {
+            return None;
+        }
+        // SAFETY: NUL-terminated, as the API requires.
+        let name = unsafe { CStr::from_ptr(symbol) }.to_str().ok()?;
+        let v2 = format!("{name}_v2");
+        (version >= 3020)
+            .then(|| s.ours_by_name.get(v2.as_str()).copied())
+            .flatten()
+            .or_else(|| s.ours_by_name.get(name).copied())
+    });
+    if let Some(ours) = ours {
         // SAFETY: as above.
-        unsafe { *pfn = *ours as *mut c_void };
+        unsafe { *pfn = ours as *mut c_void };
     }
 }
 
@@ -746,7 +765,7 @@ pub unsafe extern "C" fn cuGetProcAddress(
     };
     if r == CUDA_SUCCESS {
         // SAFETY: checked above.
-        unsafe { substitute(pfn) };
+        unsafe { substitute(pfn, symbol, version, flags) };
     }
     r
 }
@@ -786,7 +805,7 @@ pub unsafe extern "C" fn cuGetProcAddress_v2(
     };
     if r == CUDA_SUCCESS {
         // SAFETY: checked above.
-        unsafe { substitute(pfn) };
+        unsafe { substitute(pfn, symbol, version, flags) };
     }
     r
 }
