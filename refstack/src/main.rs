@@ -86,9 +86,18 @@ enum Cmd {
         /// libcuda (the real one, or the project's fake driver).
         #[arg(long, env = "GPUCHAOS_CUDA_LIB")]
         cuda_lib: Option<PathBuf>,
-        /// The CUDA device the workers use.
+        /// The CUDA device the workers use (one GPU; see --gpus for several).
         #[arg(long, default_value_t = 0)]
         gpu: i32,
+        /// The CUDA devices the workers are spread over (`0,1`: worker i on the
+        /// i mod n-th); a worker that cannot start on its GPU (no memory, no device,
+        /// a CUDA error) is started on the next one. Overrides --gpu.
+        #[arg(long, value_delimiter = ',', num_args = 1.., conflicts_with = "gpu")]
+        gpus: Vec<i32>,
+        /// How long a GPU on which a worker could not start is avoided (doubling
+        /// with each further failure, at most 8x) before workers are sent to it again.
+        #[arg(long, default_value = "2s", value_parser = duration)]
+        gpu_retry: Duration,
         #[arg(long, default_value = "refstack-1b")]
         model: String,
     },
@@ -193,6 +202,8 @@ fn main() -> ExitCode {
                 eject_for,
                 cuda_lib,
                 gpu,
+                gpus,
+                gpu_retry,
                 model,
             } => match bind(&listen).await {
                 Ok(l) => {
@@ -210,7 +221,8 @@ fn main() -> ExitCode {
                             worker_timeout,
                             eject_for,
                             cuda_lib,
-                            gpu,
+                            gpus: if gpus.is_empty() { vec![gpu] } else { gpus },
+                            gpu_retry,
                             model,
                         },
                         l,

@@ -8,6 +8,13 @@
 //!   once no worker is left);
 //! - a worker that cannot get its KV cache (GPU memory taken) exits, and the
 //!   supervisor retries with a backoff;
+//! - workers are spread over `--gpus` (worker i on the i mod n-th); one that cannot
+//!   start on its GPU (exit 3: no memory, exit 4: no GPU, or a CUDA error on its
+//!   stderr), or dies of a CUDA error, is started on the next GPU, and the GPU it
+//!   failed on is avoided for `--gpu-retry` (doubling, at most 8×) so that
+//!   replacements return to it once it has recovered;
+//! - `GET /v1/workers` shows every worker (state, GPU, pid, restarts, last error)
+//!   and the workers lost since the start (`lost_total`);
 //! - `/health` can lie (`--health-lies`): 200 while every worker is dead;
 //! - every request is checked with the guardrail first: `fail-closed` blocks when the
 //!   guardrail errors or answers garbage, `fail-open` lets the request through.
@@ -44,7 +51,13 @@ pub struct ServerArgs {
     /// A worker that failed or timed out is left out of the rotation this long.
     pub eject_for: Duration,
     pub cuda_lib: Option<std::path::PathBuf>,
-    pub gpu: i32,
+    /// The CUDA devices the workers are spread over: worker i's home is
+    /// `gpus[i mod n]` (never empty).
+    pub gpus: Vec<i32>,
+    /// A GPU on which a worker could not start (no memory, no device, a CUDA error)
+    /// is avoided this long (doubling with each further failure, at most 8×), so that
+    /// replacements go to another GPU first and come back once it has recovered.
+    pub gpu_retry: Duration,
     pub model: String,
 }
 
@@ -55,14 +68,65 @@ struct Counters {
     guardrail_errors: AtomicU64,
     no_worker: AtomicU64,
     restarts: AtomicU64,
+    /// Worker processes that exited after serving.
+    died: AtomicU64,
+    /// Worker processes that exited before they served.
+    failed_starts: AtomicU64,
+}
+
+/// What a worker slot is doing, as `/v1/workers` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WorkerState {
+    /// A process is running and loading (not serving yet).
+    Starting,
+    /// Serving.
+    Ready,
+    /// No process: a restart delay, a backoff, or no GPU with room.
+    Waiting,
+    /// No process, and none will be started (`--no-restart`).
+    Failed,
+}
+
+impl WorkerState {
+    fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Ready => "ready",
+            WorkerState::Waiting => "waiting",
+            WorkerState::Failed => "failed",
+        }
+    }
 }
 
 struct Slot {
     port: u16,
     pid: Option<u32>,
-    ready: bool,
+    state: WorkerState,
+    /// The GPU its process runs on (or its last one tried).
+    gpu: i32,
+    /// Processes started after the first.
+    restarts: u64,
+    /// Its processes that died or failed to start.
+    lost: u64,
+    last_error: Option<String>,
     /// Left out of the rotation until then (it failed or timed out).
     ejected_until: Option<tokio::time::Instant>,
+}
+
+impl Slot {
+    fn ready(&self) -> bool {
+        self.state == WorkerState::Ready
+    }
+}
+
+/// What the supervisor knows of one GPU of `--gpus`.
+struct GpuHealth {
+    gpu: i32,
+    /// Workers are not sent to it before then (a worker failed on it).
+    avoid_until: Option<tokio::time::Instant>,
+    /// Failures in a row since a worker last became ready on it.
+    failures: u32,
+    last_error: Option<String>,
 }
 
 struct State {
@@ -71,17 +135,35 @@ struct State {
     /// so that a fault can select the workers of one server among several.
     addr: String,
     slots: Mutex<Vec<Slot>>,
+    gpus: std::sync::Mutex<Vec<GpuHealth>>,
     next: AtomicU64,
     c: Counters,
 }
 
-pub async fn run(args: ServerArgs, listener: TcpListener) {
+pub async fn run(mut args: ServerArgs, listener: TcpListener) {
+    if args.gpus.is_empty() {
+        args.gpus = vec![0];
+    }
     let slots = (0..args.workers)
-        .map(|_| Slot {
+        .map(|i| Slot {
             port: 0,
             pid: None,
-            ready: false,
+            state: WorkerState::Starting,
+            gpu: args.gpus[i as usize % args.gpus.len()],
+            restarts: 0,
+            lost: 0,
+            last_error: None,
             ejected_until: None,
+        })
+        .collect();
+    let gpus = args
+        .gpus
+        .iter()
+        .map(|g| GpuHealth {
+            gpu: *g,
+            avoid_until: None,
+            failures: 0,
+            last_error: None,
         })
         .collect();
     let addr = listener
@@ -92,6 +174,7 @@ pub async fn run(args: ServerArgs, listener: TcpListener) {
         args,
         addr,
         slots: Mutex::new(slots),
+        gpus: std::sync::Mutex::new(gpus),
         next: AtomicU64::new(0),
         c: Counters::default(),
     });
@@ -109,11 +192,95 @@ pub async fn run(args: ServerArgs, listener: TcpListener) {
     .await
 }
 
-/// Keeps worker `i` running: start, wait until ready, watch, restart after death.
+/// The GPU (an index into `--gpus`) worker `i` starts on next: the first of the list,
+/// from its home GPU on, that is not avoided; when every one is, the one that is
+/// avoided the shortest time more. The flag says whether it is usable now.
+fn choose(s: &State, i: u32) -> (usize, bool) {
+    let gpus = s.gpus.lock().unwrap_or_else(|e| e.into_inner());
+    let n = gpus.len();
+    let home = i as usize % n;
+    let now = tokio::time::Instant::now();
+    let order = (0..n).map(|k| (home + k) % n);
+    if let Some(k) = order
+        .clone()
+        .find(|k| gpus[*k].avoid_until.is_none_or(|t| t <= now))
+    {
+        return (k, true);
+    }
+    let k = order.min_by_key(|k| gpus[*k].avoid_until).unwrap_or(home);
+    (k, false)
+}
+
+/// A worker could not start on (or lost) GPU `k` for `reason`: it is avoided for a
+/// while. Returns how long.
+fn mark_unusable(s: &State, k: usize, reason: &str) -> Duration {
+    let mut gpus = s.gpus.lock().unwrap_or_else(|e| e.into_inner());
+    let g = &mut gpus[k];
+    g.failures = g.failures.saturating_add(1);
+    let avoid = s.args.gpu_retry * (1u32 << (g.failures - 1).min(3));
+    g.avoid_until = Some(tokio::time::Instant::now() + avoid);
+    g.last_error = Some(reason.to_string());
+    avoid
+}
+
+/// How long GPU `k` is still avoided.
+fn avoided_for(s: &State, k: usize) -> Duration {
+    let gpus = s.gpus.lock().unwrap_or_else(|e| e.into_inner());
+    gpus[k]
+        .avoid_until
+        .and_then(|t| t.checked_duration_since(tokio::time::Instant::now()))
+        .unwrap_or_default()
+}
+
+/// A worker became ready on GPU `k`: it is usable again.
+fn mark_usable(s: &State, k: usize) {
+    let mut gpus = s.gpus.lock().unwrap_or_else(|e| e.into_inner());
+    let g = &mut gpus[k];
+    g.failures = 0;
+    g.avoid_until = None;
+}
+
+/// What a worker's stderr said: its last line, and the first line naming a CUDA
+/// error. Every line is passed on to the server's own stderr as it comes.
+#[derive(Default)]
+struct Tail {
+    last: Option<String>,
+    cuda_error: Option<String>,
+}
+
+fn forward_stderr(err: Option<tokio::process::ChildStderr>) -> tokio::task::JoinHandle<Tail> {
+    tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut tail = Tail::default();
+        let Some(err) = err else { return tail };
+        let mut lines = tokio::io::BufReader::new(err).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("{line}");
+            if tail.cuda_error.is_none() && line.contains("CUDA_ERROR_") {
+                tail.cuda_error = Some(line.clone());
+            }
+            tail.last = Some(line);
+        }
+        tail
+    })
+}
+
+/// The worker's own words for its error: its line without the `worker N: ` prefix.
+fn own_words(line: &str) -> &str {
+    line.strip_prefix("worker ")
+        .and_then(|rest| rest.split_once(": "))
+        .map(|(_, msg)| msg)
+        .unwrap_or(line)
+}
+
+/// Keeps worker `i` running: start, wait until ready, watch, restart after death; a
+/// worker that cannot start on its GPU (or dies of a CUDA error) is sent to the next
+/// GPU of `--gpus` that is not avoided.
 async fn supervise(s: Arc<State>, i: u32) {
     // The binary's own path, so that the workers show as `gpuchaos-refstack worker
     // --id N` (what a process fault selects them by).
     let exe = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
+    let n = s.args.gpus.len();
     let mut backoff = Duration::from_millis(200);
     let mut first = true;
     // The last pid that served, while its replacement is not yet started.
@@ -124,9 +291,11 @@ async fn supervise(s: Arc<State>, i: u32) {
                 eprintln!(
                     "supervisor: worker {i} is gone and --no-restart is set: not restarting it"
                 );
+                s.slots.lock().await[i as usize].state = WorkerState::Failed;
                 return;
             }
             s.c.restarts.fetch_add(1, Ordering::Relaxed);
+            s.slots.lock().await[i as usize].restarts += 1;
             if died.is_some() && !s.args.restart_delay.is_zero() {
                 eprintln!(
                     "supervisor: {} waiting {} before replacing worker {i}",
@@ -137,13 +306,17 @@ async fn supervise(s: Arc<State>, i: u32) {
             }
         }
         first = false;
+        let (k, _) = choose(&s, i);
+        let gpu = s.args.gpus[k];
         let mut cmd = tokio::process::Command::new(&exe);
         cmd.args(["worker", "--id", &i.to_string(), "--server", &s.addr])
             .args(["--parent", &std::process::id().to_string()])
             // A port of its own, told on stdout once it serves: no collisions.
             .args(["--listen", "127.0.0.1:0"])
             .stdout(std::process::Stdio::piped())
-            .args(["--gpu", &s.args.gpu.to_string()])
+            // Passed on line by line; the supervisor reads why a start failed.
+            .stderr(std::process::Stdio::piped())
+            .args(["--gpu", &gpu.to_string()])
             .args(["--kv-bytes", &s.args.kv_bytes.to_string()])
             .args(["--weights", &format!("{}B", s.args.weights_bytes)])
             .args([
@@ -158,6 +331,11 @@ async fn supervise(s: Arc<State>, i: u32) {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("supervisor: cannot start worker {i}: {e}");
+                {
+                    let mut slots = s.slots.lock().await;
+                    slots[i as usize].state = WorkerState::Waiting;
+                    slots[i as usize].last_error = Some(format!("cannot start: {e}"));
+                }
                 tokio::time::sleep(backoff).await;
                 continue;
             }
@@ -171,8 +349,15 @@ async fn supervise(s: Arc<State>, i: u32) {
                 pid.unwrap_or(0)
             );
         }
-        s.slots.lock().await[i as usize].pid = pid;
+        {
+            let mut slots = s.slots.lock().await;
+            let slot = &mut slots[i as usize];
+            slot.pid = pid;
+            slot.gpu = gpu;
+            slot.state = WorkerState::Starting;
+        }
         let stdout = child.stdout.take();
+        let stderr = forward_stderr(child.stderr.take());
         // Ready once it says where it listens, and answers there.
         let waiter = async {
             use tokio::io::AsyncBufReadExt;
@@ -205,17 +390,19 @@ async fn supervise(s: Arc<State>, i: u32) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
-        tokio::select! {
+        let (served, status) = tokio::select! {
             port = waiter => {
                 {
                     let mut slots = s.slots.lock().await;
-                    slots[i as usize].port = port;
-                    slots[i as usize].ready = true;
-                    slots[i as usize].ejected_until = None;
+                    let slot = &mut slots[i as usize];
+                    slot.port = port;
+                    slot.state = WorkerState::Ready;
+                    slot.ejected_until = None;
                 }
+                mark_usable(&s, k);
                 backoff = Duration::from_millis(200);
                 eprintln!(
-                    "supervisor: {} worker {i} ready (pid {}) {} after its start",
+                    "supervisor: {} worker {i} ready (pid {}) on GPU {gpu} {} after its start",
                     now(),
                     pid.unwrap_or(0),
                     humantime::format_duration(round_ms(spawned.elapsed()))
@@ -223,21 +410,91 @@ async fn supervise(s: Arc<State>, i: u32) {
                 let status = child.wait().await;
                 eprintln!("supervisor: {} worker {i} (pid {}) exited ({status:?})", now(), pid.unwrap_or(0));
                 died = pid;
+                (true, status)
             }
-            status = child.wait() => {
-                // It exited before it was ready: no GPU memory, no GPU.
-                eprintln!(
-                    "supervisor: {} worker {i} (pid {}) failed to start ({status:?}); retrying in {backoff:?}",
-                    now(),
-                    pid.unwrap_or(0)
-                );
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
+            status = child.wait() => (false, status),
+        };
+        // Its last words: the stream ends once it has exited.
+        let tail = tokio::time::timeout(Duration::from_secs(1), stderr)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        let code = status.as_ref().ok().and_then(|st| st.code());
+        let said = match (&tail.cuda_error, &tail.last) {
+            (Some(l), _) => Some(own_words(l).to_string()),
+            (None, Some(l)) if code.is_some_and(|c| c != 0) => Some(own_words(l).to_string()),
+            _ => None,
+        };
+        let how = match &status {
+            Ok(st) => st.to_string(),
+            Err(e) => format!("cannot wait for it: {e}"),
+        };
+        let error = match &said {
+            Some(w) => format!("{w} ({how})"),
+            None => how,
+        };
+        // Its GPU's fault: no memory or no device at start (exit 3 or 4), or a CUDA
+        // error whenever it came.
+        let gpu_fault = tail.cuda_error.is_some() || (!served && matches!(code, Some(3 | 4)));
+        {
+            let mut slots = s.slots.lock().await;
+            let slot = &mut slots[i as usize];
+            slot.state = WorkerState::Waiting;
+            slot.pid = None;
+            slot.lost += 1;
+            slot.last_error = Some(error.clone());
         }
-        let mut slots = s.slots.lock().await;
-        slots[i as usize].ready = false;
-        slots[i as usize].pid = None;
+        if served {
+            s.c.died.fetch_add(1, Ordering::Relaxed);
+        } else {
+            s.c.failed_starts.fetch_add(1, Ordering::Relaxed);
+            eprintln!(
+                "supervisor: {} worker {i} (pid {}) failed to start on GPU {gpu} ({status:?}){}",
+                now(),
+                pid.unwrap_or(0),
+                if gpu_fault && n > 1 {
+                    String::new()
+                } else {
+                    format!("; retrying in {backoff:?}")
+                }
+            );
+        }
+        if gpu_fault && n > 1 {
+            let avoid = mark_unusable(&s, k, &error);
+            let (next, usable) = choose(&s, i);
+            if usable && next != k {
+                eprintln!(
+                    "supervisor: {} worker {i}: GPU {gpu} unusable ({error}), trying GPU {}",
+                    now(),
+                    s.args.gpus[next]
+                );
+                continue;
+            }
+            // Every GPU is avoided: wait until the first of them may be tried again
+            // (at least the backoff).
+            let wait = backoff.max(avoided_for(&s, next));
+            eprintln!(
+                "supervisor: {} worker {i}: GPU {gpu} unusable ({error}); it is avoided for {} and no other GPU of {:?} is usable: waiting {wait:?}, then trying GPU {}",
+                now(),
+                humantime::format_duration(avoid),
+                s.args.gpus,
+                s.args.gpus[next]
+            );
+            {
+                let mut slots = s.slots.lock().await;
+                slots[i as usize].state = WorkerState::Waiting;
+            }
+            tokio::time::sleep(wait).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+            continue;
+        } else if gpu_fault {
+            mark_unusable(&s, k, &error);
+        }
+        if !served || gpu_fault {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
     }
 }
 
@@ -254,7 +511,7 @@ async fn live_workers(s: &State) -> Vec<u16> {
         .lock()
         .await
         .iter()
-        .filter(|w| w.ready)
+        .filter(|w| w.ready())
         .map(|w| w.port)
         .collect()
 }
@@ -264,7 +521,7 @@ async fn live_workers(s: &State) -> Vec<u16> {
 async fn routable_workers(s: &State) -> Vec<u16> {
     let now = tokio::time::Instant::now();
     let slots = s.slots.lock().await;
-    let ready: Vec<&Slot> = slots.iter().filter(|w| w.ready).collect();
+    let ready: Vec<&Slot> = slots.iter().filter(|w| w.ready()).collect();
     let in_rotation: Vec<u16> = ready
         .iter()
         .filter(|w| w.ejected_until.is_none_or(|t| t <= now))
@@ -291,6 +548,72 @@ async fn eject(s: &State, port: u16) {
             humantime::format_duration(s.args.eject_for)
         );
     }
+}
+
+fn lost_total(c: &Counters) -> u64 {
+    c.died.load(Ordering::Relaxed) + c.failed_starts.load(Ordering::Relaxed)
+}
+
+/// Each GPU of `--gpus` and whether workers are kept off it now.
+fn unusable_gpus(s: &State) -> Vec<(i32, bool)> {
+    let now = tokio::time::Instant::now();
+    let gpus = s.gpus.lock().unwrap_or_else(|e| e.into_inner());
+    gpus.iter()
+        .map(|g| (g.gpu, g.avoid_until.is_some_and(|t| t > now)))
+        .collect()
+}
+
+/// `GET /v1/workers`: every worker slot, what it is doing and on which GPU, and the
+/// workers lost since the server started (processes that died or failed to start:
+/// each failed attempt counts, as an orchestrator counts restarts).
+async fn workers_view(s: &State) -> serde_json::Value {
+    let now = tokio::time::Instant::now();
+    let workers: Vec<serde_json::Value> = s
+        .slots
+        .lock()
+        .await
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            serde_json::json!({
+                "id": i,
+                "gpu": w.gpu,
+                "home_gpu": s.args.gpus[i % s.args.gpus.len()],
+                "state": w.state.as_str(),
+                "pid": w.pid,
+                "port": (w.ready() && w.port != 0).then_some(w.port),
+                "restarts": w.restarts,
+                "lost": w.lost,
+                "last_error": w.last_error,
+            })
+        })
+        .collect();
+    let gpus: Vec<serde_json::Value> = {
+        let health = s.gpus.lock().unwrap_or_else(|e| e.into_inner());
+        health
+            .iter()
+            .map(|g| {
+                let left = g.avoid_until.and_then(|t| t.checked_duration_since(now));
+                serde_json::json!({
+                    "gpu": g.gpu,
+                    "usable": left.is_none(),
+                    "avoided_for_ms": left.map(|d| d.as_millis() as u64),
+                    "failures": g.failures,
+                    "last_error": g.last_error,
+                })
+            })
+            .collect()
+    };
+    let ready = workers.iter().filter(|w| w["state"] == "ready").count();
+    serde_json::json!({
+        "workers": workers,
+        "ready": ready,
+        "configured": s.args.workers,
+        "lost_total": lost_total(&s.c),
+        "died_total": s.c.died.load(Ordering::Relaxed),
+        "failed_starts_total": s.c.failed_starts.load(Ordering::Relaxed),
+        "gpus": gpus,
+    })
 }
 
 fn prompt_of(v: &serde_json::Value) -> String {
@@ -386,27 +709,51 @@ async fn handle(s: Arc<State>, req: Req) -> hyper::Response<http::Body> {
             }
         }
         "/metrics" => {
-            let (live, starting) = {
+            let (live, starting, per_gpu) = {
                 let slots = s.slots.lock().await;
-                let live = slots.iter().filter(|w| w.ready).count();
-                let starting = slots.iter().filter(|w| !w.ready && w.pid.is_some()).count();
-                (live, starting)
+                let live = slots.iter().filter(|w| w.ready()).count();
+                let starting = slots
+                    .iter()
+                    .filter(|w| w.state == WorkerState::Starting)
+                    .count();
+                let per_gpu: Vec<(i32, usize)> = s
+                    .args
+                    .gpus
+                    .iter()
+                    .map(|g| {
+                        (
+                            *g,
+                            slots.iter().filter(|w| w.ready() && w.gpu == *g).count(),
+                        )
+                    })
+                    .collect();
+                (live, starting, per_gpu)
             };
+            let unusable = unusable_gpus(&s);
             let c = &s.c;
-            http::text(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                format!(
-                    "refstack_workers_live {live}\nrefstack_workers_starting {starting}\nrefstack_workers_configured {}\nrefstack_requests_total {}\nrefstack_blocked_total {}\nrefstack_guardrail_errors_total {}\nrefstack_no_worker_total {}\nrefstack_worker_restarts_total {}\n",
-                    s.args.workers,
-                    c.requests.load(Ordering::Relaxed),
-                    c.blocked.load(Ordering::Relaxed),
-                    c.guardrail_errors.load(Ordering::Relaxed),
-                    c.no_worker.load(Ordering::Relaxed),
-                    c.restarts.load(Ordering::Relaxed),
-                ),
-            )
+            let mut text = format!(
+                "refstack_workers_live {live}\nrefstack_workers_starting {starting}\nrefstack_workers_configured {}\nrefstack_requests_total {}\nrefstack_blocked_total {}\nrefstack_guardrail_errors_total {}\nrefstack_no_worker_total {}\nrefstack_worker_restarts_total {}\nrefstack_workers_lost_total {}\nrefstack_worker_failed_starts_total {}\n",
+                s.args.workers,
+                c.requests.load(Ordering::Relaxed),
+                c.blocked.load(Ordering::Relaxed),
+                c.guardrail_errors.load(Ordering::Relaxed),
+                c.no_worker.load(Ordering::Relaxed),
+                c.restarts.load(Ordering::Relaxed),
+                lost_total(c),
+                c.failed_starts.load(Ordering::Relaxed),
+            );
+            for (g, n) in &per_gpu {
+                text.push_str(&format!("refstack_gpu_workers_ready{{gpu=\"{g}\"}} {n}\n"));
+            }
+            for (g, avoided) in &unusable {
+                text.push_str(&format!(
+                    "refstack_gpu_unusable{{gpu=\"{g}\"}} {}\n",
+                    u8::from(*avoided)
+                ));
+            }
+            http::text(StatusCode::OK, "text/plain; version=0.0.4", text)
         }
+        "/v1/workers" | "/workers" => http::json(StatusCode::OK, &workers_view(&s).await),
         "/v1/models" => http::json(
             StatusCode::OK,
             &serde_json::json!({"object": "list", "data": [{"id": s.args.model, "object": "model"}]}),

@@ -43,10 +43,17 @@ fn started(mut c: Child) -> (Child, String) {
 }
 
 impl Stack {
+    /// `server_flags` are the server's, except `NAME=VALUE` entries, which are the
+    /// environment of the whole stack (`GPUCHAOS_FAKE_GPUS=2x80GiB`: a node of two
+    /// fake GPUs instead of one).
     fn start(ns: Option<&gpuchaos_tests::netns::Netns>, server_flags: &[&str]) -> Stack {
         let dir = tempfile::tempdir().unwrap();
         let lib = bin("libgpuchaos_fakegpu.so").display().to_string();
-        let env = [
+        let (stack_env, server_flags): (Vec<&str>, Vec<&str>) = server_flags
+            .iter()
+            .partition(|f| !f.starts_with('-') && f.contains('='));
+        let server_flags = &server_flags[..];
+        let mut env = vec![
             (
                 "GPUCHAOS_FAKE_GPU_STATE".to_string(),
                 dir.path().join("gpu.json").display().to_string(),
@@ -54,6 +61,11 @@ impl Stack {
             ("GPUCHAOS_FAKE_GPUS".to_string(), "1x80GiB".to_string()),
             ("GPUCHAOS_CUDA_LIB".to_string(), lib.clone()),
         ];
+        for e in stack_env {
+            let (k, v) = e.split_once('=').unwrap();
+            env.retain(|(name, _)| name != k);
+            env.push((k.to_string(), v.to_string()));
+        }
         let spawn = |program: &Path, args: &[&str]| {
             command(ns, program)
                 .args(args)
@@ -91,15 +103,27 @@ impl Stack {
             "127.0.0.1:18800",
             "--guardrail",
             "http://127.0.0.1:18801",
-            "--kv-cache",
-            "8GiB",
         ];
-        // A cold start of 1s unless the case sets its own.
+        // A KV cache of 8GiB and a cold start of 1s unless the case sets its own.
+        if !server_flags.contains(&"--kv-cache") {
+            args.extend(["--kv-cache", "8GiB"]);
+        }
         if !server_flags.contains(&"--cold-start") {
             args.extend(["--cold-start", "1s"]);
         }
         args.extend(server_flags);
-        let (server, _) = started(spawn(&bin("gpuchaos-refstack"), &args));
+        // The server's log (its workers' lines too) for the checks that read it.
+        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+        let (server, _) = started(
+            command(ns, &bin("gpuchaos-refstack"))
+                .args(&args)
+                .envs(env.iter().cloned())
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
         let s = Stack {
             children: vec![guardrail, agent, server],
             _dir: dir,
@@ -118,6 +142,22 @@ impl Stack {
         });
         assert!(ready.is_some(), "the stack never became ready");
         s
+    }
+}
+
+impl Stack {
+    /// The server's log so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// `GET /v1/workers` of the stack's server.
+    fn workers(&self, ns: Option<&gpuchaos_tests::netns::Netns>) -> serde_json::Value {
+        let out = command(ns, Path::new("curl"))
+            .args(["-s", "-m", "5", "http://127.0.0.1:18800/v1/workers"])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
     }
 }
 
@@ -160,6 +200,109 @@ fn run(
     (out.code, verdicts, secs, j)
 }
 
+/// The cascading-OOM game day's well-configured stack: two fake GPUs of 24 GiB, a
+/// worker on each, 4GiB of KV cache (two workers fit next to GPU 1's 65% fill), a 5s
+/// cold start and a 4s restart delay (the fills hold their memory before a
+/// replacement asks for any).
+const CASCADE_GOOD: [&str; 11] = [
+    "GPUCHAOS_FAKE_GPUS=2x24GiB",
+    "--gpus",
+    "0,1",
+    "--workers",
+    "2",
+    "--kv-cache",
+    "4GiB",
+    "--cold-start",
+    "5s",
+    "--restart-delay",
+    "4s",
+];
+
+/// The highest `lost_total` the losses probe saw, and its samples' count.
+fn losses_seen(journal: &serde_json::Value) -> (u64, usize) {
+    let probes = journal["probes"].as_array().unwrap();
+    let losses = probes.iter().position(|p| p["name"] == "losses").unwrap() as u64;
+    let samples: Vec<&serde_json::Value> = journal["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["probe"] == losses)
+        .collect();
+    // A failing sample says what it found: `json /lost_total: 5 is not <= 2`.
+    let most = samples
+        .iter()
+        .filter_map(|x| x["error"].as_str())
+        .filter_map(|e| e.split("/lost_total: ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse::<f64>().ok())
+        .fold(0.0f64, f64::max) as u64;
+    (most, samples.len())
+}
+
+/// The well-configured stack rode the cascade out as designed: the worker on GPU 0
+/// died (the OOM kill), its replacement found GPU 0 full and moved to GPU 1, where it
+/// serves next to the pressure; two worker processes lost, no more.
+fn check_cascade_good(
+    stack: &Stack,
+    ns: Option<&gpuchaos_tests::netns::Netns>,
+    journal: &serde_json::Value,
+) {
+    let w = stack.workers(ns);
+    let log = stack.log();
+    eprintln!("cascading-oom, good stack: /v1/workers after the run: {w}");
+    assert_eq!(w["lost_total"], 2, "{w}\n{log}");
+    assert_eq!(w["died_total"], 1, "{w}\n{log}");
+    assert_eq!(w["failed_starts_total"], 1, "{w}\n{log}");
+    let workers = w["workers"].as_array().unwrap();
+    assert!(
+        workers.iter().all(|x| x["state"] == "ready"),
+        "both serve again: {w}"
+    );
+    assert_eq!(workers[0]["gpu"], 1, "worker 0 moved to GPU 1: {w}");
+    assert_eq!(workers[1]["gpu"], 1, "{w}");
+    assert!(
+        workers[0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("insufficient free GPU memory")),
+        "{w}"
+    );
+    assert!(
+        log.contains("worker 0: GPU 0 unusable (") && log.contains("), trying GPU 1"),
+        "{log}"
+    );
+    let (most, n) = losses_seen(journal);
+    assert_eq!(most, 0, "no losses sample failed ({n} samples)");
+}
+
+/// The badly configured stacks failed for the reason each was built to show.
+fn check_cascade_bad(
+    stack: &Stack,
+    ns: Option<&gpuchaos_tests::netns::Netns>,
+    bad: &[&str],
+    verdicts: &[(String, bool)],
+    journal: &serde_json::Value,
+) {
+    let w = stack.workers(ns);
+    let (most, n) = losses_seen(journal);
+    eprintln!(
+        "cascading-oom, {bad:?}: /v1/workers after the run: {w}; the losses probe saw up to {most} lost ({n} samples)"
+    );
+    assert!(most > 2, "more than 2 workers were lost: {w}");
+    let held = |name: &str| verdicts.iter().any(|(n, ok)| n == name && *ok);
+    if bad.contains(&"8GiB") {
+        // Users saw nothing: the worker on GPU 1 served throughout.
+        assert!(
+            held("generations stay available through the cascade"),
+            "{verdicts:?}"
+        );
+        assert!(held("a worker is ready throughout"), "{verdicts:?}");
+        assert!(
+            stack.log().contains("worker 0: GPU 1 unusable ("),
+            "the pushed-off worker found no room on GPU 1 either: {}",
+            stack.log()
+        );
+    }
+}
+
 #[test]
 fn each_game_day_passes_a_good_stack_and_fails_a_bad_one() {
     let root = nix::unistd::geteuid().is_root();
@@ -190,6 +333,32 @@ fn each_game_day_passes_a_good_stack_and_fails_a_bad_one() {
             vec!["--guardrail-policy", "fail-open"],
             "no unsafe output while the guardrail is broken",
         ),
+        // A cascading OOM over two GPUs (a node of 2x24GiB): workers spread over both
+        // with a KV cache that fits next to the pressure ride it out; all on one GPU,
+        // generations stop; a KV cache too large to share GPU 1 with the pressure
+        // keeps users served but loses the pushed-off worker, start after start.
+        (
+            "experiments/refstack/cascading-oom.yaml",
+            CASCADE_GOOD.to_vec(),
+            {
+                // Every worker on GPU 0.
+                let mut v = CASCADE_GOOD.to_vec();
+                v[2] = "0";
+                v
+            },
+            "generations stay available through the cascade",
+        ),
+        (
+            "experiments/refstack/cascading-oom.yaml",
+            CASCADE_GOOD.to_vec(),
+            {
+                // A KV cache of 8GiB: no room next to GPU 1's pressure.
+                let mut v = CASCADE_GOOD.to_vec();
+                v[6] = "8GiB";
+                v
+            },
+            "at most 2 workers lost",
+        ),
     ];
     if root {
         cases.push((
@@ -213,6 +382,9 @@ fn each_game_day_passes_a_good_stack_and_fails_a_bad_one() {
         let file = repo.join(file).display().to_string();
         let stack = Stack::start(ns.as_ref(), &good);
         let (code, verdicts, secs, journal) = run(ns.as_ref(), &file);
+        if file.ends_with("cascading-oom.yaml") {
+            check_cascade_good(&stack, ns.as_ref(), &journal);
+        }
         drop(stack);
         eprintln!("{file} against {good:?}: exit {code} in {secs:.1}s {verdicts:?}");
         assert_eq!(
@@ -232,6 +404,9 @@ fn each_game_day_passes_a_good_stack_and_fails_a_bad_one() {
 
         let stack = Stack::start(ns.as_ref(), &bad);
         let (code, verdicts, secs, journal) = run(ns.as_ref(), &file);
+        if file.ends_with("cascading-oom.yaml") {
+            check_cascade_bad(&stack, ns.as_ref(), &bad, &verdicts, &journal);
+        }
         drop(stack);
         eprintln!("{file} against {bad:?}: exit {code} in {secs:.1}s {verdicts:?}");
         assert_eq!(

@@ -543,3 +543,311 @@ fn the_agent_observes_the_replacement_and_its_gpu_memory() {
         assert!(obs[1].gpu_bytes >= 9 << 30);
     });
 }
+
+impl Stack {
+    /// `GET /v1/workers`.
+    fn workers(&self) -> serde_json::Value {
+        serde_json::from_str(&curl(&[
+            "-s",
+            &format!("http://{}/v1/workers", self.server.addr),
+        ]))
+        .unwrap_or_default()
+    }
+
+    /// The `--gpu` on worker `pid`'s command line.
+    fn gpu_flag(pid: u32) -> Option<String> {
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let k = args.iter().position(|a| a == "--gpu")?;
+        args.get(k + 1).cloned()
+    }
+
+    /// The fake GPU (device index) `pid`'s memory is on.
+    fn gpu_of(&self, pid: u32) -> Option<u64> {
+        let text = std::fs::read_to_string(self._dir.path().join("gpu.json")).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        v["allocs"]
+            .as_array()?
+            .iter()
+            .find(|x| x["pid"].as_u64() == Some(pid as u64))
+            .and_then(|x| x["dev"].as_u64())
+    }
+}
+
+/// Holds `bytes` on fake GPU `index` (of the node `gpus` in `dir`) until dropped, as
+/// the agent's helper does for a gpu_memory fault.
+struct Hog(Child);
+
+impl Hog {
+    fn hold(dir: &std::path::Path, gpus: &str, index: u32, bytes: u64) -> Hog {
+        let mut hog = Command::new(bin("gpuchaos-agent"))
+            .args([
+                "__gpu-helper",
+                "--uuid",
+                &format!("GPU-fa4e0000-0000-4000-8000-{index:012x}"),
+                "--cuda-lib",
+            ])
+            .arg(bin("libgpuchaos_fakegpu.so"))
+            .env("GPUCHAOS_FAKE_GPU_STATE", dir.join("gpu.json"))
+            .env("GPUCHAOS_FAKE_GPUS", gpus)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(hog.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        use std::io::Write;
+        writeln!(hog.stdin.as_mut().unwrap(), "grow {bytes}").unwrap();
+        line.clear();
+        out.read_line(&mut line).unwrap();
+        assert!(line.starts_with("ok"), "{line}");
+        Hog(hog)
+    }
+}
+
+impl Drop for Hog {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A server on the fake node `gpus` in `dir` (no guardrail), logging to server.log.
+fn server_in(dir: tempfile::TempDir, gpus: &str, flags: &[&str]) -> Stack {
+    let env = vec![
+        (
+            "GPUCHAOS_FAKE_GPU_STATE".to_string(),
+            dir.path().join("gpu.json").display().to_string(),
+        ),
+        ("GPUCHAOS_FAKE_GPUS".to_string(), gpus.to_string()),
+        (
+            "GPUCHAOS_CUDA_LIB".to_string(),
+            bin("libgpuchaos_fakegpu.so").display().to_string(),
+        ),
+    ];
+    let log = dir.path().join("server.log");
+    let mut args = vec!["server", "--kv-cache", "8GiB", "--cold-start", "300ms"];
+    args.extend(flags);
+    let server = spawn(&args, &env, Some(std::fs::File::create(&log).unwrap()));
+    Stack {
+        _dir: dir,
+        _guardrail: None,
+        server,
+        log,
+    }
+}
+
+#[test]
+fn workers_are_spread_over_the_gpus_listed() {
+    let s = Stack::start("2x80GiB", true, &["--gpus", "0,1", "--workers", "4"]);
+    assert!(
+        wait_until(Duration::from_secs(15), || s.live() == 4).is_some(),
+        "{}",
+        std::fs::read_to_string(&s.log).unwrap()
+    );
+    let w = s.workers();
+    eprintln!("{w}");
+    for (i, want) in [0u64, 1, 0, 1].into_iter().enumerate() {
+        let x = &w["workers"][i];
+        assert_eq!(x["id"], i as u64, "{w}");
+        assert_eq!(x["state"], "ready", "{w}");
+        assert_eq!(x["gpu"], want, "worker i on GPU i mod 2: {w}");
+        assert_eq!(x["home_gpu"], want, "{w}");
+        let pid = x["pid"].as_u64().unwrap() as u32;
+        assert_eq!(s.worker_pid(i as u32), Some(pid), "{w}");
+        assert_eq!(Stack::gpu_flag(pid).as_deref(), Some(&*want.to_string()));
+        assert_eq!(s.gpu_of(pid), Some(want), "its memory is on GPU {want}");
+    }
+    assert_eq!(w["lost_total"], 0, "{w}");
+    assert_eq!(w["ready"], 4, "{w}");
+    let metrics = curl(&["-s", &format!("http://{}/metrics", s.server.addr)]);
+    assert!(
+        metrics.contains("refstack_gpu_workers_ready{gpu=\"0\"} 2\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("refstack_gpu_workers_ready{gpu=\"1\"} 2\n"),
+        "{metrics}"
+    );
+    assert_eq!(s.metric("refstack_workers_lost_total"), 0);
+    // Generations go to workers on both GPUs.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..8 {
+        let (code, v) = s.chat("which worker?");
+        assert_eq!(code, 200, "{v}");
+        seen.insert(text(&v));
+    }
+    assert_eq!(seen.len(), 4, "round robin over the 4 workers: {seen:?}");
+}
+
+#[test]
+fn a_worker_pushed_off_a_full_gpu_starts_on_the_other_and_returns_once_it_recovers() {
+    const GIB: u64 = 1 << 30;
+    // Two 16 GiB GPUs; 12 GiB of GPU 0 taken: no room for 2 GiB of weights and 8 GiB
+    // of KV cache there.
+    let dir = tempfile::tempdir().unwrap();
+    let hog = Hog::hold(dir.path(), "2x16GiB", 0, 12 * GIB);
+    let s = server_in(
+        dir,
+        "2x16GiB",
+        &["--gpus", "0,1", "--workers", "1", "--gpu-retry", "500ms"],
+    );
+    let log = || std::fs::read_to_string(&s.log).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || s.live() == 1).is_some(),
+        "{}",
+        log()
+    );
+    let w = s.workers();
+    eprintln!("pushed off: {w}");
+    let x = &w["workers"][0];
+    assert_eq!(x["gpu"], 1, "started on GPU 1: {w}");
+    assert_eq!(x["home_gpu"], 0, "{w}");
+    assert!(
+        x["last_error"].as_str().is_some_and(
+            |e| e.contains("insufficient free GPU memory") && e.contains("exit status: 3")
+        ),
+        "the failed start's own words: {w}"
+    );
+    assert_eq!(w["lost_total"], 1, "one failed start: {w}");
+    assert_eq!(w["failed_starts_total"], 1, "{w}");
+    assert_eq!(w["gpus"][0]["failures"], 1, "{w}");
+    let pid = x["pid"].as_u64().unwrap() as u32;
+    assert_eq!(s.gpu_of(pid), Some(1));
+    let text = log();
+    assert!(
+        text.contains("worker 0: GPU 0 unusable (insufficient free GPU memory for the weights and the KV cache")
+            && text.contains("), trying GPU 1"),
+        "{text}"
+    );
+    assert!(text.contains("worker 0 ready (pid"), "{text}");
+
+    // GPU 0 recovers; the worker's next replacement goes home.
+    drop(hog);
+    std::thread::sleep(Duration::from_millis(700));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let mut back = serde_json::Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            back = s.workers();
+            back["workers"][0]["state"] == "ready"
+                && back["workers"][0]["pid"].as_u64() != Some(pid as u64)
+        })
+        .is_some(),
+        "{back}\n{}",
+        log()
+    );
+    eprintln!("back home: {back}");
+    assert_eq!(back["workers"][0]["gpu"], 0, "{back}");
+    let new = back["workers"][0]["pid"].as_u64().unwrap() as u32;
+    assert_eq!(s.gpu_of(new), Some(0));
+    assert_eq!(
+        back["lost_total"], 2,
+        "the failed start and the kill: {back}"
+    );
+    assert_eq!(back["died_total"], 1, "{back}");
+    assert_eq!(back["gpus"][0]["usable"], true, "{back}");
+    assert_eq!(
+        back["gpus"][0]["failures"], 0,
+        "a worker served on it: {back}"
+    );
+}
+
+#[test]
+fn the_workers_view_follows_a_kill_through_waiting_starting_and_ready() {
+    let s = Stack::start(
+        "1x80GiB",
+        true,
+        &[
+            "--workers",
+            "2",
+            "--restart-delay",
+            "600ms",
+            "--cold-start",
+            "600ms",
+        ],
+    );
+    assert!(wait_until(Duration::from_secs(10), || s.live() == 2).is_some());
+    let w = s.workers();
+    assert_eq!(w["lost_total"], 0, "{w}");
+    assert_eq!(w["workers"][0]["restarts"], 0, "{w}");
+    assert!(w["workers"][0]["last_error"].is_null(), "{w}");
+    let pid = s.worker_pid(0).unwrap();
+    assert_eq!(w["workers"][0]["pid"], pid, "{w}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // Every state worker 0 goes through, sampled every 20ms until it serves again.
+    let mut states: Vec<String> = Vec::new();
+    let mut last = serde_json::Value::Null;
+    let done = wait_until(Duration::from_secs(10), || {
+        last = s.workers();
+        let st = last["workers"][0]["state"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        if states.last() != Some(&st) {
+            states.push(st.clone());
+        }
+        st == "ready" && last["workers"][0]["pid"].as_u64() != Some(pid as u64)
+    });
+    assert!(done.is_some(), "{states:?} {last}");
+    eprintln!("worker 0: {states:?}; {last}");
+    let at = |s: &str| states.iter().position(|x| x == s);
+    let (waiting, starting) = (at("waiting").unwrap(), at("starting").unwrap());
+    assert!(waiting < starting, "{states:?}");
+    assert_eq!(states.last().map(String::as_str), Some("ready"));
+    let x = &last["workers"][0];
+    assert_eq!(last["lost_total"], 1, "{last}");
+    assert_eq!(last["died_total"], 1, "{last}");
+    assert_eq!(last["failed_starts_total"], 0, "{last}");
+    assert_eq!(x["restarts"], 1, "{last}");
+    assert_eq!(x["lost"], 1, "{last}");
+    assert!(
+        x["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("SIGKILL")),
+        "{last}"
+    );
+    assert_eq!(last["workers"][1]["lost"], 0, "worker 1 untouched: {last}");
+    assert_eq!(s.metric("refstack_workers_lost_total"), 1);
+    assert_eq!(s.metric("refstack_worker_failed_starts_total"), 0);
+    // /workers is the same view.
+    let short: serde_json::Value =
+        serde_json::from_str(&curl(&["-s", &format!("http://{}/workers", s.server.addr)])).unwrap();
+    assert_eq!(short["lost_total"], 1, "{short}");
+}
+
+#[test]
+fn without_restarts_a_dead_worker_is_failed_in_the_workers_view() {
+    let s = Stack::start("1x80GiB", true, &["--workers", "1", "--no-restart"]);
+    assert!(wait_until(Duration::from_secs(10), || s.live() == 1).is_some());
+    let pid = s.worker_pid(0).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let mut w = serde_json::Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            w = s.workers();
+            w["workers"][0]["state"] == "failed"
+        })
+        .is_some(),
+        "{w}"
+    );
+    assert!(w["workers"][0]["pid"].is_null(), "{w}");
+    assert_eq!(w["lost_total"], 1, "{w}");
+    assert_eq!(w["ready"], 0, "{w}");
+}
