@@ -216,6 +216,19 @@ fn attributed(selector: &Selector, uuid: &str) -> Option<(u32, String)> {
     Some((pid, comm))
 }
 
+/// Creates the arm directory (readable by every workload) and its `loaded/`, where
+/// the interposers of workloads that do not run as root register too (sticky and
+/// world-writable, as /tmp: each can remove only its own file).
+fn prepare_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let loaded = arm::loaded_dir(dir);
+    std::fs::create_dir_all(&loaded)
+        .map_err(|e| format!("cannot create {}: {e} (--xid-dir)", loaded.display()))?;
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+    let _ = std::fs::set_permissions(&loaded, std::fs::Permissions::from_mode(0o1777));
+    Ok(())
+}
+
 /// Appends the line to the kernel log (or the file standing in for it). /dev/kmsg
 /// takes one record per write, with its priority (4, warning) in front.
 fn write_kmsg(path: &Path, line: &str) -> Result<(), String> {
@@ -289,12 +302,7 @@ impl GpuXidDriver {
                 "pci": g.pci.as_ref().ok(),
             });
             if let Some(a) = arm_of(&plan, g, m, now) {
-                std::fs::create_dir_all(&plan.arm_dir).map_err(|e| {
-                    format!(
-                        "cannot create the arm directory {}: {e} (--xid-dir)",
-                        plan.arm_dir.display()
-                    )
-                })?;
+                prepare_dir(&plan.arm_dir)?;
                 let path = arm::arm_path(&plan.arm_dir, &g.uuid);
                 let json = serde_json::to_vec_pretty(&a).map_err(|e| e.to_string())?;
                 arm::write_atomic(&path, &json)

@@ -120,8 +120,8 @@ pub fn loaded_dir(dir: &Path) -> PathBuf {
     dir.join("loaded")
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file beside it, fsynced, renamed
-/// over it, and the directory fsynced.
+/// Writes `bytes` to `path` atomically: a temporary file beside it (mode 0644),
+/// fsynced, renamed over it, and the directory fsynced.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
@@ -130,6 +130,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
     let mut f = std::fs::File::create(&tmp)?;
+    // Readable by every workload whatever the writer's umask (the agent's may be
+    // 077): the interposers of non-root workloads read the arm files.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    }
     f.write_all(bytes)?;
     f.sync_all()?;
     drop(f);
