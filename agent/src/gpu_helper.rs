@@ -12,11 +12,16 @@
 //! - end of input or `exit` → frees everything, destroys the context, exits 0.
 //!
 //! The token is only there to name the helper in `ps` and for start-up recovery.
+//!
+//! With `--compute`, the helper loads GPU time instead (the `gpu_compute` kind): see
+//! [`compute`].
 
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
 
 use crate::sys::cuda::{CUDA_ERROR_OUT_OF_MEMORY, Cuda};
+
+pub mod compute;
 
 /// The first argument that selects helper mode.
 pub const ARG: &str = "__gpu-helper";
@@ -51,7 +56,7 @@ pub fn main(args: &[String]) -> ExitCode {
         return ExitCode::from(70);
     }
     let (Some(uuid), lib) = (flag(args, "--uuid"), flag(args, "--cuda-lib")) else {
-        say("fatal usage: __gpu-helper --uuid UUID [--cuda-lib PATH] [--token TOKEN]");
+        say("fatal usage: __gpu-helper --uuid UUID [--compute] [--cuda-lib PATH] [--token TOKEN]");
         return ExitCode::from(64);
     };
     let cuda = match Cuda::open(lib.as_deref().map(std::path::Path::new)) {
@@ -75,6 +80,11 @@ pub fn main(args: &[String]) -> ExitCode {
             return ExitCode::from(69);
         }
     };
+    if args.iter().any(|a| a == "--compute") {
+        let code = compute::run(&cuda, ordinal, say);
+        let _ = ctx.destroy();
+        return code;
+    }
     say("ready");
     let mut held: Vec<(u64, u64)> = Vec::new();
     let total = |h: &[(u64, u64)]| h.iter().map(|(_, b)| b).sum::<u64>();

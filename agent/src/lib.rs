@@ -290,6 +290,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         faults::typed(network),
         faults::typed(guardrail),
         faults::typed(gpu_xid),
+        faults::typed(Arc::new(faults::gpu_compute::GpuComputeDriver::new(
+            gpus.clone(),
+            Arc::clone(&policy),
+            cfg.cuda_lib.clone(),
+        ))),
     ];
     let inventory = Arc::new(inventory::Inventory::new(
         gpus,

@@ -14,6 +14,7 @@
 //! protected_cgroups: ["/system.slice"]         # a cgroup and everything below it
 //! protected_interfaces: ["eth0"]               # network faults never touch these
 //! max_gpu_fill_percent: 95
+//! max_gpu_compute_percent: 95   # the most a gpu_compute fault may load a GPU
 //! ```
 
 use std::time::Duration;
@@ -39,6 +40,7 @@ pub struct PolicyFile {
     pub protected_cgroups: Vec<String>,
     pub protected_interfaces: Vec<String>,
     pub max_gpu_fill_percent: f64,
+    pub max_gpu_compute_percent: f64,
 }
 
 impl Default for PolicyFile {
@@ -56,6 +58,7 @@ impl Default for PolicyFile {
             protected_cgroups: vec![],
             protected_interfaces: vec![],
             max_gpu_fill_percent: 95.0,
+            max_gpu_compute_percent: 95.0,
         }
     }
 }
@@ -154,6 +157,12 @@ impl Policy {
         if !(file.max_gpu_fill_percent > 0.0 && file.max_gpu_fill_percent <= 100.0) {
             errs.push(FieldError::new(
                 "max_gpu_fill_percent",
+                "must be above 0 and at most 100",
+            ));
+        }
+        if !(file.max_gpu_compute_percent > 0.0 && file.max_gpu_compute_percent <= 100.0) {
+            errs.push(FieldError::new(
+                "max_gpu_compute_percent",
                 "must be above 0 and at most 100",
             ));
         }

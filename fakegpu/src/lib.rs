@@ -11,11 +11,17 @@
 //! - `GPUCHAOS_FAKE_GPU_CONTEXT`: what a CUDA context costs on the device (default
 //!   `512MiB`, about what a real one takes).
 //! - `GPUCHAOS_FAKE_GPU_DRIVER=off`: behave as if the kernel driver were not loaded.
+//! - `GPUCHAOS_FAKE_GPU_SMS`: SMs per device (default 132), for the kernel model.
 //!
 //! As on a real GPU, memory is shared by every process on the node: the state file,
 //! locked with flock for each call, records each context and allocation with its
 //! process (pid and start time). A process that has died loses its allocations at the
 //! next call, as the real driver frees a dead process's memory.
+//!
+//! Kernels: the spin kernel of `gpuchaos-cuda` loads from its PTX and "runs" for the
+//! cycles it is given at a 1.5 GHz clock, slowed by other processes' kernels on the
+//! same device; NVML shows every process's kernel time as the device's utilization
+//! (see the kernels section below).
 //!
 //! FFI is this crate's whole purpose, so it allows `unsafe`: every exported function
 //! checks its pointers for null before writing through them.
@@ -57,6 +63,103 @@ struct State {
     context_bytes: u64,
     allocs: Vec<Alloc>,
     next_handle: u64,
+    /// Each process's kernel time on each device over the last second or so.
+    #[serde(default)]
+    busy: Vec<Busy>,
+}
+
+/// One process's kernel time on one device, as it last published it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Busy {
+    pid: u32,
+    start: u64,
+    dev: u32,
+    slots: Slots,
+}
+
+/// Kernel time per [`SLOT_US`] slot of the monotonic clock: `v[k]` is the busy
+/// microseconds in slot `base + k`. Kernels in flight are counted ahead (a launch
+/// knows when its kernel will end).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Slots {
+    base: u64,
+    v: Vec<u32>,
+}
+
+/// Busy time is kept in slots of 10 ms.
+const SLOT_US: u64 = 10_000;
+/// NVML's utilization is over the last second (100 slots)…
+const NVML_WINDOW_SLOTS: u64 = 100;
+/// …and the contention a launch meets over the last 100 ms.
+const CONTENTION_WINDOW_SLOTS: u64 = 10;
+/// Windows end this many slots ago: every process publishes within that delay.
+const LAG_SLOTS: u64 = 3;
+/// Slots older than this are dropped.
+const KEEP_SLOTS: u64 = 130;
+
+impl Slots {
+    fn add(&mut self, a: u64, b: u64) {
+        if b <= a {
+            return;
+        }
+        let (first, last) = (a / SLOT_US, (b - 1) / SLOT_US);
+        if self.v.is_empty() {
+            self.base = first;
+        }
+        if first < self.base {
+            let n = (self.base - first) as usize;
+            self.v.splice(0..0, std::iter::repeat_n(0, n));
+            self.base = first;
+        }
+        let need = (last - self.base + 1) as usize;
+        if self.v.len() < need {
+            self.v.resize(need, 0);
+        }
+        for slot in first..=last {
+            let lo = a.max(slot * SLOT_US);
+            let hi = b.min((slot + 1) * SLOT_US);
+            let k = (slot - self.base) as usize;
+            self.v[k] = self.v[k].saturating_add((hi - lo) as u32);
+        }
+    }
+
+    fn prune(&mut self, keep_from: u64) {
+        if keep_from <= self.base {
+            return;
+        }
+        let n = ((keep_from - self.base) as usize).min(self.v.len());
+        self.v.drain(..n);
+        self.base = keep_from;
+    }
+
+    fn at(&self, slot: u64) -> u64 {
+        if slot < self.base {
+            return 0;
+        }
+        self.v
+            .get((slot - self.base) as usize)
+            .map(|b| *b as u64)
+            .unwrap_or(0)
+    }
+}
+
+/// The share of the slots `[from, to)` during which any of `procs` ran a kernel (a
+/// slot is busy for at most its length, whoever ran in it).
+fn share<'a>(procs: impl Iterator<Item = &'a Slots> + Clone, from: u64, to: u64) -> f64 {
+    if to <= from {
+        return 0.0;
+    }
+    let busy: u64 = (from..to)
+        .map(|slot| procs.clone().map(|p| p.at(slot)).sum::<u64>().min(SLOT_US))
+        .sum();
+    busy as f64 / ((to - from) * SLOT_US) as f64
+}
+
+/// Microseconds on the system-wide monotonic clock (shared by every process).
+fn mono_us() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
+        .unwrap_or(0)
 }
 
 fn parse_size(text: &str) -> Option<u64> {
@@ -128,6 +231,7 @@ fn fresh_state() -> State {
             .unwrap_or(512 * MIB),
         allocs: Vec::new(),
         next_handle: 0x7f00_0000_0000,
+        busy: Vec::new(),
     }
 }
 
@@ -161,11 +265,17 @@ fn with_state<T>(f: impl FnOnce(&mut State) -> T) -> Result<T, String> {
             }
         }
     };
-    // The driver frees the memory of processes that have died.
-    state.allocs.retain(|a| match process(a.pid) {
-        Some((start, dead)) => start == a.start && !dead,
+    // The driver frees the memory of processes that have died (and their kernels
+    // stop with them).
+    // One /proc read per process, however many allocations it holds.
+    let mut seen: std::collections::HashMap<u32, Option<(u64, bool)>> =
+        std::collections::HashMap::new();
+    let mut alive = |pid: u32, since: u64| match *seen.entry(pid).or_insert_with(|| process(pid)) {
+        Some((start, dead)) => start == since && !dead,
         None => false,
-    });
+    };
+    state.allocs.retain(|a| alive(a.pid, a.start));
+    state.busy.retain(|b| alive(b.pid, b.start));
     let out = f(&mut state);
     let json = serde_json::to_string(&state).map_err(|e| e.to_string())?;
     let tmp = format!("{path}.tmp.{}", std::process::id());
@@ -195,6 +305,28 @@ impl State {
     fn handle(&mut self) -> u64 {
         self.next_handle += 0x1000;
         self.next_handle
+    }
+
+    /// NVML's utilization of a device: the share of the last second in which any
+    /// process ran a kernel on it, in percent.
+    fn utilization(&self, dev: u32) -> u32 {
+        let now = mono_us() / SLOT_US;
+        let to = now.saturating_sub(LAG_SLOTS);
+        let procs = self.busy.iter().filter(|b| b.dev == dev).map(|b| &b.slots);
+        (share(procs, to.saturating_sub(NVML_WINDOW_SLOTS), to) * 100.0).round() as u32
+    }
+
+    /// The share of the last 100 ms in which processes other than `me` ran kernels
+    /// on a device: what slows this process's work there.
+    fn contention(&self, dev: u32, me: (u32, u64)) -> f64 {
+        let now = mono_us() / SLOT_US;
+        let to = now.saturating_sub(LAG_SLOTS);
+        let procs = self
+            .busy
+            .iter()
+            .filter(|b| b.dev == dev && (b.pid, b.start) != me)
+            .map(|b| &b.slots);
+        share(procs, to.saturating_sub(CONTENTION_WINDOW_SLOTS), to)
     }
 }
 
@@ -474,6 +606,37 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeMode(device: *mut c_void, mode: *mu
     }
 }
 
+#[repr(C)]
+pub struct NvmlUtilization {
+    gpu: c_uint,
+    memory: c_uint,
+}
+
+/// The share of the last second during which a kernel ran on the device (every
+/// process's, as the state file holds them); memory utilization is 0 (the only
+/// kernel the fake runs touches no memory).
+///
+/// # Safety
+/// `utilization` must be a valid pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(
+    device: *mut c_void,
+    utilization: *mut NvmlUtilization,
+) -> c_int {
+    if utilization.is_null() {
+        return NVML_ERROR_INVALID_ARGUMENT;
+    }
+    match nvml_device(device, |s, i, _| s.utilization(i)) {
+        // SAFETY: checked for null.
+        Ok(gpu) => unsafe {
+            (*utilization).gpu = gpu.min(100);
+            (*utilization).memory = 0;
+            NVML_SUCCESS
+        },
+        Err(e) => e,
+    }
+}
+
 /// # Safety
 /// `current` and `pending` must be valid pointers.
 #[unsafe(no_mangle)]
@@ -561,6 +724,11 @@ const CUDA_ERROR_NOT_INITIALIZED: c_int = 3;
 const CUDA_ERROR_NO_DEVICE: c_int = 100;
 const CUDA_ERROR_INVALID_DEVICE: c_int = 101;
 const CUDA_ERROR_INVALID_CONTEXT: c_int = 201;
+const CUDA_ERROR_INVALID_PTX: c_int = 218;
+const CUDA_ERROR_INVALID_HANDLE: c_int = 400;
+const CUDA_ERROR_NOT_FOUND: c_int = 500;
+const CUDA_ERROR_NOT_READY: c_int = 600;
+const CUDA_ERROR_NOT_SUPPORTED: c_int = 801;
 const CUDA_ERROR_UNKNOWN: c_int = 999;
 
 thread_local! {
@@ -810,6 +978,10 @@ pub extern "C" fn cuCtxDestroy_v2(ctx: *mut c_void) -> c_int {
                     c.set(None)
                 }
             });
+            // Its modules, functions, events and stream go with it.
+            if let Ok(mut l) = local().lock() {
+                l.forget_context(h);
+            }
             CUDA_SUCCESS
         }
         Ok(false) => CUDA_ERROR_INVALID_CONTEXT,
@@ -828,7 +1000,9 @@ pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut u64, bytesize: usize) -> c_int
         return CUDA_ERROR_INVALID_CONTEXT;
     };
     let (pid, start) = me();
+    let mut contended = 0.0;
     let r = with_state(|s| {
+        contended = s.contention(dev, (pid, start));
         let bytes = (bytesize as u64).next_multiple_of(PAGE);
         if s.used(dev) + bytes > s.total(dev) {
             return Err(CUDA_ERROR_OUT_OF_MEMORY);
@@ -846,6 +1020,8 @@ pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut u64, bytesize: usize) -> c_int
         });
         Ok(h)
     });
+    // Another process's kernels hold the device: the allocation waits its turn.
+    contended_delay(ALLOC_COST_US, contended);
     match r {
         // SAFETY: checked for null.
         Ok(Ok(h)) => unsafe {
@@ -908,11 +1084,541 @@ pub unsafe extern "C" fn cuGetErrorName(error: c_int, out: *mut *const c_char) -
         CUDA_ERROR_NO_DEVICE => c"CUDA_ERROR_NO_DEVICE",
         CUDA_ERROR_INVALID_DEVICE => c"CUDA_ERROR_INVALID_DEVICE",
         CUDA_ERROR_INVALID_CONTEXT => c"CUDA_ERROR_INVALID_CONTEXT",
+        CUDA_ERROR_INVALID_PTX => c"CUDA_ERROR_INVALID_PTX",
+        CUDA_ERROR_INVALID_HANDLE => c"CUDA_ERROR_INVALID_HANDLE",
+        CUDA_ERROR_NOT_FOUND => c"CUDA_ERROR_NOT_FOUND",
+        CUDA_ERROR_NOT_READY => c"CUDA_ERROR_NOT_READY",
+        CUDA_ERROR_NOT_SUPPORTED => c"CUDA_ERROR_NOT_SUPPORTED",
         _ => c"CUDA_ERROR_UNKNOWN",
     };
     // SAFETY: checked for null.
     unsafe { *out = s.as_ptr() };
     CUDA_SUCCESS
+}
+
+// ---------------------------------------------------------------- kernels
+//
+// The fake runs one kernel: the spin kernel (`gpuchaos_spin`, one u64 parameter: SM
+// clock cycles to spin), whose time it knows. A launch is asynchronous, as on a real
+// GPU: it is queued on its context's default stream and "runs" from when the stream
+// is free for `cycles / clock rate` (times the waves its blocks need), slowed by the
+// other processes' kernels on the device (time-slicing): a kernel that would take `t`
+// takes `t / (1 - share)`, the share of the last 100 ms during which other processes
+// ran kernels (capped at 95%, so 20x). Synchronizing (the context, the stream, an
+// event) sleeps until the work is done. Each process keeps its busy time per device
+// and publishes it to the state file every 20 ms, so that NVML shows the utilization
+// and other processes meet the contention.
+
+/// The SM clock: 1.5 GHz, so a kernel asked for 1.5 M cycles takes 1 ms.
+const CLOCK_KHZ: u64 = 1_500_000;
+/// The most blocks an SM runs at once, and threads.
+const BLOCKS_PER_SM: u64 = 32;
+const THREADS_PER_SM: u64 = 2048;
+/// The highest contention share a launch is slowed by (20x).
+const MAX_CONTENTION: f64 = 0.95;
+/// What an allocation costs under contention, before the slow-down: a contended
+/// allocation waits `ALLOC_COST_US * share / (1 - share)` more.
+const ALLOC_COST_US: u64 = 1000;
+/// How often each launching process publishes its busy time and reads the others'.
+const PUBLISH_US: u64 = 20_000;
+/// The contention a launch uses is at most this old.
+const OTHERS_MAX_AGE_US: u64 = 50_000;
+
+fn sm_count() -> u64 {
+    std::env::var("GPUCHAOS_FAKE_GPU_SMS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(132)
+}
+
+fn stretch(share: f64) -> f64 {
+    1.0 / (1.0 - share.clamp(0.0, MAX_CONTENTION))
+}
+
+/// Sleeps the extra time work of `base_us` takes under a contention `share`.
+fn contended_delay(base_us: u64, share: f64) {
+    if share > 0.0 {
+        let extra = base_us as f64 * (stretch(share) - 1.0);
+        std::thread::sleep(std::time::Duration::from_micros(extra as u64));
+    }
+}
+
+fn sleep_until_us(t: u64) {
+    let now = mono_us();
+    if t > now {
+        std::thread::sleep(std::time::Duration::from_micros(t - now));
+    }
+}
+
+struct FakeModule {
+    ctx: u64,
+    entries: Vec<String>,
+}
+
+struct FakeFunction {
+    module: u64,
+    name: String,
+}
+
+struct FakeEvent {
+    ctx: u64,
+    /// When the work before it completes (monotonic µs), once recorded.
+    at: Option<u64>,
+}
+
+/// This process's kernels: its modules, functions, events, each context's stream,
+/// its busy time per device, and the other processes' busy time (a cached copy).
+#[derive(Default)]
+struct Local {
+    next: u64,
+    modules: std::collections::HashMap<u64, FakeModule>,
+    functions: std::collections::HashMap<u64, FakeFunction>,
+    events: std::collections::HashMap<u64, FakeEvent>,
+    /// Per context: when its default stream is free again.
+    streams: std::collections::HashMap<u64, u64>,
+    mine: std::collections::HashMap<u32, Slots>,
+    dirty: bool,
+    others: Vec<(u32, Slots)>,
+    others_at: u64,
+    publisher: bool,
+}
+
+impl Local {
+    fn handle(&mut self) -> u64 {
+        self.next += 0x10;
+        0x5000_0000_0000 + self.next
+    }
+
+    fn forget_context(&mut self, ctx: u64) {
+        self.modules.retain(|_, m| m.ctx != ctx);
+        let modules = &self.modules;
+        self.functions
+            .retain(|_, f| modules.contains_key(&f.module));
+        self.events.retain(|_, e| e.ctx != ctx);
+        self.streams.remove(&ctx);
+    }
+
+    fn contention(&self, dev: u32) -> f64 {
+        let to = (mono_us() / SLOT_US).saturating_sub(LAG_SLOTS);
+        let procs = self
+            .others
+            .iter()
+            .filter(|(d, _)| *d == dev)
+            .map(|(_, s)| s);
+        share(procs, to.saturating_sub(CONTENTION_WINDOW_SLOTS), to)
+    }
+}
+
+fn local() -> &'static std::sync::Mutex<Local> {
+    static L: std::sync::OnceLock<std::sync::Mutex<Local>> = std::sync::OnceLock::new();
+    L.get_or_init(Default::default)
+}
+
+/// Publishes this process's busy time and reads the others'. The state file's lock
+/// is never taken while `local()` is held (a thread holding it may be waiting for
+/// `local()`): a snapshot first, then the file, then the result stored.
+fn publish() {
+    let (pid, start) = me();
+    let keep_from = (mono_us() / SLOT_US).saturating_sub(KEEP_SLOTS);
+    let mine: Vec<(u32, Slots)> = match local().lock() {
+        Ok(mut l) => {
+            l.dirty = false;
+            for s in l.mine.values_mut() {
+                s.prune(keep_from);
+            }
+            l.mine.iter().map(|(d, s)| (*d, s.clone())).collect()
+        }
+        Err(_) => return,
+    };
+    let others = with_state(|s| {
+        s.busy.retain(|b| (b.pid, b.start) != (pid, start));
+        for b in s.busy.iter_mut() {
+            b.slots.prune(keep_from);
+        }
+        s.busy.retain(|b| !b.slots.v.is_empty());
+        let others: Vec<(u32, Slots)> = s.busy.iter().map(|b| (b.dev, b.slots.clone())).collect();
+        for (dev, slots) in mine {
+            s.busy.push(Busy {
+                pid,
+                start,
+                dev,
+                slots,
+            });
+        }
+        others
+    });
+    if let (Ok(others), Ok(mut l)) = (others, local().lock()) {
+        l.others = others;
+        l.others_at = mono_us();
+    }
+}
+
+/// Started by a process's first launch: publishes every 20 ms while there is news
+/// (a launch since the last publication). A launch refreshes the others' figures
+/// itself when they are older than 50 ms.
+fn start_publisher(l: &mut Local) {
+    if l.publisher {
+        return;
+    }
+    l.publisher = true;
+    let _ = std::thread::Builder::new()
+        .name("fakegpu-publish".into())
+        .spawn(|| {
+            // A thread-local with a destructor: while this thread lives, the C
+            // library cannot unmap this library under it (dlclose defers unloading
+            // a library with live thread-local destructors).
+            thread_local! {
+                static PIN: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+            }
+            PIN.with(|p| p.borrow_mut().push(1));
+            loop {
+                std::thread::sleep(std::time::Duration::from_micros(PUBLISH_US));
+                if local().lock().map(|l| l.dirty).unwrap_or(false) {
+                    publish();
+                }
+            }
+        });
+}
+
+/// # Safety
+/// `pi` must be a valid pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceGetAttribute(pi: *mut c_int, attrib: c_int, dev: c_int) -> c_int {
+    if pi.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if let Err(e) = cuda_device_exists(dev) {
+        return e;
+    }
+    let v: u64 = match attrib {
+        1 => 1024,            // MAX_THREADS_PER_BLOCK
+        13 => CLOCK_KHZ,      // CLOCK_RATE (kHz)
+        16 => sm_count(),     // MULTIPROCESSOR_COUNT
+        39 => THREADS_PER_SM, // MAX_THREADS_PER_MULTIPROCESSOR
+        75 => 9,              // COMPUTE_CAPABILITY_MAJOR
+        76 => 0,              // COMPUTE_CAPABILITY_MINOR
+        106 => BLOCKS_PER_SM, // MAX_BLOCKS_PER_MULTIPROCESSOR
+        _ => return CUDA_ERROR_INVALID_VALUE,
+    };
+    // SAFETY: checked for null.
+    unsafe { *pi = v as c_int };
+    CUDA_SUCCESS
+}
+
+fn current() -> Result<(u64, u32), c_int> {
+    CURRENT.with(|c| c.get()).ok_or(CUDA_ERROR_INVALID_CONTEXT)
+}
+
+/// The `.entry` names of a PTX text, or None when it is not PTX.
+fn ptx_entries(text: &str) -> Option<Vec<String>> {
+    if !text.contains(".version") || !text.contains(".target") {
+        return None;
+    }
+    let entries: Vec<String> = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split(".entry").nth(1)?;
+            let name: String = rest
+                .trim_start()
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '$')
+                .collect();
+            (!name.is_empty()).then_some(name)
+        })
+        .collect();
+    (!entries.is_empty()).then_some(entries)
+}
+
+/// # Safety
+/// `module` must be a valid pointer and `image` a NUL-terminated PTX text.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuModuleLoadData(module: *mut *mut c_void, image: *const c_void) -> c_int {
+    if module.is_null() || image.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    let ctx = match current() {
+        Ok((c, _)) => c,
+        Err(e) => return e,
+    };
+    // SAFETY: a NUL-terminated image, as documented (the fake takes PTX only).
+    let text = unsafe { CStr::from_ptr(image as *const c_char) }.to_string_lossy();
+    let Some(entries) = ptx_entries(&text) else {
+        return CUDA_ERROR_INVALID_PTX;
+    };
+    let Ok(mut l) = local().lock() else {
+        return CUDA_ERROR_UNKNOWN;
+    };
+    let h = l.handle();
+    l.modules.insert(h, FakeModule { ctx, entries });
+    // SAFETY: checked for null.
+    unsafe { *module = h as usize as *mut c_void };
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuModuleUnload(module: *mut c_void) -> c_int {
+    let h = module as usize as u64;
+    let Ok(mut l) = local().lock() else {
+        return CUDA_ERROR_UNKNOWN;
+    };
+    if l.modules.remove(&h).is_none() {
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    l.functions.retain(|_, f| f.module != h);
+    CUDA_SUCCESS
+}
+
+/// # Safety
+/// `func` must be a valid pointer and `name` a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuModuleGetFunction(
+    func: *mut *mut c_void,
+    module: *mut c_void,
+    name: *const c_char,
+) -> c_int {
+    if func.is_null() || name.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    // SAFETY: NUL-terminated, as documented.
+    let name = unsafe { CStr::from_ptr(name) }
+        .to_string_lossy()
+        .into_owned();
+    let m = module as usize as u64;
+    let Ok(mut l) = local().lock() else {
+        return CUDA_ERROR_UNKNOWN;
+    };
+    match l.modules.get(&m) {
+        None => return CUDA_ERROR_INVALID_HANDLE,
+        Some(md) if !md.entries.contains(&name) => return CUDA_ERROR_NOT_FOUND,
+        Some(_) => {}
+    }
+    let h = l.handle();
+    l.functions.insert(h, FakeFunction { module: m, name });
+    // SAFETY: checked for null.
+    unsafe { *func = h as usize as *mut c_void };
+    CUDA_SUCCESS
+}
+
+/// # Safety
+/// `params` must point to the kernel's parameters (for the spin kernel, one pointer
+/// to a u64).
+#[unsafe(no_mangle)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn cuLaunchKernel(
+    func: *mut c_void,
+    grid_x: c_uint,
+    grid_y: c_uint,
+    grid_z: c_uint,
+    block_x: c_uint,
+    block_y: c_uint,
+    block_z: c_uint,
+    _shared: c_uint,
+    stream: *mut c_void,
+    params: *mut *mut c_void,
+    _extra: *mut *mut c_void,
+) -> c_int {
+    let (ctx, dev) = match current() {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    if !stream.is_null() {
+        // Only the default stream exists here (cuStreamCreate is not modelled).
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    let blocks = grid_x as u64 * grid_y as u64 * grid_z as u64;
+    let threads = block_x as u64 * block_y as u64 * block_z as u64;
+    if blocks == 0 || threads == 0 || threads > 1024 {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    let f = func as usize as u64;
+    {
+        let Ok(l) = local().lock() else {
+            return CUDA_ERROR_UNKNOWN;
+        };
+        let Some(function) = l.functions.get(&f) else {
+            return CUDA_ERROR_INVALID_HANDLE;
+        };
+        if l.modules.get(&function.module).map(|m| m.ctx) != Some(ctx) {
+            return CUDA_ERROR_INVALID_HANDLE;
+        }
+        if function.name != "gpuchaos_spin" {
+            // The fake cannot know what another kernel would do.
+            return CUDA_ERROR_NOT_SUPPORTED;
+        }
+    }
+    if params.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    // SAFETY: `params` holds the kernel's one parameter pointer, as documented.
+    let arg = unsafe { *params };
+    if arg.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    // SAFETY: the spin kernel's parameter is a u64 (read unaligned: the caller's).
+    let cycles = unsafe { std::ptr::read_unaligned(arg as *const u64) };
+    // The others' figures, at most 50 ms old.
+    let stale = local()
+        .lock()
+        .map(|l| mono_us().saturating_sub(l.others_at) > OTHERS_MAX_AGE_US)
+        .unwrap_or(true);
+    if stale {
+        publish();
+    }
+    let Ok(mut l) = local().lock() else {
+        return CUDA_ERROR_UNKNOWN;
+    };
+    let per_sm = (THREADS_PER_SM / threads).clamp(1, BLOCKS_PER_SM);
+    let waves = blocks.div_ceil(sm_count() * per_sm);
+    let alone_us = cycles as f64 * 1000.0 / CLOCK_KHZ as f64 * waves as f64;
+    let took_us = (alone_us * stretch(l.contention(dev))) as u64;
+    let now = mono_us();
+    let begin = l.streams.get(&ctx).copied().unwrap_or(0).max(now);
+    let end = begin + took_us;
+    l.streams.insert(ctx, end);
+    l.mine.entry(dev).or_default().add(begin, end);
+    l.dirty = true;
+    start_publisher(&mut l);
+    CUDA_SUCCESS
+}
+
+/// When the current context's stream is free (now, if it is).
+fn stream_free() -> Result<u64, c_int> {
+    let (ctx, _) = current()?;
+    let l = local().lock().map_err(|_| CUDA_ERROR_UNKNOWN)?;
+    Ok(l.streams.get(&ctx).copied().unwrap_or(0))
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuCtxSynchronize() -> c_int {
+    match stream_free() {
+        Ok(t) => {
+            sleep_until_us(t);
+            CUDA_SUCCESS
+        }
+        Err(e) => e,
+    }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuStreamSynchronize(stream: *mut c_void) -> c_int {
+    if !stream.is_null() {
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    cuCtxSynchronize()
+}
+
+/// # Safety
+/// `event` must be a valid pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuEventCreate(event: *mut *mut c_void, _flags: c_uint) -> c_int {
+    if event.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    let (ctx, _) = match current() {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    let Ok(mut l) = local().lock() else {
+        return CUDA_ERROR_UNKNOWN;
+    };
+    let h = l.handle();
+    l.events.insert(h, FakeEvent { ctx, at: None });
+    // SAFETY: checked for null.
+    unsafe { *event = h as usize as *mut c_void };
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuEventRecord(event: *mut c_void, stream: *mut c_void) -> c_int {
+    if !stream.is_null() {
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    let (ctx, _) = match current() {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    let Ok(mut l) = local().lock() else {
+        return CUDA_ERROR_UNKNOWN;
+    };
+    let at = l.streams.get(&ctx).copied().unwrap_or(0).max(mono_us());
+    match l.events.get_mut(&(event as usize as u64)) {
+        Some(e) if e.ctx == ctx => {
+            e.at = Some(at);
+            CUDA_SUCCESS
+        }
+        _ => CUDA_ERROR_INVALID_HANDLE,
+    }
+}
+
+fn event_at(event: *mut c_void) -> Result<Option<u64>, c_int> {
+    let l = local().lock().map_err(|_| CUDA_ERROR_UNKNOWN)?;
+    l.events
+        .get(&(event as usize as u64))
+        .map(|e| e.at)
+        .ok_or(CUDA_ERROR_INVALID_HANDLE)
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuEventSynchronize(event: *mut c_void) -> c_int {
+    match event_at(event) {
+        Ok(Some(t)) => {
+            sleep_until_us(t);
+            CUDA_SUCCESS
+        }
+        // Never recorded: nothing to wait for.
+        Ok(None) => CUDA_SUCCESS,
+        Err(e) => e,
+    }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuEventQuery(event: *mut c_void) -> c_int {
+    match event_at(event) {
+        Ok(Some(t)) if t > mono_us() => CUDA_ERROR_NOT_READY,
+        Ok(_) => CUDA_SUCCESS,
+        Err(e) => e,
+    }
+}
+
+/// # Safety
+/// `ms` must be a valid pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuEventElapsedTime(
+    ms: *mut f32,
+    start: *mut c_void,
+    end: *mut c_void,
+) -> c_int {
+    if ms.is_null() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    let (a, b) = match (event_at(start), event_at(end)) {
+        (Ok(Some(a)), Ok(Some(b))) => (a, b),
+        (Err(e), _) | (_, Err(e)) => return e,
+        _ => return CUDA_ERROR_INVALID_HANDLE,
+    };
+    if a.max(b) > mono_us() {
+        return CUDA_ERROR_NOT_READY;
+    }
+    // SAFETY: checked for null.
+    unsafe { *ms = (b as f64 - a as f64) as f32 / 1000.0 };
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuEventDestroy_v2(event: *mut c_void) -> c_int {
+    let Ok(mut l) = local().lock() else {
+        return CUDA_ERROR_UNKNOWN;
+    };
+    match l.events.remove(&(event as usize as u64)) {
+        Some(_) => CUDA_SUCCESS,
+        None => CUDA_ERROR_INVALID_HANDLE,
+    }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuEventDestroy(event: *mut c_void) -> c_int {
+    cuEventDestroy_v2(event)
 }
 
 // ---------------------------------------------------------------- gpu_xid (PCI)
@@ -959,5 +1665,44 @@ pub unsafe extern "C" fn nvmlDeviceGetPciInfo_v3(
             NVML_SUCCESS
         }
         Err(e) => e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_split_a_kernel_across_their_boundaries() {
+        let mut s = Slots::default();
+        s.add(5_000, 25_000);
+        assert_eq!((s.base, s.v.clone()), (0, vec![5_000, 10_000, 5_000]));
+        s.add(30_000, 31_000);
+        assert_eq!(s.at(3), 1_000);
+        assert_eq!(s.at(7), 0);
+        s.prune(2);
+        assert_eq!((s.base, s.at(1), s.at(2)), (2, 0, 5_000));
+        // Two processes busy in the same slot count once, at most its length.
+        let (mut a, mut b) = (Slots::default(), Slots::default());
+        a.add(0, 8_000);
+        b.add(0, 6_000);
+        assert_eq!(share([&a, &b].into_iter(), 0, 1), 1.0);
+        assert_eq!(share([&a].into_iter(), 0, 2), 0.4);
+    }
+
+    #[test]
+    fn ptx_entries_are_read_from_the_text() {
+        let ptx = ".version 6.0\n.target sm_52\n.visible .entry gpuchaos_spin(\n.param .u64 x\n)\n{ ret; }\n";
+        assert_eq!(ptx_entries(ptx), Some(vec!["gpuchaos_spin".to_string()]));
+        assert_eq!(ptx_entries("not ptx"), None);
+        assert_eq!(ptx_entries(".version 6.0\n.target sm_52\n"), None);
+    }
+
+    #[test]
+    fn contention_slows_in_proportion() {
+        assert_eq!(stretch(0.0), 1.0);
+        assert!((stretch(0.5) - 2.0).abs() < 1e-9);
+        assert!((stretch(0.9) - 10.0).abs() < 1e-9);
+        assert!((stretch(1.0) - 20.0).abs() < 1e-9, "capped");
     }
 }

@@ -13,6 +13,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 mod duration;
 mod gpu;
+mod gpu_compute;
 mod gpu_xid;
 mod guardrail;
 mod network;
@@ -20,6 +21,7 @@ mod process;
 mod target;
 pub use duration::*;
 pub use gpu::*;
+pub use gpu_compute::*;
 pub use gpu_xid::*;
 pub use guardrail::*;
 pub use network::*;
@@ -262,6 +264,7 @@ fault_kinds! {
     Network(NetworkSpec) = "network",
     Guardrail(GuardrailSpec) = "guardrail",
     GpuXid(GpuXidSpec) = "gpu_xid",
+    GpuCompute(GpuComputeSpec) = "gpu_compute",
 }
 
 /// Deserializes without buffering when `kind` comes first (the usual way to write a

@@ -35,6 +35,16 @@ fn size(s: &str) -> Result<u64, String> {
     gpuchaos_proto::spec::ByteSize::parse(s).map(|b| b.0)
 }
 
+/// Milliseconds of GPU time per generation: 0 to 10000.
+fn gen_gpu_ms(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(ms) if (0.0..=10_000.0).contains(&ms) => Ok(ms),
+        _ => Err(format!(
+            "{s:?}: give the milliseconds of GPU time per generation, 0 to 10000"
+        )),
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// The guardrail service (OpenAI moderation and Llama Guard formats).
@@ -124,6 +134,11 @@ enum Cmd {
         weights: u64,
         #[arg(long, value_parser = duration)]
         cold_start: Duration,
+        /// GPU time each generation takes, in milliseconds: the spin kernel launched
+        /// for this long and waited for (0: no GPU work). The environment variable
+        /// reaches the workers through the server.
+        #[arg(long, env = "GPUCHAOS_REFSTACK_GEN_GPU_MS", default_value = "5", value_parser = gen_gpu_ms)]
+        gen_gpu_ms: f64,
     },
 }
 
@@ -174,6 +189,7 @@ fn main() -> ExitCode {
                 kv_bytes,
                 weights,
                 cold_start,
+                gen_gpu_ms,
             } => {
                 worker::run(worker::WorkerArgs {
                     id,
@@ -184,6 +200,7 @@ fn main() -> ExitCode {
                     kv_bytes,
                     weights_bytes: weights,
                     cold_start,
+                    gen_gpu_ms,
                 })
                 .await
             }

@@ -2,11 +2,21 @@
 //! steps through the CUDA driver API, so that NVML shows the memory growing over the
 //! load time), reserves its KV cache (refusing to start when free memory is below
 //! weights + KV cache, as vLLM does), then generates on `POST /generate`.
+//!
+//! Each generation does GPU work: the spin kernel ([`gpuchaos_cuda::SPIN_PTX`],
+//! loaded at start) launched for `--gen-gpu-ms` and waited for, on a GPU thread of
+//! its own (the HTTP side stays responsive; generations queue for the GPU, as they
+//! do on a real serving engine). A GPU shared with a noisy neighbour makes
+//! generations slower: on the fake driver, in proportion to the neighbour's share.
+//! A CUDA error during a generation fails it (500) and the worker exits (code 5),
+//! as a serving engine does when its context is lost.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use gpuchaos_cuda::Cuda;
+use gpuchaos_cuda::{
+    CU_DEVICE_ATTRIBUTE_CLOCK_RATE, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, CtxHandle, Cuda,
+};
 use hyper::StatusCode;
 use tokio::net::TcpListener;
 
@@ -22,6 +32,62 @@ pub struct WorkerArgs {
     pub kv_bytes: u64,
     pub weights_bytes: u64,
     pub cold_start: Duration,
+    /// GPU time per generation, in milliseconds (0: none).
+    pub gen_gpu_ms: f64,
+}
+
+/// Threads per block of a generation's kernel (one block per SM).
+const GEN_THREADS: u32 = 128;
+
+/// A generation's GPU work, sent to the GPU thread; the answer is the milliseconds
+/// it took (launch to completion), or the CUDA error.
+type GpuJob = (f64, tokio::sync::oneshot::Sender<Result<f64, String>>);
+
+/// Starts the GPU thread: it makes the worker's context current, loads the spin
+/// kernel, then runs one job at a time. Returns once the kernel is loaded (or why it
+/// could not be).
+fn gpu_thread(
+    cuda: &'static Cuda,
+    ctx: CtxHandle,
+    gpu: i32,
+) -> Result<std::sync::mpsc::Sender<GpuJob>, String> {
+    let (tx, rx) = std::sync::mpsc::channel::<GpuJob>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    std::thread::Builder::new()
+        .name("gpu".into())
+        .spawn(move || {
+            let setup = (|| {
+                cuda.set_current(ctx)?;
+                let sms = cuda.device_attribute(gpu, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+                let khz = cuda.device_attribute(gpu, CU_DEVICE_ATTRIBUTE_CLOCK_RATE)?;
+                let kernel = cuda.spin_kernel()?;
+                Ok::<_, gpuchaos_cuda::CudaError>((sms.max(1) as u32, khz.max(1) as f64, kernel))
+            })();
+            let (sms, khz, kernel) = match setup {
+                Ok(s) => {
+                    let _ = ready_tx.send(Ok(()));
+                    s
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            for (ms, reply) in rx {
+                let t = std::time::Instant::now();
+                let r = kernel
+                    .launch(sms, GEN_THREADS, (ms * khz).max(1.0) as u64)
+                    .and_then(|()| cuda.ctx_synchronize())
+                    .map(|()| t.elapsed().as_secs_f64() * 1000.0)
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(r);
+            }
+        })
+        .map_err(|e| format!("cannot start the GPU thread: {e}"))?;
+    ready_rx
+        .recv()
+        .map_err(|_| "the GPU thread ended before it was ready".to_string())??;
+    Ok(tx)
 }
 
 /// One weights chunk every this long during the cold start.
@@ -51,7 +117,8 @@ pub fn now() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
-/// Exit codes the supervisor reads: 3 = not enough GPU memory, 4 = no GPU.
+/// Exit codes the supervisor reads: 3 = not enough GPU memory, 4 = no GPU (or no
+/// kernel), 5 = a CUDA error while serving.
 pub async fn run(a: WorkerArgs) -> std::process::ExitCode {
     if let Some(parent) = a.parent {
         let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
@@ -59,8 +126,9 @@ pub async fn run(a: WorkerArgs) -> std::process::ExitCode {
             return std::process::ExitCode::from(70);
         }
     }
-    let cuda = match Cuda::open(a.cuda_lib.as_deref()) {
-        Ok(c) => c,
+    let cuda: &'static Cuda = match Cuda::open(a.cuda_lib.as_deref()) {
+        // It lives as long as the worker; the GPU thread borrows it.
+        Ok(c) => Box::leak(Box::new(c)),
         Err(e) => {
             eprintln!("worker {}: {e}", a.id);
             return std::process::ExitCode::from(4);
@@ -143,6 +211,22 @@ pub async fn run(a: WorkerArgs) -> std::process::ExitCode {
         eprintln!("worker {}: {e}", a.id);
         return std::process::ExitCode::from(code);
     }
+    // The kernel its generations run, loaded before it serves.
+    let gpu = if a.gen_gpu_ms > 0.0 {
+        match gpu_thread(cuda, _ctx.handle(), a.gpu) {
+            Ok(tx) => Some(tx),
+            Err(e) => {
+                eprintln!(
+                    "worker {}: cannot load its generation kernel: {e} (--gen-gpu-ms 0 generates without GPU work)",
+                    a.id
+                );
+                return std::process::ExitCode::from(4);
+            }
+        }
+    } else {
+        None
+    };
+    let gen_ms = a.gen_gpu_ms;
     let listener = match TcpListener::bind(&a.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -166,10 +250,39 @@ pub async fn run(a: WorkerArgs) -> std::process::ExitCode {
     let id = a.id;
     http::serve(
         listener,
-        Arc::new(move |req: Req| async move {
+        Arc::new(move |req: Req| {
+            let gpu = gpu.clone();
+            async move {
             match req.path.as_str() {
                 "/ready" => http::json(StatusCode::OK, &serde_json::json!({"worker": id})),
                 "/generate" => {
+                    let gpu_ms = match gpu {
+                        None => 0.0,
+                        Some(tx) => {
+                            let (reply, answer) = tokio::sync::oneshot::channel();
+                            let r = match tx.send((gen_ms, reply)) {
+                                Ok(()) => answer
+                                    .await
+                                    .unwrap_or_else(|_| Err("the GPU thread is gone".into())),
+                                Err(_) => Err("the GPU thread is gone".into()),
+                            };
+                            match r {
+                                Ok(ms) => ms,
+                                Err(e) => {
+                                    // A serving engine whose CUDA context fails exits.
+                                    eprintln!("worker {id}: {} generation failed on the GPU: {e}: exiting", now());
+                                    tokio::spawn(async {
+                                        tokio::time::sleep(Duration::from_millis(50)).await;
+                                        std::process::exit(5);
+                                    });
+                                    return http::json(
+                                        StatusCode::INTERNAL_SERVER_ERROR,
+                                        &serde_json::json!({"error": format!("the GPU failed: {e}"), "worker": id}),
+                                    );
+                                }
+                            }
+                        }
+                    };
                     let v: serde_json::Value =
                         serde_json::from_slice(&req.body).unwrap_or_default();
                     let prompt = v["prompt"].as_str().unwrap_or("");
@@ -179,13 +292,14 @@ pub async fn run(a: WorkerArgs) -> std::process::ExitCode {
                     );
                     http::json(
                         StatusCode::OK,
-                        &serde_json::json!({"text": text, "worker": id}),
+                        &serde_json::json!({"text": text, "worker": id, "gpu_ms": gpu_ms}),
                     )
                 }
                 _ => http::json(
                     StatusCode::NOT_FOUND,
                     &serde_json::json!({"error": "no such path"}),
                 ),
+            }
             }
         }),
     )

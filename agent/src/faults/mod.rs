@@ -9,6 +9,7 @@
 //! driver here, and one line in the `drivers` list of [`crate::run`]
 //! (docs/architecture.md, "Adding a fault kind").
 
+pub mod gpu_compute;
 pub mod gpu_memory;
 pub mod gpu_xid;
 pub mod guardrail;

@@ -38,6 +38,12 @@ pub trait GpuQuery: Send + Sync + 'static {
         let _ = gpu;
         Err("per-process memory is not available".into())
     }
+    /// The GPU's utilization, in percent: the share of NVML's last sample period
+    /// (1/6 s to 1 s) during which a kernel ran on it.
+    fn utilization(&self, uuid: &str) -> Result<u32, String> {
+        let _ = uuid;
+        Err("GPU utilization is not available".into())
+    }
     /// The GPU's PCI bus id as NVML gives it (`00000000:3B:00.0`).
     fn pci_bus_id(&self, uuid: &str) -> Result<String, String> {
         let _ = uuid;
@@ -133,6 +139,17 @@ impl GpuQuery for Gpus {
         pids.sort_unstable();
         pids.dedup();
         Ok(pids)
+    }
+
+    fn utilization(&self, uuid: &str) -> Result<u32, String> {
+        let nvml = self.nvml()?;
+        let d = nvml.device_by_uuid(uuid).map_err(|e| explain(&e))?;
+        d.utilization_rates().map(|u| u.gpu).map_err(|e| match e {
+            NvmlError::NotSupported => {
+                "NVML does not report utilization for this GPU (a vGPU or an old driver)".into()
+            }
+            other => explain(&other),
+        })
     }
 
     fn pci_bus_id(&self, uuid: &str) -> Result<String, String> {
