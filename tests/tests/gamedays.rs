@@ -333,6 +333,15 @@ fn each_game_day_passes_a_good_stack_and_fails_a_bad_one() {
             vec!["--guardrail-policy", "fail-open"],
             "no unsafe output while the guardrail is broken",
         ),
+        // A noisy neighbour at 90% on GPU 0: the stack whose generations take 2 ms of
+        // GPU time has the headroom (about 20 ms under the load), the one at 30 ms
+        // (300 ms under the load) has none; both meet the budget on a GPU of their own.
+        (
+            "experiments/refstack/gpu-contention.yaml",
+            vec!["GPUCHAOS_REFSTACK_GEN_GPU_MS=2"],
+            vec!["GPUCHAOS_REFSTACK_GEN_GPU_MS=30"],
+            "chat p90 latency within 150ms under contention",
+        ),
         // A cascading OOM over two GPUs (a node of 2x24GiB): workers spread over both
         // with a KV cache that fits next to the pressure ride it out; all on one GPU,
         // generations stop; a KV cache too large to share GPU 1 with the pressure
