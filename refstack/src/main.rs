@@ -10,6 +10,7 @@
 
 mod guardrail;
 mod http;
+mod probe;
 mod server;
 mod worker;
 
@@ -111,6 +112,24 @@ enum Cmd {
         #[arg(long, default_value = "refstack-1b")]
         model: String,
     },
+    /// A small CUDA workload for checks: one allocation (`--alloc`), or allocations
+    /// and kernels for a while (`--run`), printing each outcome (scripts/gpu-check.sh).
+    CudaProbe {
+        /// libcuda (the real one, the fake driver, or the gpu_xid interposer).
+        #[arg(long, env = "GPUCHAOS_CUDA_LIB")]
+        cuda_lib: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        gpu: i32,
+        /// Allocate this much once and say whether it could.
+        #[arg(long, value_parser = size, conflicts_with = "run")]
+        alloc: Option<u64>,
+        /// Allocate 2 MiB and run a 1 ms kernel every `--every` for this long; stop at
+        /// the first CUDA error.
+        #[arg(long, value_parser = duration)]
+        run: Option<Duration>,
+        #[arg(long, default_value = "100ms", value_parser = duration)]
+        every: Duration,
+    },
     /// One worker (started by the server).
     Worker {
         #[arg(long)]
@@ -179,6 +198,19 @@ fn main() -> ExitCode {
                 }
                 Err(c) => c,
             },
+            Cmd::CudaProbe {
+                cuda_lib,
+                gpu,
+                alloc,
+                run,
+                every,
+            } => probe::run(probe::ProbeArgs {
+                cuda_lib,
+                gpu,
+                alloc,
+                run,
+                every,
+            }),
             Cmd::Worker {
                 id,
                 server: _,
