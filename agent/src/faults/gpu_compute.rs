@@ -21,17 +21,18 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use gpuchaos_proto::spec::{GpuComputeSpec, GpuRef, GpuSet};
+use gpuchaos_proto::spec::GpuComputeSpec;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::Mutex as AsyncMutex;
 use tokio_util::sync::CancellationToken;
 
+use super::gpus::{kill_strays, select, token};
 use super::{Applied, KindDriver, Planned, RevertError, Support};
 use crate::error::AgentError;
 use crate::policy::Policy;
-use crate::sys::gpu::{GpuInfo, GpuQuery};
+use crate::sys::gpu::GpuQuery;
 
 /// How long a helper may take to load the driver, JIT the kernel and run a first one.
 const HELPER_READY: Duration = Duration::from_secs(60);
@@ -198,10 +199,6 @@ pub struct GpuComputeDriver {
     /// Whether libcuda loads and can run kernels, found at start-up.
     cuda: Result<(), String>,
     helpers: Mutex<HashMap<String, Vec<Arc<Helper>>>>,
-}
-
-fn token() -> String {
-    format!("{:016x}", rand::random::<u64>())
 }
 
 impl GpuComputeDriver {
@@ -493,25 +490,6 @@ impl GpuComputeDriver {
         })
     }
 
-    /// Every helper process still running with this token (after a restart, say).
-    fn stray_helpers(token: &str) -> Vec<u32> {
-        let Ok(dir) = std::fs::read_dir("/proc") else {
-            return Vec::new();
-        };
-        dir.flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|pid| {
-                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                    let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
-                    args.iter().any(|a| *a == crate::gpu_helper::ARG.as_bytes())
-                        && args
-                            .windows(2)
-                            .any(|w| w[0] == b"--token" && w[1] == token.as_bytes())
-                })
-            })
-            .collect()
-    }
-
     async fn revert_plan(&self, plan: ComputePlan) -> Result<(), RevertError> {
         let helpers = self
             .helpers
@@ -523,39 +501,25 @@ impl GpuComputeDriver {
         futures_util::future::join_all(helpers.iter().map(|h| h.stop())).await;
         // Helpers this agent no longer knows of (a previous run's, if the death
         // signal could not act): kill them by their token.
-        for pid in Self::stray_helpers(&plan.token) {
-            tracing::warn!(pid, token = %plan.token, "killing a GPU compute helper left by a previous run");
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+        if let Err(left) = kill_strays(&plan.token, GONE_WITHIN, "GPU compute helper").await {
+            let pids = left
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(" ");
+            return Err(RevertError {
+                message: format!("GPU compute helpers {left:?} did not exit"),
+                leftover: format!(
+                    "compute load by pids {left:?} on {}: kill -9 {pids}",
+                    plan.gpus
+                        .iter()
+                        .map(|g| format!("GPU {}", g.index))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                ),
+            });
         }
-        let deadline = tokio::time::Instant::now() + GONE_WITHIN;
-        loop {
-            let left = Self::stray_helpers(&plan.token);
-            if left.is_empty() {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() > deadline {
-                let pids = left
-                    .iter()
-                    .map(|p| p.to_string())
-                    .collect::<Vec<_>>()
-                    .join(" ");
-                return Err(RevertError {
-                    message: format!("GPU compute helpers {left:?} did not exit"),
-                    leftover: format!(
-                        "compute load by pids {left:?} on {}: kill -9 {pids}",
-                        plan.gpus
-                            .iter()
-                            .map(|g| format!("GPU {}", g.index))
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                    ),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        Ok(())
     }
 }
 
@@ -653,39 +617,6 @@ impl KindDriver for GpuComputeDriver {
             "unknown: look for `gpuchaos-agent {} --compute` processes (ps -ef) and kill them; the plan was {plan}",
             crate::gpu_helper::ARG
         )
-    }
-}
-
-/// The GPUs a spec names, each checked to exist.
-fn select<'a>(list: &'a [GpuInfo], gpus: &GpuSet) -> Result<Vec<&'a GpuInfo>, AgentError> {
-    let known = || {
-        list.iter()
-            .map(|g| format!("{} ({})", g.index, g.uuid))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    match gpus {
-        GpuSet::All => Ok(list.iter().collect()),
-        GpuSet::List(refs) => {
-            let mut out: Vec<&GpuInfo> = Vec::new();
-            for r in refs {
-                let found = list.iter().find(|g| match r {
-                    GpuRef::Index(i) => g.index == *i,
-                    GpuRef::Uuid(u) => g.uuid.eq_ignore_ascii_case(u),
-                });
-                match found {
-                    Some(g) if !out.iter().any(|o| o.index == g.index) => out.push(g),
-                    Some(_) => {}
-                    None => {
-                        return Err(AgentError::NoTargets(format!(
-                            "target.gpus: {r} does not exist on this node; it has {}",
-                            known()
-                        )));
-                    }
-                }
-            }
-            Ok(out)
-        }
     }
 }
 
@@ -852,6 +783,6 @@ mod tests {
             serde_json::json!({"token": "00000000000000ab", "gpus": [{"index": 0, "uuid": "GPU-x"}], "percent": 90.0, "ramp_ms": null})
         );
         assert_eq!(serde_json::from_value::<ComputePlan>(json).unwrap(), plan);
-        assert!(GpuComputeDriver::stray_helpers("00000000000000ab").is_empty());
+        assert!(crate::faults::gpus::stray_helpers("00000000000000ab").is_empty());
     }
 }

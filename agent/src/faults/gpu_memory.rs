@@ -18,13 +18,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use gpuchaos_proto::spec::{ByteSize, GpuMemorySpec, GpuRef, GpuSet};
+use gpuchaos_proto::spec::{ByteSize, GpuMemorySpec, GpuRef};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::sync::Mutex as AsyncMutex;
 use tokio_util::sync::CancellationToken;
 
+use super::gpus::{kill_strays, select, token};
 use super::{Applied, KindDriver, Planned, RevertError, Support};
 use crate::error::AgentError;
 use crate::policy::Policy;
@@ -130,10 +131,6 @@ pub struct GpuMemoryDriver {
     /// Whether libcuda loads, found at start-up.
     cuda: Result<(), String>,
     helpers: Mutex<HashMap<String, Vec<HelperSlot>>>,
-}
-
-fn token() -> String {
-    format!("{:016x}", rand::random::<u64>())
 }
 
 impl GpuMemoryDriver {
@@ -423,25 +420,6 @@ impl GpuMemoryDriver {
         Ok(())
     }
 
-    /// Every helper process still running with this token (after a restart, say).
-    fn stray_helpers(token: &str) -> Vec<u32> {
-        let Ok(dir) = std::fs::read_dir("/proc") else {
-            return Vec::new();
-        };
-        dir.flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|pid| {
-                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                    let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
-                    args.iter().any(|a| *a == crate::gpu_helper::ARG.as_bytes())
-                        && args
-                            .windows(2)
-                            .any(|w| w[0] == b"--token" && w[1] == token.as_bytes())
-                })
-            })
-            .collect()
-    }
-
     async fn revert_plan(&self, plan: GpuPlan) -> Result<(), RevertError> {
         let slots = self
             .helpers
@@ -456,37 +434,22 @@ impl GpuMemoryDriver {
         }
         // Helpers this agent no longer knows of (a previous run's, if the death
         // signal could not act): kill them by their token.
-        for pid in Self::stray_helpers(&plan.token) {
-            tracing::warn!(pid, token = %plan.token, "killing a GPU helper left by a previous run");
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        let deadline = tokio::time::Instant::now() + HELPER_EXIT;
-        loop {
-            let left = Self::stray_helpers(&plan.token);
-            if left.is_empty() {
-                break;
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(RevertError {
-                    message: format!("GPU helpers {left:?} did not exit"),
-                    leftover: format!(
-                        "memory held by pids {left:?} on {}: kill -9 {}",
-                        plan.gpus
-                            .iter()
-                            .map(|g| format!("GPU {}", g.index))
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                        left.iter()
-                            .map(|p| p.to_string())
-                            .collect::<Vec<_>>()
-                            .join(" ")
-                    ),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Err(left) = kill_strays(&plan.token, HELPER_EXIT, "GPU helper").await {
+            return Err(RevertError {
+                message: format!("GPU helpers {left:?} did not exit"),
+                leftover: format!(
+                    "memory held by pids {left:?} on {}: kill -9 {}",
+                    plan.gpus
+                        .iter()
+                        .map(|g| format!("GPU {}", g.index))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    left.iter()
+                        .map(|p| p.to_string())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ),
+            });
         }
         Ok(())
     }
@@ -524,7 +487,7 @@ impl KindDriver for GpuMemoryDriver {
 
     fn plan(&self, g: &GpuMemorySpec) -> Result<Planned<GpuPlan>, AgentError> {
         let list = self.gpus.list().map_err(AgentError::Unsupported)?;
-        let chosen = select(&list, g)?;
+        let chosen = select(&list, &g.target.gpus)?;
         let max = self.policy.file.max_gpu_fill_percent;
         let mut goals = Vec::new();
         for gpu in chosen {
@@ -621,38 +584,5 @@ impl KindDriver for GpuMemoryDriver {
             "unknown: look for `gpuchaos-agent {}` processes (ps -ef) and kill them; the plan was {plan}",
             crate::gpu_helper::ARG
         )
-    }
-}
-
-/// The GPUs a spec names, each checked to exist.
-fn select<'a>(list: &'a [GpuInfo], g: &GpuMemorySpec) -> Result<Vec<&'a GpuInfo>, AgentError> {
-    let known = || {
-        list.iter()
-            .map(|g| format!("{} ({})", g.index, g.uuid))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    match &g.target.gpus {
-        GpuSet::All => Ok(list.iter().collect()),
-        GpuSet::List(refs) => {
-            let mut out: Vec<&GpuInfo> = Vec::new();
-            for r in refs {
-                let found = list.iter().find(|g| match r {
-                    GpuRef::Index(i) => g.index == *i,
-                    GpuRef::Uuid(u) => g.uuid.eq_ignore_ascii_case(u),
-                });
-                match found {
-                    Some(g) if !out.iter().any(|o| o.index == g.index) => out.push(g),
-                    Some(_) => {}
-                    None => {
-                        return Err(AgentError::NoTargets(format!(
-                            "target.gpus: {r} does not exist on this node; it has {}",
-                            known()
-                        )));
-                    }
-                }
-            }
-            Ok(out)
-        }
     }
 }

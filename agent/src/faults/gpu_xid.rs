@@ -25,16 +25,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gpuchaos_proto::spec::{
-    GpuRef, GpuSet, GpuXidSpec, LayerMode, Layers, ProcessTarget, XidModel, xid_model,
+    GpuRef, GpuXidSpec, LayerMode, Layers, ProcessTarget, XidModel, xid_model,
 };
 use gpuchaos_xid_arm::{self as arm, Arm, CudaArm, Loaded, NvmlArm};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use super::gpus::{select, token};
 use super::select::{Selector, Target};
 use super::{Applied, KindDriver, Planned, RevertError, Support};
 use crate::error::AgentError;
-use crate::sys::gpu::GpuInfo;
 
 /// The interposers' file names, as the docs tell workloads to load them.
 pub const CUDA_INTERPOSER: &str = "libgpuchaos_cuda_interpose.so";
@@ -70,10 +70,6 @@ pub struct GpuXidDriver {
     selector: Arc<Selector>,
     arm_dir: PathBuf,
     kmsg: PathBuf,
-}
-
-fn token() -> String {
-    format!("{:016x}", rand::random::<u64>())
 }
 
 impl GpuXidDriver {
@@ -247,38 +243,6 @@ fn write_kmsg(path: &Path, line: &str) -> Result<(), String> {
         .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     f.write_all(record.as_bytes())
         .map_err(|e| format!("cannot write {}: {e}", path.display()))
-}
-
-fn select_gpus<'a>(list: &'a [GpuInfo], set: &GpuSet) -> Result<Vec<&'a GpuInfo>, AgentError> {
-    let known = || {
-        list.iter()
-            .map(|g| format!("{} ({})", g.index, g.uuid))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    match set {
-        GpuSet::All => Ok(list.iter().collect()),
-        GpuSet::List(refs) => {
-            let mut out: Vec<&GpuInfo> = Vec::new();
-            for r in refs {
-                let found = list.iter().find(|g| match r {
-                    GpuRef::Index(i) => g.index == *i,
-                    GpuRef::Uuid(u) => g.uuid.eq_ignore_ascii_case(u),
-                });
-                match found {
-                    Some(g) if !out.iter().any(|o| o.index == g.index) => out.push(g),
-                    Some(_) => {}
-                    None => {
-                        return Err(AgentError::NoTargets(format!(
-                            "target.gpus: {r} does not exist on this node; it has {}",
-                            known()
-                        )));
-                    }
-                }
-            }
-            Ok(out)
-        }
-    }
 }
 
 impl GpuXidDriver {
@@ -551,7 +515,7 @@ impl KindDriver for GpuXidDriver {
             .gpus()
             .list()
             .map_err(AgentError::Unsupported)?;
-        let chosen = select_gpus(&list, &spec.target.gpus)?;
+        let chosen = select(&list, &spec.target.gpus)?;
         let (armed, _) = arm::read_arms(&self.arm_dir);
         let mut gpus = Vec::new();
         let mut kill = Vec::new();

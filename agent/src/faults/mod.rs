@@ -12,6 +12,7 @@
 pub mod gpu_compute;
 pub mod gpu_memory;
 pub mod gpu_xid;
+mod gpus;
 pub mod guardrail;
 pub mod network;
 pub mod process;

@@ -219,6 +219,75 @@ impl schemars::JsonSchema for ByteSize {
 /// Shortest ramp: anything faster is a step, say so.
 pub const MIN_RAMP_MS: u64 = 200;
 
+/// The GPUs a spec names, as its summary says them. Shared by the GPU kinds, so that
+/// they read alike.
+pub(super) fn gpus_summary(gpus: &GpuSet) -> String {
+    match gpus {
+        GpuSet::All => "all GPUs".to_string(),
+        GpuSet::List(v) => v
+            .iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+/// Checks `target.gpus` for every GPU kind: a list names at least one GPU, and each
+/// UUID is a whole GPU's (GPU-…). `mig` says why the kind refuses a MIG instance
+/// ("an Xid fails a whole GPU"), the one part of the message that differs by kind.
+pub(super) fn validate_gpus(gpus: &GpuSet, mig: &str, errs: &mut Vec<FieldError>) {
+    let GpuSet::List(v) = gpus else { return };
+    if v.is_empty() {
+        errs.push(FieldError::new(
+            "target.gpus",
+            "the list is empty: name GPUs by index or UUID, or say all",
+        ));
+    }
+    for (i, g) in v.iter().enumerate() {
+        let GpuRef::Uuid(u) = g else { continue };
+        if u.starts_with("MIG-") {
+            errs.push(FieldError::new(
+                format!("target.gpus[{i}]"),
+                format!("{u:?} is a MIG instance: {mig}; name the GPU"),
+            ));
+        } else if !u.starts_with("GPU-") {
+            errs.push(FieldError::new(
+                format!("target.gpus[{i}]"),
+                format!("{u:?} is neither a GPU index nor a GPU UUID (GPU-…)"),
+            ));
+        }
+    }
+}
+
+/// Checks `ramp` for the kinds that ramp up: at least [`MIN_RAMP_MS`] and shorter
+/// than the fault. `at_once` is what the fault does without a ramp ("fill", "load")
+/// and `goal` what the ramp reaches ("target", "load"), so each kind keeps its words.
+pub(super) fn validate_ramp(
+    ramp: Option<HumanDuration>,
+    duration: HumanDuration,
+    at_once: &str,
+    goal: &str,
+    errs: &mut Vec<FieldError>,
+) {
+    let Some(r) = ramp else { return };
+    if r.0.as_millis() < MIN_RAMP_MS as u128 {
+        errs.push(FieldError::new(
+            "ramp",
+            format!(
+                "{r} is too short: ramps take at least {MIN_RAMP_MS}ms (remove ramp to {at_once} at once)"
+            ),
+        ));
+    }
+    if r.0 >= duration.0 {
+        errs.push(FieldError::new(
+            "ramp",
+            format!(
+                "{r} is not shorter than the duration {duration}: the fault would end before reaching its {goal}"
+            ),
+        ));
+    }
+}
+
 impl KindSpec for GpuMemorySpec {
     fn duration(&self) -> std::time::Duration {
         self.duration.0
@@ -229,45 +298,18 @@ impl KindSpec for GpuMemorySpec {
     }
 
     fn summary(&self) -> String {
-        let gpus = match &self.target.gpus {
-            GpuSet::All => "all GPUs".to_string(),
-            GpuSet::List(v) => v
-                .iter()
-                .map(|r| r.to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-        };
+        let gpus = gpus_summary(&self.target.gpus);
         let ramp = self.ramp.map(|r| format!(", ramp {r}")).unwrap_or_default();
         format!("gpu_memory fill {} on {gpus}{ramp}", self.fill)
     }
 
     fn validate(&self, errs: &mut Vec<FieldError>) {
         validate_duration(self.duration, errs);
-        if let GpuSet::List(v) = &self.target.gpus {
-            if v.is_empty() {
-                errs.push(FieldError::new(
-                    "target.gpus",
-                    "the list is empty: name GPUs by index or UUID, or say all",
-                ));
-            }
-            for (i, g) in v.iter().enumerate() {
-                if let GpuRef::Uuid(u) = g
-                    && u.starts_with("MIG-")
-                {
-                    errs.push(FieldError::new(
-                        format!("target.gpus[{i}]"),
-                        format!("{u:?} is a MIG instance: gpu_memory holds memory on whole GPUs only (not yet on MIG instances); name the GPU"),
-                    ));
-                } else if let GpuRef::Uuid(u) = g
-                    && !u.starts_with("GPU-")
-                {
-                    errs.push(FieldError::new(
-                        format!("target.gpus[{i}]"),
-                        format!("{u:?} is neither a GPU index nor a GPU UUID (GPU-…)"),
-                    ));
-                }
-            }
-        }
+        validate_gpus(
+            &self.target.gpus,
+            "gpu_memory holds memory on whole GPUs only (not yet on MIG instances)",
+            errs,
+        );
         match self.fill {
             Fill::Bytes(b) if b.0 == 0 => errs.push(FieldError::new(
                 "fill.bytes",
@@ -279,23 +321,7 @@ impl KindSpec for GpuMemorySpec {
             )),
             _ => {}
         }
-        if let Some(r) = self.ramp {
-            if r.0.as_millis() < MIN_RAMP_MS as u128 {
-                errs.push(FieldError::new(
-                    "ramp",
-                    format!("{r} is too short: ramps take at least {MIN_RAMP_MS}ms (remove ramp to fill at once)"),
-                ));
-            }
-            if r.0 >= self.duration.0 {
-                errs.push(FieldError::new(
-                    "ramp",
-                    format!(
-                        "{r} is not shorter than the duration {}: the fault would end before reaching its target",
-                        self.duration
-                    ),
-                ));
-            }
-        }
+        validate_ramp(self.ramp, self.duration, "fill", "target", errs);
     }
 }
 

@@ -3,9 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{
-    FieldError, GpuRef, GpuSet, GpuTarget, HumanDuration, KindSpec, MIN_RAMP_MS, validate_duration,
-};
+use super::gpu::{gpus_summary, validate_gpus, validate_ramp};
+use super::{FieldError, GpuTarget, HumanDuration, KindSpec, validate_duration};
 
 /// The `gpu_compute` kind.
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -44,41 +43,18 @@ impl KindSpec for GpuComputeSpec {
     }
 
     fn summary(&self) -> String {
-        let gpus = match &self.target.gpus {
-            GpuSet::All => "all GPUs".to_string(),
-            GpuSet::List(v) => v
-                .iter()
-                .map(|r| r.to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-        };
+        let gpus = gpus_summary(&self.target.gpus);
         let ramp = self.ramp.map(|r| format!(", ramp {r}")).unwrap_or_default();
         format!("gpu_compute load {}% on {gpus}{ramp}", self.load.percent)
     }
 
     fn validate(&self, errs: &mut Vec<FieldError>) {
         validate_duration(self.duration, errs);
-        if let GpuSet::List(v) = &self.target.gpus {
-            if v.is_empty() {
-                errs.push(FieldError::new(
-                    "target.gpus",
-                    "the list is empty: name GPUs by index or UUID, or say all",
-                ));
-            }
-            for (i, g) in v.iter().enumerate() {
-                match g {
-                    GpuRef::Uuid(u) if u.starts_with("MIG-") => errs.push(FieldError::new(
-                        format!("target.gpus[{i}]"),
-                        format!("{u:?} is a MIG instance: gpu_compute loads whole GPUs only (not yet MIG instances); name the GPU"),
-                    )),
-                    GpuRef::Uuid(u) if !u.starts_with("GPU-") => errs.push(FieldError::new(
-                        format!("target.gpus[{i}]"),
-                        format!("{u:?} is neither a GPU index nor a GPU UUID (GPU-…)"),
-                    )),
-                    _ => {}
-                }
-            }
-        }
+        validate_gpus(
+            &self.target.gpus,
+            "gpu_compute loads whole GPUs only (not yet MIG instances)",
+            errs,
+        );
         let p = self.load.percent;
         if !(p > 0.0 && p <= 100.0) {
             errs.push(FieldError::new(
@@ -86,29 +62,13 @@ impl KindSpec for GpuComputeSpec {
                 format!("{p} is out of range: use a share of time above 0 and at most 100"),
             ));
         }
-        if let Some(r) = self.ramp {
-            if r.0.as_millis() < MIN_RAMP_MS as u128 {
-                errs.push(FieldError::new(
-                    "ramp",
-                    format!("{r} is too short: ramps take at least {MIN_RAMP_MS}ms (remove ramp to load at once)"),
-                ));
-            }
-            if r.0 >= self.duration.0 {
-                errs.push(FieldError::new(
-                    "ramp",
-                    format!(
-                        "{r} is not shorter than the duration {}: the fault would end before reaching its load",
-                        self.duration
-                    ),
-                ));
-            }
-        }
+        validate_ramp(self.ramp, self.duration, "load", "load", errs);
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::FaultSpec;
+    use super::super::{FaultSpec, GpuRef, GpuSet};
     use super::*;
 
     fn parse(yaml: &str) -> Result<GpuComputeSpec, String> {

@@ -13,7 +13,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::{FieldError, GpuRef, GpuSet, GpuTarget, HumanDuration, KindSpec, validate_duration};
+use super::gpu::{gpus_summary, validate_gpus};
+use super::{FieldError, GpuTarget, HumanDuration, KindSpec, validate_duration};
 
 /// The `gpu_xid` kind.
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -351,14 +352,7 @@ impl KindSpec for GpuXidSpec {
     }
 
     fn summary(&self) -> String {
-        let gpus = match &self.target.gpus {
-            GpuSet::All => "all GPUs".to_string(),
-            GpuSet::List(v) => v
-                .iter()
-                .map(|r| r.to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-        };
+        let gpus = gpus_summary(&self.target.gpus);
         let what = xid_model(self.xid)
             .map(|m| format!(" ({}, {})", m.name, latch_word(m)))
             .unwrap_or_default();
@@ -368,31 +362,7 @@ impl KindSpec for GpuXidSpec {
 
     fn validate(&self, errs: &mut Vec<FieldError>) {
         validate_duration(self.duration, errs);
-        if let GpuSet::List(v) = &self.target.gpus {
-            if v.is_empty() {
-                errs.push(FieldError::new(
-                    "target.gpus",
-                    "the list is empty: name GPUs by index or UUID, or say all",
-                ));
-            }
-            for (i, g) in v.iter().enumerate() {
-                if let GpuRef::Uuid(u) = g {
-                    if u.starts_with("MIG-") {
-                        errs.push(FieldError::new(
-                            format!("target.gpus[{i}]"),
-                            format!(
-                                "{u:?} is a MIG instance: an Xid fails a whole GPU; name the GPU"
-                            ),
-                        ));
-                    } else if !u.starts_with("GPU-") {
-                        errs.push(FieldError::new(
-                            format!("target.gpus[{i}]"),
-                            format!("{u:?} is neither a GPU index nor a GPU UUID (GPU-…)"),
-                        ));
-                    }
-                }
-            }
-        }
+        validate_gpus(&self.target.gpus, "an Xid fails a whole GPU", errs);
         let model = xid_model(self.xid);
         if model.is_none() {
             errs.push(FieldError::new(
