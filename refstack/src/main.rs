@@ -94,6 +94,10 @@ enum Cmd {
         /// (outlier ejection, as load balancers do; 0s: never).
         #[arg(long, default_value = "0s", value_parser = duration)]
         eject_for: Duration,
+        /// Another node's server (HOST:PORT) that takes the requests no worker here is
+        /// ready for (a gateway's spill-over to another node).
+        #[arg(long)]
+        fallback: Option<String>,
         /// libcuda (the real one, or the project's fake driver).
         #[arg(long, env = "GPUCHAOS_CUDA_LIB")]
         cuda_lib: Option<PathBuf>,
@@ -249,6 +253,7 @@ fn main() -> ExitCode {
                 restart_delay,
                 worker_timeout,
                 eject_for,
+                fallback,
                 cuda_lib,
                 gpu,
                 gpus,
@@ -269,6 +274,7 @@ fn main() -> ExitCode {
                             restart_delay,
                             worker_timeout,
                             eject_for,
+                            fallback,
                             cuda_lib,
                             gpus: if gpus.is_empty() { vec![gpu] } else { gpus },
                             gpu_retry,

@@ -50,6 +50,10 @@ pub struct ServerArgs {
     pub worker_timeout: Duration,
     /// A worker that failed or timed out is left out of the rotation this long.
     pub eject_for: Duration,
+    /// Another node's server (HOST:PORT) that takes the requests this one has no
+    /// ready worker for: the gateway's spill-over to another node, through which a
+    /// cascading failure travels.
+    pub fallback: Option<String>,
     pub cuda_lib: Option<std::path::PathBuf>,
     /// The CUDA devices the workers are spread over: worker i's home is
     /// `gpus[i mod n]` (never empty).
@@ -67,6 +71,8 @@ struct Counters {
     blocked: AtomicU64,
     guardrail_errors: AtomicU64,
     no_worker: AtomicU64,
+    /// Requests handed to the fallback node.
+    fallback: AtomicU64,
     restarts: AtomicU64,
     /// Worker processes that exited after serving.
     died: AtomicU64,
@@ -695,6 +701,40 @@ fn completion(
     )
 }
 
+/// Hands a request this server has no ready worker for to the fallback node, as
+/// it is; the answer says who served it (`x-refstack-served-by`).
+async fn forward(s: &State, fallback: &str, req: &Req) -> hyper::Response<http::Body> {
+    s.c.fallback.fetch_add(1, Ordering::Relaxed);
+    let body = String::from_utf8_lossy(&req.body).into_owned();
+    let mut r = match http::call(
+        fallback,
+        hyper::Method::POST,
+        &req.path,
+        Some(body),
+        s.args.worker_timeout,
+    )
+    .await
+    {
+        Ok((status, bytes)) => {
+            let mut r = hyper::Response::new(http::full(bytes));
+            *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        Err(e) => http::json(
+            StatusCode::BAD_GATEWAY,
+            &serde_json::json!({"error": {"message": format!("no worker is ready here and the fallback node failed: {e}")}}),
+        ),
+    };
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("fallback {fallback}")) {
+        r.headers_mut().insert("x-refstack-served-by", v);
+    }
+    r
+}
+
 async fn handle(s: Arc<State>, req: Req) -> hyper::Response<http::Body> {
     match req.path.as_str() {
         "/health" => {
@@ -732,12 +772,13 @@ async fn handle(s: Arc<State>, req: Req) -> hyper::Response<http::Body> {
             let unusable = unusable_gpus(&s);
             let c = &s.c;
             let mut text = format!(
-                "refstack_workers_live {live}\nrefstack_workers_starting {starting}\nrefstack_workers_configured {}\nrefstack_requests_total {}\nrefstack_blocked_total {}\nrefstack_guardrail_errors_total {}\nrefstack_no_worker_total {}\nrefstack_worker_restarts_total {}\nrefstack_workers_lost_total {}\nrefstack_worker_failed_starts_total {}\n",
+                "refstack_workers_live {live}\nrefstack_workers_starting {starting}\nrefstack_workers_configured {}\nrefstack_requests_total {}\nrefstack_blocked_total {}\nrefstack_guardrail_errors_total {}\nrefstack_no_worker_total {}\nrefstack_fallback_total {}\nrefstack_worker_restarts_total {}\nrefstack_workers_lost_total {}\nrefstack_worker_failed_starts_total {}\n",
                 s.args.workers,
                 c.requests.load(Ordering::Relaxed),
                 c.blocked.load(Ordering::Relaxed),
                 c.guardrail_errors.load(Ordering::Relaxed),
                 c.no_worker.load(Ordering::Relaxed),
+                c.fallback.load(Ordering::Relaxed),
                 c.restarts.load(Ordering::Relaxed),
                 lost_total(c),
                 c.failed_starts.load(Ordering::Relaxed),
@@ -791,6 +832,11 @@ async fn handle(s: Arc<State>, req: Req) -> hyper::Response<http::Body> {
                 );
             }
             let live = routable_workers(&s).await;
+            if live.is_empty()
+                && let Some(f) = &s.args.fallback
+            {
+                return forward(&s, f, &req).await;
+            }
             if live.is_empty() {
                 s.c.no_worker.fetch_add(1, Ordering::Relaxed);
                 return http::json(
