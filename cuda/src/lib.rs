@@ -798,32 +798,7 @@ mod tests {
         // The fake driver reads its configuration from the environment: the body runs
         // in a child of this test binary, with its own state file, rather than change
         // this process's environment under other tests' threads.
-        if std::env::var_os(CHILD).is_none() {
-            let state = std::env::temp_dir()
-                .join(format!("gpuchaos-cuda-test-{}.json", std::process::id()));
-            let out = std::process::Command::new(std::env::current_exe().unwrap())
-                .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
-                .env(CHILD, "1")
-                .env("GPUCHAOS_FAKE_GPU_STATE", &state)
-                .env("GPUCHAOS_FAKE_GPUS", "1x8GiB")
-                .env("GPUCHAOS_FAKE_GPU_CONTEXT", "64MiB")
-                .env_remove("GPUCHAOS_FAKE_GPU_DRIVER")
-                .env_remove("GPUCHAOS_FAKE_GPU_COMPUTE_MODE")
-                .output()
-                .unwrap();
-            let mut lock = state.clone().into_os_string();
-            lock.push(".lock");
-            let _ = std::fs::remove_file(&state);
-            let _ = std::fs::remove_file(lock);
-            let (stdout, stderr) = (
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr),
-            );
-            assert!(
-                out.status.success() && stdout.contains("1 passed"),
-                "the child failed or did not run the test ({}):\n{stdout}\n{stderr}",
-                out.status
-            );
+        if !in_child(NAME) {
             return;
         }
 

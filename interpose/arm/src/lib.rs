@@ -302,6 +302,74 @@ impl ArmCache {
     }
 }
 
+/// Defines `open_real()` and `real_symbol(lib, name)` in an interposer: how both
+/// load the real library behind them (libcuda, libnvidia-ml) and look its symbols
+/// up, written once. A macro, as [`forwarders!`] is, so that the `unsafe` (dlopen,
+/// dlsym) and the `libloading` dependency stay in the interposers: this crate is
+/// linked into the agent too.
+///
+/// `open_real()` opens the absolute path in the variable `env` if it is set, else
+/// the first of `paths` that loads. A bare name is refused, and so is a library
+/// exporting `marker` (a NUL-terminated symbol only the interposer has): either
+/// would load the interposer again, which would forward to itself. `what` names the
+/// library in the error ("CUDA driver", "NVML").
+#[macro_export]
+macro_rules! real_library {
+    (env: $env:expr, paths: $paths:expr, marker: $marker:expr, what: $what:literal $(,)?) => {
+        fn open_real() -> Result<::libloading::os::unix::Library, String> {
+            use ::libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
+            let candidates: Vec<String> = match ::std::env::var($env) {
+                Ok(p) if !p.is_empty() => vec![p],
+                _ => $paths.iter().map(|s| s.to_string()).collect(),
+            };
+            let mut why = Vec::new();
+            for path in &candidates {
+                if !path.starts_with('/') {
+                    why.push(format!(
+                        "{path}: not an absolute path (a bare name would load the interposer itself)"
+                    ));
+                    continue;
+                }
+                // SAFETY: loading the library the operator named runs its
+                // initialisers, as the process's own dlopen would.
+                match unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL) } {
+                    Ok(lib) => {
+                        // SAFETY: only the symbol's presence is checked.
+                        if unsafe { lib.get::<extern "C" fn() -> ::std::ffi::c_int>($marker) }
+                            .is_ok()
+                        {
+                            why.push(format!("{path} is the interposer itself"));
+                            continue;
+                        }
+                        return Ok(lib);
+                    }
+                    Err(e) => why.push(e.to_string()),
+                }
+            }
+            Err(format!(
+                concat!(
+                    "the real ",
+                    $what,
+                    " could not be loaded ({}): set {} to its absolute path"
+                ),
+                why.join("; "),
+                $env
+            ))
+        }
+
+        /// The address of the real library's `name`, if it has it.
+        fn real_symbol(lib: &::libloading::os::unix::Library, name: &str) -> Option<usize> {
+            let mut n = name.as_bytes().to_vec();
+            n.push(0);
+            // SAFETY: only the address is taken; it is called with the signature the
+            // caller of the forwarded or wrapped symbol uses.
+            unsafe { lib.get::<unsafe extern "C" fn()>(&n) }
+                .ok()
+                .map(|s| *s as usize)
+        }
+    };
+}
+
 /// Exports, for each name, a function that jumps to the real library's symbol of
 /// that name (a tail jump: arguments, return value and stack are the caller's, so
 /// it forwards any signature). `resolve_forwarders(lookup, missing)` fills the jump

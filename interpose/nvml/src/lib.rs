@@ -131,40 +131,11 @@ fn say(key: &str, msg: &str) {
     );
 }
 
-fn open_real() -> Result<libloading::os::unix::Library, String> {
-    use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
-    let candidates: Vec<String> = match std::env::var(REAL_ENV) {
-        Ok(p) if !p.is_empty() => vec![p],
-        _ => SYSTEM_PATHS.iter().map(|s| s.to_string()).collect(),
-    };
-    let mut why = Vec::new();
-    for path in &candidates {
-        if !path.starts_with('/') {
-            why.push(format!(
-                "{path}: not an absolute path (a bare name would load the interposer itself)"
-            ));
-            continue;
-        }
-        // SAFETY: loading the library the operator named runs its initialisers, as
-        // the monitor's own dlopen would.
-        match unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL) } {
-            Ok(lib) => {
-                // SAFETY: only the symbol's presence is checked.
-                if unsafe { lib.get::<extern "C" fn() -> c_int>(b"gpuchaos_nvml_interposer\0") }
-                    .is_ok()
-                {
-                    why.push(format!("{path} is the interposer itself"));
-                    continue;
-                }
-                return Ok(lib);
-            }
-            Err(e) => why.push(e.to_string()),
-        }
-    }
-    Err(format!(
-        "the real NVML could not be loaded ({}): set {REAL_ENV} to its absolute path",
-        why.join("; ")
-    ))
+gpuchaos_xid_arm::real_library! {
+    env: REAL_ENV,
+    paths: SYSTEM_PATHS,
+    marker: b"gpuchaos_nvml_interposer\0",
+    what: "NVML",
 }
 
 /// The calls this library wraps, whose real addresses it keeps.
@@ -228,16 +199,7 @@ const WRAPPED: &[&str] = &[
 fn state() -> &'static State {
     STATE.get_or_init(|| {
         let real = open_real();
-        let lookup = |name: &str| -> Option<usize> {
-            let lib = real.as_ref().ok()?;
-            let mut n = name.as_bytes().to_vec();
-            n.push(0);
-            // SAFETY: only the address is taken; it is called with the signature
-            // the caller uses.
-            unsafe { lib.get::<unsafe extern "C" fn()>(&n) }
-                .ok()
-                .map(|s| *s as usize)
-        };
+        let lookup = |name: &str| -> Option<usize> { real_symbol(real.as_ref().ok()?, name) };
         let missing = if real.is_ok() {
             missing_symbol as *const () as usize
         } else {
