@@ -28,7 +28,7 @@ use tokio::process::{Child, ChildStdin};
 use tokio::sync::Mutex as AsyncMutex;
 use tokio_util::sync::CancellationToken;
 
-use super::gpus::{kill_strays, select, token};
+use super::gpus::{kill_strays, select, support, token};
 use super::{Applied, KindDriver, Planned, RevertError, Support};
 use crate::error::AgentError;
 use crate::policy::Policy;
@@ -528,17 +528,7 @@ impl KindDriver for GpuComputeDriver {
     type Plan = ComputePlan;
 
     fn capability(&self) -> Support {
-        let (supported, reason) = match (self.gpus.list(), &self.cuda) {
-            (Err(e), _) => (false, e),
-            (Ok(l), _) if l.is_empty() => (false, "NVML lists no GPU on this node".to_string()),
-            (Ok(_), Err(e)) => (false, e.clone()),
-            (Ok(_), Ok(())) => (true, String::new()),
-        };
-        Support {
-            supported,
-            reason,
-            backends: vec![],
-        }
+        support(self.gpus.as_ref(), &self.cuda)
     }
 
     fn plan(&self, g: &GpuComputeSpec) -> Result<Planned<ComputePlan>, AgentError> {

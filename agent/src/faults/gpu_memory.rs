@@ -25,7 +25,7 @@ use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::sync::Mutex as AsyncMutex;
 use tokio_util::sync::CancellationToken;
 
-use super::gpus::{kill_strays, select, token};
+use super::gpus::{kill_strays, select, support, token};
 use super::{Applied, KindDriver, Planned, RevertError, Support};
 use crate::error::AgentError;
 use crate::policy::Policy;
@@ -472,17 +472,7 @@ impl KindDriver for GpuMemoryDriver {
     type Plan = GpuPlan;
 
     fn capability(&self) -> Support {
-        let (supported, reason) = match (self.gpus.list(), &self.cuda) {
-            (Err(e), _) => (false, e),
-            (Ok(l), _) if l.is_empty() => (false, "NVML lists no GPU on this node".to_string()),
-            (Ok(_), Err(e)) => (false, e.clone()),
-            (Ok(_), Ok(())) => (true, String::new()),
-        };
-        Support {
-            supported,
-            reason,
-            backends: vec![],
-        }
+        support(self.gpus.as_ref(), &self.cuda)
     }
 
     fn plan(&self, g: &GpuMemorySpec) -> Result<Planned<GpuPlan>, AgentError> {

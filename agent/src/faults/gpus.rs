@@ -7,12 +7,29 @@ use std::time::Duration;
 
 use gpuchaos_proto::spec::{GpuRef, GpuSet};
 
+use super::Support;
 use crate::error::AgentError;
-use crate::sys::gpu::GpuInfo;
+use crate::sys::gpu::{GpuInfo, GpuQuery};
 
 /// A fault's token: marks its helpers (and files), so that a later run finds them.
 pub(crate) fn token() -> String {
     format!("{:016x}", rand::random::<u64>())
+}
+
+/// Whether a helper-based GPU kind works here: NVML lists a GPU and the CUDA driver
+/// does what the kind's helpers need (`cuda`, found at start-up), else why not.
+pub(crate) fn support(gpus: &dyn GpuQuery, cuda: &Result<(), String>) -> Support {
+    let (supported, reason) = match (gpus.list(), cuda) {
+        (Err(e), _) => (false, e),
+        (Ok(l), _) if l.is_empty() => (false, "NVML lists no GPU on this node".to_string()),
+        (Ok(_), Err(e)) => (false, e.clone()),
+        (Ok(_), Ok(())) => (true, String::new()),
+    };
+    Support {
+        supported,
+        reason,
+        backends: vec![],
+    }
 }
 
 /// The GPUs a spec names, each checked to exist; a GPU named twice (by index and
