@@ -30,7 +30,7 @@ fn the_gpu_check_script_passes_every_check_on_the_fake_driver() {
     for check in [
         "gpu_memory 50%",
         "gpu_memory 95%",
-        "second process asks 5% more",
+        "second process asks free + 1 GiB",
         "agent SIGKILL while 95% held",
         "gpu_compute 50%",
         "gpu_compute 90%",
