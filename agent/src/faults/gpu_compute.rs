@@ -186,7 +186,19 @@ impl Helper {
                     pid = self.pid,
                     "GPU compute helper did not exit: killing it"
                 );
-                let _ = child.kill().await;
+                // SIGKILL, then a bounded wait: a helper stuck in the driver (state D,
+                // as a real Xid can leave it) must not hold the revert; the agent's
+                // check for processes carrying the token reports what is left.
+                let _ = child.start_kill();
+                if tokio::time::timeout(HELPER_EXIT, child.wait())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        pid = self.pid,
+                        "GPU compute helper still not gone after SIGKILL (stuck in the driver?)"
+                    );
+                }
             }
         }
     }

@@ -115,7 +115,15 @@ impl Helper {
             Ok(status) => tracing::debug!(pid = self.pid, status = ?status, "GPU helper exited"),
             Err(_) => {
                 tracing::warn!(pid = self.pid, "GPU helper did not exit: killing it");
-                let _ = self.child.kill().await;
+                // Bounded: a helper stuck in the driver must not hold the revert (the
+                // check for processes carrying the token reports it).
+                let _ = self.child.start_kill();
+                if tokio::time::timeout(HELPER_EXIT, self.child.wait())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(pid = self.pid, "GPU helper still not gone after SIGKILL");
+                }
             }
         }
     }
