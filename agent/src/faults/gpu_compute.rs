@@ -211,6 +211,9 @@ pub struct GpuComputeDriver {
     /// Whether libcuda loads and can run kernels, found at start-up.
     cuda: Result<(), String>,
     helpers: Mutex<HashMap<String, Vec<Arc<Helper>>>>,
+    /// The load each planned or active fault puts on each GPU (by token, until its
+    /// revert): the policy's maximum holds for all of them together, not per fault.
+    loads: Mutex<HashMap<String, (Vec<String>, f64)>>,
 }
 
 impl GpuComputeDriver {
@@ -223,6 +226,7 @@ impl GpuComputeDriver {
             cuda_lib,
             cuda,
             helpers: Mutex::new(HashMap::new()),
+            loads: Mutex::new(HashMap::new()),
         }
     }
 
@@ -509,6 +513,9 @@ impl GpuComputeDriver {
             .ok()
             .and_then(|mut m| m.remove(&plan.token))
             .unwrap_or_default();
+        if let Ok(mut l) = self.loads.lock() {
+            l.remove(&plan.token);
+        }
         // Every helper told at once; each stops after the kernel in flight.
         futures_util::future::join_all(helpers.iter().map(|h| h.stop())).await;
         // Helpers this agent no longer knows of (a previous run's, if the death
@@ -556,6 +563,22 @@ impl KindDriver for GpuComputeDriver {
                     g.load.percent
                 )));
             }
+            let already: f64 = self
+                .loads
+                .lock()
+                .map(|l| {
+                    l.values()
+                        .filter(|(uuids, _)| uuids.contains(&gpu.uuid))
+                        .map(|(_, p)| p)
+                        .sum()
+                })
+                .unwrap_or(0.0);
+            if already + g.load.percent > max + 1e-9 {
+                return Err(AgentError::Refused(format!(
+                    "load {}% on {label}: other gpu_compute faults already put {already}% on it, and the policy allows at most {max}% in all (max_gpu_compute_percent)",
+                    g.load.percent
+                )));
+            }
             if gpu.mig {
                 return Err(AgentError::Unsupported(format!(
                     "{label} is in MIG mode: its SMs belong to MIG instances, and gpu_compute loads whole GPUs only (not yet MIG instances); pick a GPU without MIG"
@@ -590,10 +613,20 @@ impl KindDriver for GpuComputeDriver {
             })
             .collect::<Vec<_>>()
             .join(", ");
+        let token = token();
+        if let Ok(mut l) = self.loads.lock() {
+            l.insert(
+                token.clone(),
+                (
+                    goals.iter().map(|g| g.uuid.clone()).collect(),
+                    g.load.percent,
+                ),
+            );
+        }
         Ok(Planned {
             target,
             plan: ComputePlan {
-                token: token(),
+                token,
                 gpus: goals,
                 percent: g.load.percent,
                 ramp_ms: g.ramp.map(|r| r.0.as_millis() as u64),
@@ -675,6 +708,30 @@ mod tests {
             .unwrap();
         assert_eq!(all.plan.gpus.len(), 2);
         assert_ne!(all.plan.token, p.plan.token, "a token per fault");
+    }
+
+    #[tokio::test]
+    async fn the_policy_maximum_holds_for_all_faults_on_a_gpu_together() {
+        let d = driver(Arc::new(FakeGpus::new(2)), None);
+        let first = d
+            .plan(&spec(
+                "kind: gpu_compute\nduration: 1m\ntarget: {gpus: [0]}\nload: {percent: 60}\n",
+            ))
+            .unwrap();
+        let second =
+            spec("kind: gpu_compute\nduration: 1m\ntarget: {gpus: [0]}\nload: {percent: 50}\n");
+        let e = d
+            .plan(&second)
+            .expect_err("60% + 50% is over 95%")
+            .to_string();
+        assert!(e.contains("already put 60% on it"), "{e}");
+        // Another GPU is not affected; once the first is reverted the second fits.
+        d.plan(&spec(
+            "kind: gpu_compute\nduration: 1m\ntarget: {gpus: [1]}\nload: {percent: 50}\n",
+        ))
+        .unwrap();
+        d.revert_plan(first.plan).await.unwrap();
+        d.plan(&second).unwrap();
     }
 
     #[test]
