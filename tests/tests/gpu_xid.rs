@@ -428,6 +428,86 @@ fn a_required_layer_that_nothing_loaded_fails_the_fault_and_leaves_nothing() {
     assert!(n.arm_files().is_empty(), "{:?}", n.arm_files());
 }
 
+#[test]
+fn a_failed_required_layer_writes_no_kernel_log_line_and_kills_nothing() {
+    let n = Node::start();
+    // A process on GPU 0 whose interposer registers elsewhere: the CUDA layer
+    // of this node sees no one.
+    let other = n.dir.path().join("other-xid");
+    let mut child = Command::new(bin("xid-probe"))
+        .args(["cuda", &cuda_interposer(), "0"])
+        .envs(env(n.dir.path()))
+        .env("GPUCHAOS_XID_DIR", &other)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut w = Probe {
+        stdin: child.stdin.take().unwrap(),
+        stdout: BufReader::new(child.stdout.take().unwrap()),
+        child,
+    };
+    assert_eq!(w.line(), "context");
+    let f = spec_file(
+        n.dir.path(),
+        "xid.yaml",
+        "kind: gpu_xid\nduration: 1m\ntarget: {gpus: [0]}\nxid: 79\nkill: true\nlayers: {cuda: required}\n",
+    );
+    let out = gpuchaos(&[
+        "--agent",
+        &n.agent.grpc,
+        "inject",
+        "-f",
+        f.to_str().unwrap(),
+    ]);
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr.contains("cuda layer (required) is not armed")
+            || out.stdout.contains("cuda layer (required) is not armed"),
+        "{out:?}"
+    );
+    assert_eq!(n.kmsg(), "", "a failed fault writes no kernel-log line");
+    assert!(
+        w.child.try_wait().unwrap().is_none(),
+        "a failed fault kills nothing"
+    );
+    assert_eq!(w.ask("alloc"), "ok");
+    assert!(n.arm_files().is_empty(), "{:?}", n.arm_files());
+}
+
+#[test]
+fn fifos_and_symlinks_in_the_arm_directory_hang_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let xid = dir.path().join("xid");
+    let ld = xid.join("loaded");
+    std::fs::create_dir_all(&ld).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&xid, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&ld, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    }
+    for p in [xid.join("arm-GPU-fifo.json"), ld.join("cuda-1.json")] {
+        let st = Command::new("mkfifo").arg(&p).status().unwrap();
+        assert!(st.success());
+    }
+    std::os::unix::fs::symlink("/etc/passwd", xid.join("arm-GPU-link.json")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", ld.join("cuda-2.json")).unwrap();
+    // Start-up (the sweep), inject (arm files, registrations read), revert, restart.
+    let agent = Node::agent(dir.path());
+    let mut n = Node { dir, agent };
+    let f = n.inject("kind: gpu_xid\nduration: 1m\ntarget: {gpus: [0]}\nxid: 79\n");
+    assert_eq!(f["details"]["layers"]["cuda"]["state"], "waiting", "{f}");
+    n.revert(f["id"].as_str().unwrap());
+    n.agent.kill9();
+    n.agent = Node::agent(n.dir.path());
+    assert_eq!(n.agent.open_intents(), 0);
+    assert!(
+        xid.join("arm-GPU-fifo.json").exists(),
+        "not the agent's to remove"
+    );
+}
+
 /// A minimal HTTP/1.1 exchange: (status, body).
 fn http(addr: &str, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
     let mut s = std::net::TcpStream::connect(addr).ok()?;

@@ -166,13 +166,17 @@ fn layer_report(
         );
     }
     let mut parts = Vec::new();
+    let mut on_target = 0;
     for g in &plan.gpus {
         if layer == "cuda" {
+            // Only a process with a context on the target GPU (its registration's
+            // device list) sees the in-context failure.
             let on: Vec<String> = mine
                 .iter()
                 .filter(|l| l.gpus.iter().any(|u| u.eq_ignore_ascii_case(&g.uuid)))
                 .map(|l| who(l))
                 .collect();
+            on_target += on.len();
             if on.is_empty() {
                 parts.push(format!(
                     "no process that loaded it has a context on {} yet (a new one there fails)",
@@ -183,9 +187,20 @@ fn layer_report(
             }
         }
     }
+    if layer == "cuda" && on_target == 0 {
+        return (
+            "waiting".into(),
+            format!(
+                "{layer} layer: loaded by {}, but none uses the target GPU(s): {} (only processes with a context on a target GPU count)",
+                mine.iter().map(|l| who(l)).collect::<Vec<_>>().join(", "),
+                parts.join("; ")
+            ),
+        );
+    }
     if layer != "cuda" {
+        // A monitor reads every GPU: each one that loaded it counts.
         parts.push(format!(
-            "loaded by {}",
+            "loaded by {} (monitors read every GPU)",
             mine.iter().map(|l| who(l)).collect::<Vec<_>>().join(", ")
         ));
     }
@@ -214,15 +229,88 @@ fn attributed(selector: &Selector, uuid: &str) -> Option<(u32, String)> {
 
 /// Creates the arm directory (readable by every workload) and its `loaded/`, where
 /// the interposers of workloads that do not run as root register too (sticky and
-/// world-writable, as /tmp: each can remove only its own file).
+/// world-writable, as /tmp: each can remove only its own file). Modes are set only on
+/// the directories it creates: a pre-existing `--xid-dir` must be a directory owned
+/// by root (or the agent's user) and writable by no one else, and a pre-existing
+/// `loaded/` the same or sticky (1777), or the fault is refused.
 fn prepare_dir(dir: &Path) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let me = nix::unistd::geteuid().as_raw();
+    let check = |p: &Path, sticky_ok: bool| -> Result<bool, String> {
+        match std::fs::symlink_metadata(p) {
+            Ok(m) => {
+                let mode = m.mode();
+                if !m.is_dir() {
+                    return Err(format!(
+                        "{} is not a directory (--xid-dir): refusing to arm GPUs through it",
+                        p.display()
+                    ));
+                }
+                if m.uid() != 0 && m.uid() != me {
+                    return Err(format!(
+                        "{} is owned by uid {}, not root (--xid-dir): refusing to arm GPUs through it",
+                        p.display(),
+                        m.uid()
+                    ));
+                }
+                if mode & 0o022 != 0 && !(sticky_ok && mode & 0o1000 != 0) {
+                    return Err(format!(
+                        "{} is writable by group or others (mode {:o}) (--xid-dir): refusing to arm GPUs through it",
+                        p.display(),
+                        mode & 0o7777
+                    ));
+                }
+                Ok(false)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+            Err(e) => Err(format!("cannot inspect {}: {e} (--xid-dir)", p.display())),
+        }
+    };
     let loaded = arm::loaded_dir(dir);
-    std::fs::create_dir_all(&loaded)
-        .map_err(|e| format!("cannot create {}: {e} (--xid-dir)", loaded.display()))?;
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
-    let _ = std::fs::set_permissions(&loaded, std::fs::Permissions::from_mode(0o1777));
+    if check(dir, false)? {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e} (--xid-dir)", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| format!("cannot set the mode of {}: {e} (--xid-dir)", dir.display()))?;
+    }
+    if check(&loaded, true)? {
+        match std::fs::create_dir(&loaded) {
+            Ok(()) => std::fs::set_permissions(&loaded, std::fs::Permissions::from_mode(0o1777))
+                .map_err(|e| {
+                    format!(
+                        "cannot set the mode of {}: {e} (--xid-dir)",
+                        loaded.display()
+                    )
+                })?,
+            // Made by a workload's interposer meanwhile: check it as pre-existing.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                check(&loaded, true)?;
+            }
+            Err(e) => {
+                return Err(format!(
+                    "cannot create {}: {e} (--xid-dir)",
+                    loaded.display()
+                ));
+            }
+        }
+    }
     Ok(())
+}
+
+/// [`arm::read_loaded`] on a blocking thread (the directory is world-writable).
+async fn read_loaded_blocking(dir: &Path) -> Vec<Loaded> {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || arm::read_loaded(&dir))
+        .await
+        .unwrap_or_default()
+}
+
+/// [`arm::read_arms`] on a blocking thread.
+async fn read_arms_blocking(dir: &Path) -> (Vec<Arm>, Vec<(PathBuf, String)>) {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || arm::read_arms(&dir))
+        .await
+        .unwrap_or_default()
 }
 
 /// Appends the line to the kernel log (or the file standing in for it). /dev/kmsg
@@ -277,7 +365,7 @@ impl GpuXidDriver {
             gpus.push(d);
         }
         // Read back: every arm file parses and carries this fault's token.
-        let (arms, _) = arm::read_arms(&plan.arm_dir);
+        let (arms, _) = read_arms_blocking(&plan.arm_dir).await;
         for p in &wrote {
             let ok = arms
                 .iter()
@@ -290,7 +378,29 @@ impl GpuXidDriver {
             }
         }
 
-        // 2. The kernel-log line.
+        // 2. Who sees it, checked before any effect that cannot be undone (the
+        // kernel-log line, the kills): a fault failing here leaves only its arm
+        // files, which the revert removes. Read off the runtime: anyone may write
+        // into `loaded/`.
+        let loaded = read_loaded_blocking(&plan.arm_dir).await;
+        let (cuda_state, cuda_detail) = layer_report(
+            "cuda",
+            plan.layers.cuda,
+            m.has_cuda_effect(),
+            &plan,
+            &loaded,
+        );
+        let (nvml_state, nvml_detail) =
+            layer_report("nvml", plan.layers.nvml, true, &plan, &loaded);
+        for (name, mode, state, detail) in [
+            ("cuda", plan.layers.cuda, &cuda_state, &cuda_detail),
+            ("nvml", plan.layers.nvml, &nvml_state, &nvml_detail),
+        ] {
+            if mode == LayerMode::Required && state != "armed" {
+                return Err(format!("{name} layer (required) is not armed: {detail}"));
+            }
+        }
+        // 3. The kernel-log line.
         let kmsg = if plan.layers.kmsg == LayerMode::Off {
             serde_json::json!({"mode": "off", "state": "off"})
         } else {
@@ -323,7 +433,7 @@ impl GpuXidDriver {
             })
         };
 
-        // 3. The processes on the GPU, killed as the driver would.
+        // 4. The processes on the GPU, killed as the driver would.
         let mut killed = Vec::new();
         for (index, t) in &plan.kill {
             let procs = self.selector.procs();
@@ -358,25 +468,6 @@ impl GpuXidDriver {
             }
         }
 
-        // 4. Who sees it.
-        let loaded = arm::read_loaded(&plan.arm_dir);
-        let (cuda_state, cuda_detail) = layer_report(
-            "cuda",
-            plan.layers.cuda,
-            m.has_cuda_effect(),
-            &plan,
-            &loaded,
-        );
-        let (nvml_state, nvml_detail) =
-            layer_report("nvml", plan.layers.nvml, true, &plan, &loaded);
-        for (name, mode, state, detail) in [
-            ("cuda", plan.layers.cuda, &cuda_state, &cuda_detail),
-            ("nvml", plan.layers.nvml, &nvml_state, &nvml_detail),
-        ] {
-            if mode == LayerMode::Required && state != "armed" {
-                return Err(format!("{name} layer (required) is not armed: {detail}"));
-            }
-        }
         let clears_at = m.clears_after_ms().map(|c| now + c);
         let details = Arc::new(Mutex::new(serde_json::json!({
             "xid": m.xid,
@@ -405,7 +496,7 @@ impl GpuXidDriver {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 }
-                let loaded = arm::read_loaded(&plan.arm_dir);
+                let loaded = read_loaded_blocking(&plan.arm_dir).await;
                 let cuda = layer_report(
                     "cuda",
                     plan.layers.cuda,
@@ -440,8 +531,8 @@ impl GpuXidDriver {
         let mut left = Vec::new();
         for g in &plan.gpus {
             let path = arm::arm_path(&plan.arm_dir, &g.uuid);
-            let mine = match std::fs::read(&path) {
-                Ok(b) => serde_json::from_slice::<Arm>(&b)
+            let mine = match arm::read_untrusted(&path) {
+                Ok((b, _)) => serde_json::from_slice::<Arm>(&b)
                     .map(|a| a.fault == plan.token)
                     // A torn or foreign-looking file at our path: ours to remove
                     // only if it names our token, which it cannot be read for; the
@@ -477,6 +568,34 @@ impl GpuXidDriver {
                 ),
             })
         }
+    }
+    /// The start-up sweep's work, on a blocking thread (see `sweep`).
+    fn sweep_dirs(dirs: Vec<PathBuf>) -> Vec<String> {
+        let mut removed = Vec::new();
+        for dir in dirs {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let path = e.path();
+                let ours = if name.starts_with(".arm-") && name.contains(".tmp.") {
+                    true
+                } else if name.starts_with("arm-") && name.ends_with(".json") {
+                    arm::read_untrusted(&path).is_ok_and(|(b, _)| {
+                        serde_json::from_slice::<serde_json::Value>(&b)
+                            .is_ok_and(|v| v["marker"] == arm::MARKER)
+                    })
+                } else {
+                    false
+                };
+                if ours && std::fs::remove_file(&path).is_ok() {
+                    tracing::warn!(path = %path.display(), "removed a gpu_xid arm file left by a previous run");
+                    removed.push(format!("gpu_xid arm file {}", path.display()));
+                }
+            }
+        }
+        removed
     }
 }
 
@@ -606,7 +725,18 @@ impl KindDriver for GpuXidDriver {
     }
 
     async fn revert(self: Arc<Self>, plan: XidPlan) -> Result<(), RevertError> {
-        Self::remove_arms(&plan)
+        let p = plan.clone();
+        match tokio::task::spawn_blocking(move || Self::remove_arms(&p)).await {
+            Ok(r) => r,
+            Err(e) => Err(RevertError {
+                message: format!("the arm-file removal stopped: {e}"),
+                leftover: format!(
+                    "arm files: rm {}/arm-*.json of token {}",
+                    plan.arm_dir.display(),
+                    plan.token
+                ),
+            }),
+        }
     }
 
     /// Every arm file in the arm directory that carries the marker, whatever its
@@ -617,31 +747,9 @@ impl KindDriver for GpuXidDriver {
         dirs.push(self.arm_dir.clone());
         dirs.sort();
         dirs.dedup();
-        let mut removed = Vec::new();
-        for dir in dirs {
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let path = e.path();
-                let ours = if name.starts_with(".arm-") && name.contains(".tmp.") {
-                    true
-                } else if name.starts_with("arm-") && name.ends_with(".json") {
-                    std::fs::read(&path).is_ok_and(|b| {
-                        serde_json::from_slice::<serde_json::Value>(&b)
-                            .is_ok_and(|v| v["marker"] == arm::MARKER)
-                    })
-                } else {
-                    false
-                };
-                if ours && std::fs::remove_file(&path).is_ok() {
-                    tracing::warn!(path = %path.display(), "removed a gpu_xid arm file left by a previous run");
-                    removed.push(format!("gpu_xid arm file {}", path.display()));
-                }
-            }
-        }
-        removed
+        tokio::task::spawn_blocking(move || Self::sweep_dirs(dirs))
+            .await
+            .unwrap_or_default()
     }
 
     fn unreadable_plan_leftover(&self, plan: &str) -> String {
@@ -779,10 +887,50 @@ mod tests {
             d,
             "cuda layer: loaded by pid 123 (gpuchaos-refsta) on GPU-0"
         );
+        let elsewhere = Loaded {
+            pid: 124,
+            layer: "cuda".into(),
+            comm: "other".into(),
+            start_time: 1,
+            gpus: vec!["GPU-1".into()],
+        };
+        let (s, d) = layer_report("cuda", LayerMode::Required, true, &p, &[elsewhere]);
+        assert_eq!(s, "waiting", "a process on another GPU does not count: {d}");
+        assert!(d.contains("none uses the target GPU(s)"), "{d}");
         let (s, _) = layer_report("cuda", LayerMode::Auto, false, &p, &[]);
         assert_eq!(s, "none");
         let (s, _) = layer_report("cuda", LayerMode::Off, true, &p, &[]);
         assert_eq!(s, "off");
+    }
+
+    #[test]
+    fn a_pre_existing_arm_directory_keeps_its_modes_and_a_writable_one_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("gpuchaos-xid-prep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        // Created: 0755 and loaded/ 1777.
+        prepare_dir(&dir).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&dir), 0o755);
+        assert_eq!(mode(&arm::loaded_dir(&dir)), 0o1777);
+        // Pre-existing and stricter: left as it is.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        prepare_dir(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        // Writable by others: refused, untouched.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = prepare_dir(&dir).unwrap_err();
+        assert!(e.contains("writable by group or others"), "{e}");
+        assert_eq!(mode(&dir), 0o777);
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // loaded/ other-writable without the sticky bit: refused.
+        std::fs::set_permissions(
+            arm::loaded_dir(&dir),
+            std::fs::Permissions::from_mode(0o777),
+        )
+        .unwrap();
+        assert!(prepare_dir(&dir).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -123,23 +123,41 @@ pub fn loaded_dir(dir: &Path) -> PathBuf {
 /// Writes `bytes` to `path` atomically: a temporary file beside it (mode 0644),
 /// fsynced, renamed over it, and the directory fsynced.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::hash::{BuildHasher, Hasher};
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp)?;
+    // A fresh name nobody can guess or have planted (create_new, no symlink followed).
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    let tmp = dir.join(format!(
+        ".{name}.tmp.{}.{:016x}",
+        std::process::id(),
+        h.finish()
+    ));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits() | nix::fcntl::OFlag::O_CLOEXEC.bits())
+        .open(&tmp)?;
     // Readable by every workload whatever the writer's umask (the agent's may be
     // 077): the interposers of non-root workloads read the arm files.
     {
         use std::os::unix::fs::PermissionsExt;
         f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
     }
-    f.write_all(bytes)?;
-    f.sync_all()?;
+    let r = f.write_all(bytes).and_then(|()| f.sync_all());
     drop(f);
-    if let Err(e) = std::fs::rename(&tmp, path) {
+    if let Err(e) = r.and_then(|()| std::fs::rename(&tmp, path)) {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
@@ -147,6 +165,42 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// The most of one file the arm directory's readers take.
+pub const MAX_FILE: u64 = 64 << 10;
+
+/// Reads a file of the (world-writable) arm directory without trusting it: no
+/// symlink followed, never blocking (a FIFO is opened O_NONBLOCK and refused), only a
+/// regular file, at most [`MAX_FILE`] bytes (a larger one is an error). Returns the
+/// bytes and the file's owner uid.
+pub fn read_untrusted(path: &Path) -> std::io::Result<(Vec<u8>, u32)> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(
+            nix::fcntl::OFlag::O_NOFOLLOW.bits()
+                | nix::fcntl::OFlag::O_NONBLOCK.bits()
+                | nix::fcntl::OFlag::O_CLOEXEC.bits(),
+        )
+        .open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "it is not a regular file",
+        ));
+    }
+    let mut b = Vec::new();
+    f.take(MAX_FILE + 1).read_to_end(&mut b)?;
+    if b.len() as u64 > MAX_FILE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "it is larger than 64 KiB",
+        ));
+    }
+    Ok((b, meta.uid()))
 }
 
 /// Every arm file in `dir`: the ones that parse and carry the marker, and the
@@ -163,15 +217,16 @@ pub fn read_arms(dir: &Path) -> (Vec<Arm>, Vec<(PathBuf, String)>) {
             continue;
         }
         let path = e.path();
-        match std::fs::read(&path) {
-            Ok(b) if b.len() <= 64 << 10 => match serde_json::from_slice::<Arm>(&b) {
+        match read_untrusted(&path) {
+            Ok((b, _)) => match serde_json::from_slice::<Arm>(&b) {
                 Ok(a) if a.marker == MARKER => arms.push(a),
                 Ok(_) => bad.push((path, format!("it lacks the marker {MARKER:?}"))),
                 Err(e) => bad.push((path, e.to_string())),
             },
-            Ok(_) => bad.push((path, "it is larger than 64 KiB".into())),
             // Removed between the listing and the read: not armed.
-            Err(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // A symlink, FIFO, device, or too large: not armed.
+            Err(e) => bad.push((path, e.to_string())),
         }
     }
     arms.sort_by(|a, b| a.uuid.cmp(&b.uuid));
@@ -215,8 +270,13 @@ pub fn register(dir: &Path, layer: &str, gpus: &[String]) -> Result<PathBuf, Str
 }
 
 /// The processes alive now that loaded an interposer; the files of dead ones (or of
-/// a pid reused by another process) are removed.
+/// a pid reused by another process) are removed. A registration counts only when it
+/// is a regular file named `<layer>-<pid>.json` for the pid and layer it records, with
+/// a non-zero start time equal to that process's, owned by root or by the process's
+/// uid: anyone may write into the sticky `loaded/`, and a forged file (another
+/// process's pid, no start time) does not make a layer armed.
 pub fn read_loaded(dir: &Path) -> Vec<Loaded> {
+    use std::os::unix::fs::MetadataExt;
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir(loaded_dir(dir)) else {
         return out;
@@ -226,16 +286,30 @@ pub fn read_loaded(dir: &Path) -> Vec<Loaded> {
         if path.extension().is_none_or(|x| x != "json") {
             continue;
         }
-        let Ok(b) = std::fs::read(&path) else {
-            continue;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let (b, owner) = match read_untrusted(&path) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            // Not a regular file (a FIFO, a symlink) or too large: not a
+            // registration, left for its owner.
+            Err(_) => continue,
         };
         match serde_json::from_slice::<Loaded>(&b) {
-            Ok(l) if start_time(l.pid).is_some_and(|s| s == l.start_time || l.start_time == 0) => {
-                out.push(l)
+            Ok(l) if name == format!("{}-{}.json", l.layer, l.pid) && l.start_time != 0 => {
+                let alive = start_time(l.pid);
+                if alive != Some(l.start_time) {
+                    // Dead, or the pid is another process's now.
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
+                let uid = std::fs::metadata(format!("/proc/{}", l.pid)).map(|m| m.uid());
+                if owner == 0 || uid.is_ok_and(|u| u == owner) {
+                    out.push(l)
+                }
             }
-            _ => {
-                let _ = std::fs::remove_file(&path);
-            }
+            // Malformed or forged: not counted (and not removed: it may be a
+            // registration being written by another writer's rename).
+            _ => {}
         }
     }
     out.sort_by_key(|l| l.pid);
@@ -514,6 +588,57 @@ mod tests {
         assert_eq!(live[0].pid, std::process::id());
         assert_eq!(live[0].gpus, vec!["GPU-a".to_string()]);
         assert!(!dead_path.exists(), "the dead process's file is removed");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn forged_fifos_and_symlinks_are_neither_read_blocking_nor_counted() {
+        let dir = std::env::temp_dir().join(format!("gpuchaos-arm-hostile-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(loaded_dir(&dir)).unwrap();
+        let me = std::process::id();
+        let st = start_time(me).unwrap();
+        let rec = |pid: u32, start_time: u64| {
+            serde_json::to_vec(&Loaded {
+                pid,
+                layer: "cuda".into(),
+                comm: "x".into(),
+                start_time,
+                gpus: vec![],
+            })
+            .unwrap()
+        };
+        let ld = loaded_dir(&dir);
+        // A file named for another pid than it records, and one without a start time.
+        std::fs::write(ld.join("cuda-1.json"), rec(me, st)).unwrap();
+        std::fs::write(ld.join(format!("nvml-{me}.json")), rec(me, st)).unwrap();
+        std::fs::write(ld.join(format!("cuda-{me}.json")), rec(me, 0)).unwrap();
+        // A FIFO and a symlink named like registrations and arm files.
+        nix::unistd::mkfifo(
+            &ld.join("cuda-2.json"),
+            nix::sys::stat::Mode::from_bits_truncate(0o666),
+        )
+        .unwrap();
+        nix::unistd::mkfifo(
+            &dir.join("arm-GPU-f.json"),
+            nix::sys::stat::Mode::from_bits_truncate(0o666),
+        )
+        .unwrap();
+        let target = dir.join("real.json");
+        std::fs::write(&target, serde_json::to_vec(&arm("GPU-s", None)).unwrap()).unwrap();
+        std::os::unix::fs::symlink(&target, dir.join("arm-GPU-s.json")).unwrap();
+        std::os::unix::fs::symlink(&target, ld.join("cuda-3.json")).unwrap();
+        assert!(read_loaded(&dir).is_empty(), "{:?}", read_loaded(&dir));
+        let (arms, bad) = read_arms(&dir);
+        assert!(arms.is_empty(), "{arms:?}");
+        assert_eq!(bad.len(), 2, "{bad:?}");
+        // The genuine one counts.
+        std::fs::write(ld.join(format!("cuda-{me}.json")), rec(me, st)).unwrap();
+        assert_eq!(read_loaded(&dir).len(), 1);
+        // Temporary files are fresh each time: a planted one is not written through.
+        std::fs::write(dir.join("x.json"), b"1").unwrap();
+        write_atomic(&dir.join("x.json"), b"2").unwrap();
+        assert_eq!(std::fs::read(dir.join("x.json")).unwrap(), b"2");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
