@@ -53,7 +53,7 @@ gpuchaos_xid_arm::forwarders! {
     cuDeviceGetUuid_v2, cuDeviceTotalMem_v2, cuDeviceGetAttribute, cuDeviceGetPCIBusId,
     cuDeviceGetByPCIBusId, cuDeviceComputeCapability, cuDeviceGetProperties,
     cuDeviceCanAccessPeer, cuDeviceGetDefaultMemPool, cuDeviceGetMemPool,
-    cuDevicePrimaryCtxRelease_v2, cuDevicePrimaryCtxReset_v2, cuDevicePrimaryCtxGetState,
+    cuDevicePrimaryCtxGetState,
     cuDevicePrimaryCtxSetFlags_v2, cuCtxCreate_v3, cuCtxCreate_v4, cuCtxGetCurrent,
     cuCtxGetDevice, cuCtxGetFlags, cuCtxSetFlags, cuCtxGetApiVersion, cuCtxGetLimit,
     cuCtxSetLimit, cuCtxGetStreamPriorityRange, cuCtxGetId, cuCtxGetCacheConfig,
@@ -61,23 +61,23 @@ gpuchaos_xid_arm::forwarders! {
     cuModuleLoadDataEx, cuModuleLoadFatBinary, cuModuleUnload, cuModuleGetGlobal_v2,
     cuLibraryLoadData, cuLibraryUnload, cuLibraryGetKernel, cuLibraryGetModule,
     cuKernelGetFunction, cuFuncGetAttribute, cuFuncSetAttribute, cuFuncSetCacheConfig,
-    cuLaunchKernelEx, cuLaunchCooperativeKernel, cuLaunchHostFunc, cuMemAllocHost_v2,
+    cuLaunchHostFunc, cuMemAllocHost_v2,
     cuMemFreeHost, cuMemHostAlloc, cuMemHostRegister_v2, cuMemHostUnregister,
     cuMemHostGetDevicePointer_v2, cuMemAllocPitch_v2, cuMemGetAddressRange_v2, cuMemcpy,
-    cuMemcpyAsync, cuMemcpyPeer, cuMemcpyPeerAsync, cuMemcpyDtoDAsync_v2, cuMemcpy2D_v2,
-    cuMemcpy2DAsync_v2, cuMemcpy3D_v2, cuMemsetD8Async, cuMemsetD16_v2, cuMemsetD32Async,
+    cuMemcpyPeer, cuMemcpyPeerAsync, cuMemcpyDtoDAsync_v2, cuMemcpy2D_v2,
+    cuMemcpy2DAsync_v2, cuMemcpy3D_v2, cuMemsetD16_v2,
     cuMemsetD2D8_v2, cuMemPrefetchAsync, cuMemAdvise, cuMemCreate, cuMemRelease, cuMemMap,
     cuMemUnmap, cuMemSetAccess, cuMemAddressReserve, cuMemAddressFree,
     cuMemGetAllocationGranularity, cuMemExportToShareableHandle,
     cuMemImportFromShareableHandle, cuMemPoolCreate, cuMemPoolDestroy,
     cuMemPoolSetAttribute, cuMemPoolGetAttribute, cuMemPoolTrimTo, cuMemAllocFromPoolAsync,
     cuPointerGetAttribute, cuPointerGetAttributes, cuPointerSetAttribute,
-    cuStreamCreateWithPriority, cuStreamDestroy_v2, cuStreamQuery, cuStreamWaitEvent,
+    cuStreamCreateWithPriority, cuStreamDestroy_v2, cuStreamWaitEvent,
     cuStreamGetPriority, cuStreamGetFlags, cuStreamGetCtx, cuStreamAddCallback,
     cuStreamBeginCapture_v2, cuStreamEndCapture, cuStreamIsCapturing,
-    cuStreamGetCaptureInfo_v2, cuEventCreate, cuEventDestroy_v2, cuEventQuery,
+    cuStreamGetCaptureInfo_v2, cuEventCreate, cuEventDestroy_v2,
     cuEventElapsedTime, cuGraphCreate, cuGraphDestroy, cuGraphInstantiateWithFlags,
-    cuGraphLaunch, cuGraphExecDestroy, cuGraphExecUpdate_v2, cuIpcGetMemHandle,
+    cuGraphExecDestroy, cuGraphExecUpdate_v2, cuIpcGetMemHandle,
     cuIpcOpenMemHandle_v2, cuIpcCloseMemHandle, cuIpcGetEventHandle, cuIpcOpenEventHandle,
     cuOccupancyMaxActiveBlocksPerMultiprocessor,
     cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags, cuOccupancyMaxPotentialBlockSize,
@@ -215,6 +215,33 @@ fn wrappers() -> Vec<(&'static str, usize)> {
             "cuEventSynchronize",
             cuEventSynchronize as *const () as usize,
         ),
+        (
+            "cuDevicePrimaryCtxReset",
+            cuDevicePrimaryCtxReset as *const () as usize,
+        ),
+        (
+            "cuDevicePrimaryCtxReset_v2",
+            cuDevicePrimaryCtxReset_v2 as *const () as usize,
+        ),
+        (
+            "cuDevicePrimaryCtxRelease",
+            cuDevicePrimaryCtxRelease as *const () as usize,
+        ),
+        (
+            "cuDevicePrimaryCtxRelease_v2",
+            cuDevicePrimaryCtxRelease_v2 as *const () as usize,
+        ),
+        ("cuLaunchKernelEx", cuLaunchKernelEx as *const () as usize),
+        (
+            "cuLaunchCooperativeKernel",
+            cuLaunchCooperativeKernel as *const () as usize,
+        ),
+        ("cuGraphLaunch", cuGraphLaunch as *const () as usize),
+        ("cuMemcpyAsync", cuMemcpyAsync as *const () as usize),
+        ("cuMemsetD8Async", cuMemsetD8Async as *const () as usize),
+        ("cuMemsetD32Async", cuMemsetD32Async as *const () as usize),
+        ("cuStreamQuery", cuStreamQuery as *const () as usize),
+        ("cuEventQuery", cuEventQuery as *const () as usize),
     ]
 }
 
@@ -630,10 +657,111 @@ pub unsafe extern "C" fn cuGetErrorString(error: CuResult, out: *mut *const c_ch
 /// `cuGetProcAddress` flags: CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM.
 const PER_THREAD_DEFAULT_STREAM: u64 = 2;
 
+/// No upper bound on the CUDA version an entry of [`PROC_TABLE`] holds for.
+const ANY: c_int = c_int::MAX;
+
+/// What `cuGetProcAddress(symbol, version)` is substituted by: (the symbol asked
+/// for, the first CUDA version it holds for, the first it no longer does, the
+/// wrapper). Only where the driver's answer for that version has the signature the
+/// wrapper implements (cudaTypedefs.h's PFN_…_vNNNNN); any other symbol or version
+/// (cuCtxCreate from 11040 on is `_v3`, from 12050 `_v4`; cuMemAlloc before 3020 is
+/// the 32-bit v1) gets the driver's pointer untouched.
+const PROC_TABLE: &[(&str, c_int, c_int, &str)] = &[
+    ("cuInit", 2000, ANY, "cuInit"),
+    ("cuCtxCreate", 3020, 11040, "cuCtxCreate_v2"),
+    (
+        "cuDevicePrimaryCtxRetain",
+        7000,
+        ANY,
+        "cuDevicePrimaryCtxRetain",
+    ),
+    (
+        "cuDevicePrimaryCtxReset",
+        7000,
+        11000,
+        "cuDevicePrimaryCtxReset",
+    ),
+    (
+        "cuDevicePrimaryCtxReset",
+        11000,
+        ANY,
+        "cuDevicePrimaryCtxReset_v2",
+    ),
+    (
+        "cuDevicePrimaryCtxRelease",
+        7000,
+        11000,
+        "cuDevicePrimaryCtxRelease",
+    ),
+    (
+        "cuDevicePrimaryCtxRelease",
+        11000,
+        ANY,
+        "cuDevicePrimaryCtxRelease_v2",
+    ),
+    ("cuCtxSetCurrent", 4000, ANY, "cuCtxSetCurrent"),
+    ("cuCtxPushCurrent", 4000, ANY, "cuCtxPushCurrent_v2"),
+    ("cuCtxPopCurrent", 4000, ANY, "cuCtxPopCurrent_v2"),
+    ("cuCtxDestroy", 4000, ANY, "cuCtxDestroy_v2"),
+    ("cuGetErrorName", 6000, ANY, "cuGetErrorName"),
+    ("cuGetErrorString", 6000, ANY, "cuGetErrorString"),
+    ("cuGetProcAddress", 11030, 12000, "cuGetProcAddress"),
+    ("cuGetProcAddress", 12000, ANY, "cuGetProcAddress_v2"),
+    ("cuCtxSynchronize", 2000, ANY, "cuCtxSynchronize"),
+    ("cuMemAlloc", 3020, ANY, "cuMemAlloc_v2"),
+    ("cuMemAllocManaged", 6000, ANY, "cuMemAllocManaged"),
+    ("cuMemAllocAsync", 11020, ANY, "cuMemAllocAsync"),
+    ("cuMemFree", 3020, ANY, "cuMemFree_v2"),
+    ("cuMemFreeAsync", 11020, ANY, "cuMemFreeAsync"),
+    ("cuMemGetInfo", 3020, ANY, "cuMemGetInfo_v2"),
+    ("cuMemcpyHtoD", 3020, ANY, "cuMemcpyHtoD_v2"),
+    ("cuMemcpyDtoH", 3020, ANY, "cuMemcpyDtoH_v2"),
+    ("cuMemcpyDtoD", 3020, ANY, "cuMemcpyDtoD_v2"),
+    ("cuMemcpyHtoDAsync", 3020, ANY, "cuMemcpyHtoDAsync_v2"),
+    ("cuMemcpyDtoHAsync", 3020, ANY, "cuMemcpyDtoHAsync_v2"),
+    ("cuMemcpyAsync", 4000, ANY, "cuMemcpyAsync"),
+    ("cuMemsetD8", 3020, ANY, "cuMemsetD8_v2"),
+    ("cuMemsetD32", 3020, ANY, "cuMemsetD32_v2"),
+    ("cuMemsetD8Async", 3020, ANY, "cuMemsetD8Async"),
+    ("cuMemsetD32Async", 3020, ANY, "cuMemsetD32Async"),
+    ("cuLaunchKernel", 4000, ANY, "cuLaunchKernel"),
+    ("cuLaunchKernelEx", 11060, ANY, "cuLaunchKernelEx"),
+    (
+        "cuLaunchCooperativeKernel",
+        9000,
+        ANY,
+        "cuLaunchCooperativeKernel",
+    ),
+    ("cuGraphLaunch", 10000, ANY, "cuGraphLaunch"),
+    ("cuModuleLoadData", 2000, ANY, "cuModuleLoadData"),
+    ("cuModuleGetFunction", 2000, ANY, "cuModuleGetFunction"),
+    ("cuStreamCreate", 2000, ANY, "cuStreamCreate"),
+    ("cuStreamSynchronize", 2000, ANY, "cuStreamSynchronize"),
+    ("cuStreamQuery", 2000, ANY, "cuStreamQuery"),
+    ("cuEventRecord", 2000, ANY, "cuEventRecord"),
+    ("cuEventSynchronize", 2000, ANY, "cuEventSynchronize"),
+    ("cuEventQuery", 2000, ANY, "cuEventQuery"),
+];
+
+/// The wrapper [`PROC_TABLE`] names for `name` at `version`: Some(None) when the
+/// symbol is in the table but not for that version (a signature not wrapped).
+fn table_entry(name: &str, version: c_int) -> Option<Option<&'static str>> {
+    let mut known = false;
+    for &(sym, from, until, wrapper) in PROC_TABLE {
+        if sym == name {
+            known = true;
+            if version >= from && version < until {
+                return Some(Some(wrapper));
+            }
+        }
+    }
+    known.then_some(None)
+}
+
 /// Replaces a real entry point by the interposer's wrapper of it: by address (the
-/// real symbol the driver returned), else by name for the legacy default stream
-/// (`NAME_v2` from CUDA 3.2 on, else `NAME`). Per-thread-stream variants are left to
-/// the real driver.
+/// very symbol the wrapper wraps, so the same signature), else through
+/// [`PROC_TABLE`] for the legacy default stream. Per-thread-stream variants, and
+/// any symbol or version the table does not name, are left to the real driver.
 ///
 /// # Safety
 /// `pfn` must be a valid pointer, `symbol` NUL-terminated.
@@ -647,11 +775,8 @@ unsafe fn substitute(pfn: *mut *mut c_void, symbol: *const c_char, version: c_in
         }
         // SAFETY: NUL-terminated, as the API requires.
         let name = unsafe { CStr::from_ptr(symbol) }.to_str().ok()?;
-        let v2 = format!("{name}_v2");
-        (version >= 3020)
-            .then(|| s.ours_by_name.get(v2.as_str()).copied())
-            .flatten()
-            .or_else(|| s.ours_by_name.get(name).copied())
+        let wrapper = table_entry(name, version)??;
+        s.ours_by_name.get(wrapper).copied()
     });
     if let Some(ours) = ours {
         // SAFETY: as above.
@@ -664,23 +789,33 @@ unsafe fn substitute(pfn: *mut *mut c_void, symbol: *const c_char, version: c_in
 ///
 /// # Safety
 /// `symbol` NUL-terminated, `pfn` valid.
-unsafe fn proc_address_fallback(symbol: *const c_char, pfn: *mut *mut c_void) -> CuResult {
+unsafe fn proc_address_fallback(
+    symbol: *const c_char,
+    pfn: *mut *mut c_void,
+    version: c_int,
+) -> CuResult {
     // SAFETY: a NUL-terminated string, as the API requires.
     let name = unsafe { CStr::from_ptr(symbol) }
         .to_string_lossy()
         .into_owned();
     let s = state();
-    let found = [format!("{name}_v2"), name.clone()].iter().find_map(|n| {
-        s.ours_by_name.get(n.as_str()).copied().or_else(|| {
-            let lib = s.real.as_ref().ok()?;
-            let mut b = n.as_bytes().to_vec();
-            b.push(0);
-            // SAFETY: only the address is taken.
-            unsafe { lib.get::<unsafe extern "C" fn()>(&b) }
-                .ok()
-                .map(|f| *f as usize)
-        })
-    });
+    let real = |n: &str| -> Option<usize> {
+        let lib = s.real.as_ref().ok()?;
+        let mut b = n.as_bytes().to_vec();
+        b.push(0);
+        // SAFETY: only the address is taken.
+        unsafe { lib.get::<unsafe extern "C" fn()>(&b) }
+            .ok()
+            .map(|f| *f as usize)
+    };
+    let found = match table_entry(&name, version) {
+        Some(Some(w)) => s.ours_by_name.get(w).copied().or_else(|| real(w)),
+        // A version whose signature is not wrapped: not guessed.
+        Some(None) => None,
+        None => [format!("{name}_v2"), name.clone()]
+            .iter()
+            .find_map(|n| real(n)),
+    };
     match found {
         Some(p) => {
             // SAFETY: checked by the caller.
@@ -718,7 +853,7 @@ pub unsafe extern "C" fn cuGetProcAddress(
         )
     } else {
         // SAFETY: checked above.
-        unsafe { proc_address_fallback(symbol, pfn) }
+        unsafe { proc_address_fallback(symbol, pfn, version) }
     };
     if r == CUDA_SUCCESS {
         // SAFETY: checked above.
@@ -752,7 +887,7 @@ pub unsafe extern "C" fn cuGetProcAddress_v2(
         )
     } else {
         // SAFETY: checked above.
-        let r = unsafe { proc_address_fallback(symbol, pfn) };
+        let r = unsafe { proc_address_fallback(symbol, pfn, version) };
         if !status.is_null() {
             // CU_GET_PROC_ADDRESS_SUCCESS (0) or _SYMBOL_NOT_FOUND (1).
             // SAFETY: checked for null.
@@ -818,4 +953,123 @@ in_context! {
     cuStreamSynchronize(stream: *mut c_void);
     cuEventRecord(event: *mut c_void, stream: *mut c_void);
     cuEventSynchronize(event: *mut c_void);
+    cuEventQuery(event: *mut c_void);
+    cuStreamQuery(stream: *mut c_void);
+    cuMemcpyAsync(dst: u64, src: u64, n: usize, stream: *mut c_void);
+    cuMemsetD8Async(dst: u64, value: u8, n: usize, stream: *mut c_void);
+    cuMemsetD32Async(dst: u64, value: c_uint, n: usize, stream: *mut c_void);
+    cuGraphLaunch(exec: *mut c_void, stream: *mut c_void);
+    cuLaunchKernelEx(
+        config: *const c_void,
+        f: *mut c_void,
+        params: *mut *mut c_void,
+        extra: *mut *mut c_void
+    );
+    cuLaunchCooperativeKernel(
+        f: *mut c_void,
+        gx: c_uint,
+        gy: c_uint,
+        gz: c_uint,
+        bx: c_uint,
+        by: c_uint,
+        bz: c_uint,
+        shared: c_uint,
+        stream: *mut c_void,
+        params: *mut *mut c_void
+    );
+}
+
+/// A reset or release of `dev`'s primary context: the real driver's, and on
+/// success the contexts on that GPU forget the Xid they saw, so that a workload
+/// that resets the device after the revert recovers (while the GPU is still armed
+/// the next call fails again).
+macro_rules! primary_reset {
+    ($($name:ident;)+) => {$(
+        /// # Safety
+        /// The CUDA driver API's contract for this call.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(dev: c_int) -> CuResult {
+            let r = call_real!(stringify!($name), fn(c_int), dev);
+            if r == CUDA_SUCCESS {
+                forget_hits(dev);
+            }
+            r
+        }
+    )+};
+}
+
+primary_reset! {
+    cuDevicePrimaryCtxReset;
+    cuDevicePrimaryCtxReset_v2;
+    cuDevicePrimaryCtxRelease;
+    cuDevicePrimaryCtxRelease_v2;
+}
+
+/// Clears the Xid state of every context on `dev`'s GPU.
+fn forget_hits(dev: c_int) {
+    let s = state();
+    let Some(uuid) = uuid_of(dev) else { return };
+    let on: Vec<usize> = s
+        .contexts
+        .lock()
+        .map(|m| {
+            m.iter()
+                .filter(|(_, u)| u.eq_ignore_ascii_case(&uuid))
+                .map(|(c, _)| *c)
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Ok(mut h) = s.hit.lock() {
+        for c in on {
+            h.remove(&c);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn get_proc_address_substitutes_only_the_signatures_the_wrappers_implement() {
+        // cuCtxCreate: v2 up to 11.4; v3 (11040) and v4 (12050) are not wrapped.
+        assert_eq!(
+            table_entry("cuCtxCreate", 3020),
+            Some(Some("cuCtxCreate_v2"))
+        );
+        assert_eq!(
+            table_entry("cuCtxCreate", 11030),
+            Some(Some("cuCtxCreate_v2"))
+        );
+        assert_eq!(table_entry("cuCtxCreate", 11040), Some(None));
+        assert_eq!(table_entry("cuCtxCreate", 12050), Some(None));
+        assert_eq!(table_entry("cuCtxCreate", 2000), Some(None));
+        // cuGetProcAddress: 4 arguments from 11.3, 5 (the _v2) from 12.0.
+        assert_eq!(
+            table_entry("cuGetProcAddress", 11030),
+            Some(Some("cuGetProcAddress"))
+        );
+        assert_eq!(
+            table_entry("cuGetProcAddress", 11080),
+            Some(Some("cuGetProcAddress"))
+        );
+        assert_eq!(
+            table_entry("cuGetProcAddress", 12000),
+            Some(Some("cuGetProcAddress_v2"))
+        );
+        // The 32-bit v1 of cuMemAlloc is not wrapped; a symbol not in the table is
+        // the driver's.
+        assert_eq!(table_entry("cuMemAlloc", 3000), Some(None));
+        assert_eq!(
+            table_entry("cuMemAlloc", 12080),
+            Some(Some("cuMemAlloc_v2"))
+        );
+        assert_eq!(table_entry("cuDeviceTotalMem", 12080), None);
+        // Every wrapper the table names exists.
+        let names: HashSet<&str> = wrappers().into_iter().map(|(n, _)| n).collect();
+        for (sym, from, until, w) in PROC_TABLE {
+            assert!(from < until, "{sym}");
+            assert!(names.contains(w), "{w} is not a wrapper");
+        }
+    }
 }
