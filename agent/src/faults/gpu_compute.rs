@@ -584,20 +584,7 @@ impl KindDriver for GpuComputeDriver {
                     "{label} is in MIG mode: its SMs belong to MIG instances, and gpu_compute loads whole GPUs only (not yet MIG instances); pick a GPU without MIG"
                 )));
             }
-            match gpu.compute_mode.as_str() {
-                "prohibited" => {
-                    return Err(AgentError::Unsupported(format!(
-                        "{label} is in PROHIBITED compute mode: no CUDA context can be made on it"
-                    )));
-                }
-                "exclusive-process" | "exclusive-thread" if gpu.used > 0 => {
-                    return Err(AgentError::Unsupported(format!(
-                        "{label} is in EXCLUSIVE_PROCESS compute mode and in use: a second CUDA context cannot be made; set the default mode (nvidia-smi -i {} -c DEFAULT) or pick another GPU",
-                        gpu.index
-                    )));
-                }
-                _ => {}
-            }
+            super::gpus::context_possible(gpu, &label)?;
             goals.push(ComputeGoal {
                 index: gpu.index,
                 uuid: gpu.uuid.clone(),

@@ -496,20 +496,7 @@ impl KindDriver for GpuMemoryDriver {
                     "{label} is in MIG mode: its memory belongs to MIG instances, and gpu_memory holds memory on whole GPUs only (not yet on MIG instances); pick a GPU without MIG"
                 )));
             }
-            match gpu.compute_mode.as_str() {
-                "prohibited" => {
-                    return Err(AgentError::Unsupported(format!(
-                        "{label} is in PROHIBITED compute mode: no CUDA context can be made on it"
-                    )));
-                }
-                "exclusive-process" | "exclusive-thread" if gpu.used > 0 => {
-                    return Err(AgentError::Unsupported(format!(
-                        "{label} is in EXCLUSIVE_PROCESS compute mode and in use: a second CUDA context cannot be made; set the default mode (nvidia-smi -i {} -c DEFAULT) or pick another GPU",
-                        gpu.index
-                    )));
-                }
-                _ => {}
-            }
+            super::gpus::context_possible(gpu, &label)?;
             if target <= gpu.used {
                 return Err(AgentError::NoTargets(format!(
                     "{label} already uses {} ({:.1}%), at or above the target {}: nothing to hold",

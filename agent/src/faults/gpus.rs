@@ -112,3 +112,24 @@ pub(crate) async fn kill_strays(token: &str, within: Duration, what: &str) -> Re
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Whether the agent's helper can make a CUDA context on `gpu` (named `label` in
+/// the error): not in PROHIBITED mode, nor in an EXCLUSIVE mode with a workload on it.
+pub(crate) fn context_possible(
+    gpu: &crate::sys::gpu::GpuInfo,
+    label: &str,
+) -> Result<(), crate::error::AgentError> {
+    use crate::error::AgentError;
+    match gpu.compute_mode.as_str() {
+        "prohibited" => Err(AgentError::Unsupported(format!(
+            "{label} is in PROHIBITED compute mode: no CUDA context can be made on it"
+        ))),
+        "exclusive-process" | "exclusive-thread" if gpu.used > 0 => {
+            Err(AgentError::Unsupported(format!(
+                "{label} is in EXCLUSIVE_PROCESS compute mode and in use: a second CUDA context cannot be made; set the default mode (nvidia-smi -i {} -c DEFAULT) or pick another GPU",
+                gpu.index
+            )))
+        }
+        _ => Ok(()),
+    }
+}
